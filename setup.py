@@ -1,0 +1,47 @@
+"""tfemde: fast cross-modal retrieval with T-EMDE sketches, slot-attention sets and Smooth-Chamfer (Keras 3)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def _requirements(name):
+    lines = (HERE / name).read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
+# The serving runtime needs no TensorFlow; training and export need the whole pinned set (DEPENDENCIES.md).
+SERVE_REQUIRES = _requirements("requirements-serve.txt")
+TRAIN_REQUIRES = [
+    "tensorflow==2.21.0",
+    "keras==3.15.1",
+    "tensorflow-text==2.21.1",
+    "tf2onnx==1.17.0",
+    "onnx==1.23.2",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+]
+TEST_REQUIRES = ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]
+BUILD_DATA_REQUIRES = ["emoji>=2.12"]
+
+setup(
+    name="tfemde",
+    version="0.1.0",
+    description=__doc__,
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tfemde", "tfemde.*"]),
+    package_data={"tfemde": ["data/builtin/*.npz", "data/builtin/NOTICE"]},
+    include_package_data=True,
+    install_requires=SERVE_REQUIRES + TRAIN_REQUIRES,
+    extras_require={
+        "serve": SERVE_REQUIRES,
+        "test": TEST_REQUIRES,
+        "build-data": BUILD_DATA_REQUIRES,
+    },
+    entry_points={"console_scripts": ["tfemde=tfemde.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3", "Framework :: Keras"],
+)

@@ -1,0 +1,57 @@
+"""tfemde: fast cross-modal (image <-> text) retrieval with Keras 3.
+
+T-EMDE sketching, slot-attention set prediction and the Smooth-Chamfer loss in a dual encoder trained with
+`model.fit`, exported to ONNX and served with onnxruntime.
+
+`import tfemde` is lazy: it imports TensorFlow only when a training-side name is first used, so that
+`tfemde.serving` runs in applications without TensorFlow.
+"""
+
+import importlib
+import os
+
+__version__ = "0.1.0"
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+# public name -> module that defines it
+_LAZY = {
+    "layers": "tfemde.layers",
+    "losses": "tfemde.losses",
+    "data": "tfemde.data",
+    "text": "tfemde.text",
+    "models": "tfemde.models",
+    "evaluation": "tfemde.evaluation",
+    "export": "tfemde.export",
+    "serving": "tfemde.serving",
+    "TEMDESketch": "tfemde.layers",
+    "SetPrediction": "tfemde.layers",
+    "SlotAttention": "tfemde.layers",
+    "GPO": "tfemde.layers",
+    "sketch_similarity": "tfemde.layers",
+    "smooth_chamfer_similarity": "tfemde.losses",
+    "Tokenizer": "tfemde.text",
+    "load_dataset": "tfemde.data",
+    "build_dual_encoder": "tfemde.models",
+    "DualEncoder": "tfemde.models",
+    "load_model": "tfemde.models",
+    "retrieval_metrics": "tfemde.evaluation",
+    "evaluate": "tfemde.evaluation",
+    "export_run": "tfemde.export",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tfemde' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if _LAZY[name] == f"tfemde.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
