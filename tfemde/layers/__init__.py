@@ -1,0 +1,1 @@
+"""Keras layers of tfemde (filled in as the layer modules land)."""
