@@ -52,6 +52,8 @@ class Dataset:
         object.__setattr__(self, "caption_item", np.asarray(self.caption_item, dtype=np.int64))
         object.__setattr__(self, "item_split", np.asarray(self.item_split, dtype=str))
         object.__setattr__(self, "item_group", np.asarray(self.item_group, dtype=np.int64))
+        if self.region_rows is not None:
+            object.__setattr__(self, "region_rows", np.asarray(self.region_rows, dtype=np.int64))
         for field, want in (("item_split", n), ("item_group", n), ("caption_item", len(self.captions))):
             got = len(getattr(self, field))
             if got != want:
