@@ -1,0 +1,418 @@
+"""Set similarities and retrieval losses (ALGORITHMS.md §1.3, §3.3, §3.4, §9).
+
+Pure `keras.ops`. Every function casts its inputs to float32 and computes in float32, so it is safe under
+`mixed_float16` (exp(16) overflows float16; the log-sum-exps here are stable anyway). Masks are `[B, K]` (bool or
+0/1, `None` = all valid); masked elements change nothing whatever they hold, masked logits use a large finite
+negative (never -inf), and empty sets give finite values (0), never NaN.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from tfemde.layers.masking import check_mask_shape, check_rank, float_mask
+
+NEGATIVE = -1e9  # the "minus infinity" of masked logits (float32)
+
+__all__ = [
+    "smooth_chamfer_similarity",
+    "chamfer_similarity",
+    "max_similarity",
+    "triplet_loss",
+    "info_nce_loss",
+    "mmd_loss",
+    "diversity_loss",
+]
+
+
+def _float32(x):
+    return ops.cast(ops.convert_to_tensor(x), "float32")
+
+
+def _check_positive(value, arg):
+    if isinstance(value, (int, float)) and not value > 0:
+        raise ValueError(f"{arg} must be > 0; got {value!r}")
+
+
+def _masked_set(x, mask, arg, mask_arg):
+    """float32 `x [B, K, D]` with masked elements zeroed, and its 0/1 mask `[B, K]`."""
+    x = _float32(x)
+    check_rank(x.shape, 3, arg, "[batch, set_size, dim]")
+    if mask is not None:
+        mask = ops.convert_to_tensor(mask)
+        check_mask_shape(mask.shape, x.shape, mask_arg, "[batch, set_size]")
+    valid = float_mask(mask, x)
+    x = ops.where(ops.expand_dims(valid, -1) > 0, x, ops.zeros_like(x))
+    return x, valid
+
+
+def _pairwise_cosines(x, y, x_mask, y_mask):
+    """Inner products of all element pairs `[Bx, By, Kx, Ky]`, the masks broadcast to it, and set sizes."""
+    x, mx = _masked_set(x, x_mask, "x", "x_mask")
+    y, my = _masked_set(y, y_mask, "y", "y_mask")
+    if x.shape[-1] is not None and y.shape[-1] is not None and x.shape[-1] != y.shape[-1]:
+        raise ValueError(
+            f"x and y must have the same element dim D: x [Bx, Kx, D], y [By, Ky, D]; "
+            f"got shapes {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    cos = ops.einsum("akd,bld->abkl", x, y)
+    mx4 = mx[:, None, :, None]  # [Bx, 1, Kx, 1]
+    my4 = my[None, :, None, :]  # [1, By, 1, Ky]
+    nx = ops.sum(mx, axis=1)[:, None]  # [Bx, 1]
+    ny = ops.sum(my, axis=1)[None, :]  # [1, By]
+    return cos, mx4, my4, nx, ny
+
+
+def _both_nonempty(nx, ny):
+    return ops.logical_and(nx > 0, ny > 0)  # [Bx, By]
+
+
+@keras.saving.register_keras_serializable(package="tfemde")
+def smooth_chamfer_similarity(x, y, alpha=16.0, x_mask=None, y_mask=None):
+    """Smooth-Chamfer similarity of two batches of sets (DivE, ALGORITHMS.md §3.3).
+
+    `s(X, Y) = 1/(2 alpha |X|) sum_{x in X} logsumexp_{y in Y}(alpha <x, y>)
+             + 1/(2 alpha |Y|) sum_{y in Y} logsumexp_{x in X}(alpha <x, y>)`,
+    with a stable log-sum-exp in float32. Elements are used as given (L2-normalise them for cosines). |X| and |Y|
+    count valid elements; masked elements are left out of the log-sum-exps and the means. A pair in which either
+    set is empty scores 0.
+
+    Args:
+        x: `[Bx, Kx, D]` sets (e.g. image embeddings).
+        y: `[By, Ky, D]` sets (e.g. caption embeddings).
+        alpha: the inverse temperature (16 in DivE's script). As alpha grows, this tends to `chamfer_similarity`.
+        x_mask: optional `[Bx, Kx]` validity mask of x's elements.
+        y_mask: optional `[By, Ky]` validity mask of y's elements.
+
+    Returns:
+        `[Bx, By]` float32 similarity matrix.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from tfemde.losses import smooth_chamfer_similarity
+
+    x = np.random.normal(size=(2, 4, 8)); x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    y = np.random.normal(size=(3, 4, 8)); y /= np.linalg.norm(y, axis=-1, keepdims=True)
+    s = smooth_chamfer_similarity(x, y, alpha=16.0)  # [2, 3]
+    ```
+    """
+    _check_positive(alpha, "alpha")
+    cos, mx4, my4, nx, ny = _pairwise_cosines(x, y, x_mask, y_mask)
+    logits = alpha * cos
+    # x -> Y: one log-sum-exp over Y per element of X; then the mean over valid x.
+    x_to_y = ops.logsumexp(ops.where(my4 > 0, logits, NEGATIVE), axis=3) / alpha  # [Bx, By, Kx]
+    x_valid = ops.logical_and(mx4[..., 0] > 0, ny[:, :, None] > 0)
+    x_term = ops.sum(ops.where(x_valid, x_to_y, 0.0), axis=2) / ops.maximum(nx, 1.0)
+    y_to_x = ops.logsumexp(ops.where(mx4 > 0, logits, NEGATIVE), axis=2) / alpha  # [Bx, By, Ky]
+    y_valid = ops.logical_and(my4[:, :, 0, :] > 0, nx[:, :, None] > 0)
+    y_term = ops.sum(ops.where(y_valid, y_to_x, 0.0), axis=2) / ops.maximum(ny, 1.0)
+    return ops.where(_both_nonempty(nx, ny), 0.5 * (x_term + y_term), 0.0)
+
+
+@keras.saving.register_keras_serializable(package="tfemde")
+def chamfer_similarity(x, y, x_mask=None, y_mask=None):
+    """Chamfer similarity: the mean nearest-neighbour inner product, both ways, halved (ALGORITHMS.md §3.3).
+
+    `s(X, Y) = 1/(2|X|) sum_x max_y <x, y> + 1/(2|Y|) sum_y max_x <x, y>`, over valid elements; 0 if a set is empty.
+
+    Args:
+        x: `[Bx, Kx, D]` sets.
+        y: `[By, Ky, D]` sets.
+        x_mask: optional `[Bx, Kx]` validity mask.
+        y_mask: optional `[By, Ky]` validity mask.
+
+    Returns:
+        `[Bx, By]` float32 similarity matrix.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from tfemde.losses import chamfer_similarity
+
+    s = chamfer_similarity(np.ones((2, 3, 4)), np.ones((5, 1, 4)))  # [2, 5], all 4.0
+    ```
+    """
+    cos, mx4, my4, nx, ny = _pairwise_cosines(x, y, x_mask, y_mask)
+    x_to_y = ops.max(ops.where(my4 > 0, cos, NEGATIVE), axis=3)  # [Bx, By, Kx]
+    x_valid = ops.logical_and(mx4[..., 0] > 0, ny[:, :, None] > 0)
+    x_term = ops.sum(ops.where(x_valid, x_to_y, 0.0), axis=2) / ops.maximum(nx, 1.0)
+    y_to_x = ops.max(ops.where(mx4 > 0, cos, NEGATIVE), axis=2)  # [Bx, By, Ky]
+    y_valid = ops.logical_and(my4[:, :, 0, :] > 0, nx[:, :, None] > 0)
+    y_term = ops.sum(ops.where(y_valid, y_to_x, 0.0), axis=2) / ops.maximum(ny, 1.0)
+    return ops.where(_both_nonempty(nx, ny), 0.5 * (x_term + y_term), 0.0)
+
+
+@keras.saving.register_keras_serializable(package="tfemde")
+def max_similarity(x, y, x_mask=None, y_mask=None):
+    """Max-of-max (MIL / PVSE) similarity: the largest inner product over all valid element pairs; 0 if empty.
+
+    Args:
+        x: `[Bx, Kx, D]` sets.
+        y: `[By, Ky, D]` sets.
+        x_mask: optional `[Bx, Kx]` validity mask.
+        y_mask: optional `[By, Ky]` validity mask.
+
+    Returns:
+        `[Bx, By]` float32 similarity matrix.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from tfemde.losses import max_similarity
+
+    s = max_similarity(np.eye(3)[None], np.eye(3)[None])  # [[1.0]]
+    ```
+    """
+    cos, mx4, my4, nx, ny = _pairwise_cosines(x, y, x_mask, y_mask)
+    pair_valid = ops.logical_and(mx4 > 0, my4 > 0)
+    best = ops.max(ops.where(pair_valid, cos, NEGATIVE), axis=(2, 3))
+    return ops.where(_both_nonempty(nx, ny), best, 0.0)
+
+
+def _similarity_and_positives(similarity, positive_mask):
+    similarity = _float32(similarity)
+    check_rank(similarity.shape, 2, "similarity", "[num_queries, num_candidates]")
+    if positive_mask is None:
+        rows, cols = similarity.shape
+        if rows is None or cols is None or rows != cols:
+            raise ValueError(
+                "positive_mask may be None (positives on the diagonal) only for a square similarity with a static "
+                f"shape; got similarity shape {tuple(similarity.shape)}"
+            )
+        return similarity, ops.convert_to_tensor(np.eye(rows, dtype=bool))
+    positive_mask = ops.convert_to_tensor(positive_mask)
+    check_rank(positive_mask.shape, 2, "positive_mask", "[num_queries, num_candidates]")
+    for got, want in zip(positive_mask.shape, similarity.shape):
+        if got is not None and want is not None and got != want:
+            raise ValueError(
+                f"positive_mask must have the shape of similarity {tuple(similarity.shape)}; "
+                f"got shape {tuple(positive_mask.shape)}"
+            )
+    return similarity, float_mask(positive_mask, similarity) > 0
+
+
+@keras.saving.register_keras_serializable(package="tfemde")
+def triplet_loss(similarity, positive_mask, margin=0.2, hardest=True, reduction="mean"):
+    """Bidirectional triplet ranking loss with several positives per query (VSE++ / DivE, ALGORITHMS.md §3.4).
+
+    For every positive pair (i, c) (image i, caption c):
+    - image-to-text term: `max_{c' negative for i} [margin + S[i, c'] - S[i, c]]_+`;
+    - text-to-image term: `max_{j negative for c} [margin + S[j, c] - S[i, c]]_+`.
+    Every positive of an image (caption) is excluded from its negatives. `hardest=False` replaces each max by the
+    sum over all negatives (the VSE0 warm-up epoch). A pair without negatives contributes 0.
+
+    Reductions (checked against `kdwonn/DivE: loss.py` and `woodfrog/vse_infty: lib/loss.py`):
+    - `"mean"` (DivE): the mean of the terms over the positive pairs, per direction, and the two directions
+      summed. With hardest negatives this is exactly DivE's `i2t_loss + t2i_loss` (its t2i mean over captions
+      is the mean over positive pairs, one image per caption). With `hardest=False` DivE would also average over
+      the negatives; here the per-pair sum over negatives is kept, so the two modes differ only in the max/sum.
+    - `"sum"` (VSE∞ / VSE++): the sum over all positive pairs of both directions. With one positive per row and
+      column this is exactly VSE∞'s `cost_s.sum() + cost_im.sum()`, with or without hardest negatives.
+
+    Memory: O(Bi * Bc) with hardest negatives; `hardest=False` builds `[Bi, Bc, Bc]` and `[Bi, Bi, Bc]` tensors.
+
+    Args:
+        similarity: `[Bi, Bc]` scores of images (rows) against captions (columns).
+        positive_mask: `[Bi, Bc]` bool or 0/1, 1 where caption c matches image i (e.g. equal image ids).
+            `None` means the diagonal of a square matrix.
+        margin: the margin m (0.2 in VSE∞ and DivE).
+        hardest: hardest negative only (True) or the sum over all negatives (False).
+        reduction: `"mean"` or `"sum"`, see above.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from tfemde.losses import triplet_loss
+
+    image_ids = np.array([0, 1])
+    caption_image_ids = np.array([0, 0, 1, 1])
+    positives = image_ids[:, None] == caption_image_ids[None, :]   # [2, 4], two captions per image
+    loss = triplet_loss(np.random.uniform(size=(2, 4)), positives, margin=0.2)
+    ```
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f'reduction must be "mean" or "sum"; got {reduction!r}')
+    similarity, positive = _similarity_and_positives(similarity, positive_mask)
+    negative = ops.logical_not(positive)
+    if hardest:
+        hardest_caption = ops.max(ops.where(negative, similarity, NEGATIVE), axis=1, keepdims=True)  # [Bi, 1]
+        hardest_image = ops.max(ops.where(negative, similarity, NEGATIVE), axis=0, keepdims=True)  # [1, Bc]
+        i2t = ops.relu(margin + hardest_caption - similarity)
+        t2i = ops.relu(margin + hardest_image - similarity)
+    else:
+        neg = ops.cast(negative, "float32")
+        # i2t[i, c] = sum_c' neg[i, c'] [m + S[i, c'] - S[i, c]]_+  via [Bi, Bc (positive c), Bc (c')]
+        i2t = ops.sum(neg[:, None, :] * ops.relu(margin + similarity[:, None, :] - similarity[:, :, None]), axis=2)
+        # t2i[i, c] = sum_j neg[j, c] [m + S[j, c] - S[i, c]]_+  via [Bi (positive i), Bi (j), Bc]
+        t2i = ops.sum(neg[None, :, :] * ops.relu(margin + similarity[None, :, :] - similarity[:, None, :]), axis=1)
+    i2t = ops.sum(ops.where(positive, i2t, 0.0))
+    t2i = ops.sum(ops.where(positive, t2i, 0.0))
+    if reduction == "sum":
+        return i2t + t2i
+    num_positive = ops.maximum(ops.sum(ops.cast(positive, "float32")), 1.0)
+    return i2t / num_positive + t2i / num_positive
+
+
+@keras.saving.register_keras_serializable(package="tfemde")
+def info_nce_loss(similarity, positive_mask, temperature=0.05):
+    """Symmetric InfoNCE with several positives per row: -log of the positives' share of the softmax.
+
+    Row i (an image): `lse_c(S[i, c] / t) - lse_{c positive}(S[i, c] / t)`, averaged over rows that have a
+    positive; the same over columns (captions); the two directions averaged (CLIP convention).
+
+    Args:
+        similarity: `[Bi, Bc]` scores.
+        positive_mask: `[Bi, Bc]` bool or 0/1 (`None` = diagonal of a square matrix).
+        temperature: the softmax temperature t.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from tfemde.losses import info_nce_loss
+
+    loss = info_nce_loss(np.random.uniform(size=(3, 3)), np.eye(3), temperature=0.05)
+    ```
+    """
+    _check_positive(temperature, "temperature")
+    similarity, positive = _similarity_and_positives(similarity, positive_mask)
+    logits = similarity / temperature
+    positive_logits = ops.where(positive, logits, NEGATIVE)
+
+    def direction(axis):
+        per_row = ops.logsumexp(logits, axis=axis) - ops.logsumexp(positive_logits, axis=axis)
+        has_positive = ops.any(positive, axis=axis)
+        count = ops.maximum(ops.sum(ops.cast(has_positive, "float32")), 1.0)
+        return ops.sum(ops.where(has_positive, per_row, 0.0)) / count
+
+    return 0.5 * (direction(1) + direction(0))
+
+
+def _flat_points(x, mask, arg, mask_arg):
+    """float32 points `[N, D]` and 0/1 weights `[N]` from `[N, D]` (mask `[N]`) or `[B, K, D]` (mask `[B, K]`)."""
+    x = _float32(x)
+    if len(x.shape) not in (2, 3):
+        raise ValueError(f"{arg} must have shape [num_points, dim] or [batch, set_size, dim]; got shape {tuple(x.shape)}")
+    if mask is not None:
+        mask = ops.convert_to_tensor(mask)
+        if len(mask.shape) != len(x.shape) - 1 or any(
+            g is not None and w is not None and g != w for g, w in zip(mask.shape, x.shape[:-1])
+        ):
+            raise ValueError(f"{mask_arg} must have shape {tuple(x.shape[:-1])} to match {arg}; got shape {tuple(mask.shape)}")
+        valid = float_mask(mask, x)
+    else:
+        valid = ops.ones(ops.shape(x)[:-1], "float32")
+    dim = x.shape[-1]
+    x = ops.reshape(x, (-1, dim))
+    valid = ops.reshape(valid, (-1,))
+    x = ops.where(valid[:, None] > 0, x, ops.zeros_like(x))
+    return x, valid
+
+
+def _laplacian_kernel_mean(a, wa, b, wb, gamma, same):
+    """Weighted mean of exp(-gamma ||a_i - b_j||) over pairs (diagonal included)."""
+    sq = (
+        ops.sum(ops.square(a), axis=1)[:, None]
+        + ops.sum(ops.square(b), axis=1)[None, :]
+        - 2.0 * ops.matmul(a, ops.transpose(b))
+    )
+    if same:  # the self-distance is exactly 0; the expanded form leaves rounding noise there
+        n = ops.shape(a)[0]
+        sq = ops.where(ops.eye(n, dtype="bool"), 0.0, sq)
+    # max(d^2, 1e-12) before sqrt: a finite gradient at zero distance (ALGORITHMS.md §9.7).
+    kernel = ops.exp(-gamma * ops.sqrt(ops.maximum(sq, 1e-12)))
+    weight = wa[:, None] * wb[None, :]
+    return ops.sum(weight * kernel) / ops.maximum(ops.sum(weight), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="tfemde")
+def mmd_loss(x, y, gamma=0.5, x_mask=None, y_mask=None):
+    """Maximum mean discrepancy with the Laplacian kernel exp(-gamma ||a - b||) (DivE, ALGORITHMS.md §3.4).
+
+    `mean k(x, x) - 2 mean k(x, y) + mean k(y, y)` over all valid pairs, diagonals included, on the non-squared
+    Euclidean distance computed as `sqrt(max(d**2, 1e-12))` (finite gradient at zero distance). A term with an
+    empty side is 0.
+
+    Args:
+        x: `[Nx, D]` points, or `[B, K, D]` sets (flattened to `B*K` points).
+        y: `[Ny, D]` or `[B', K', D]`, same D.
+        gamma: the kernel scale (0.5 in DivE).
+        x_mask: optional `[Nx]` or `[B, K]` validity mask.
+        y_mask: optional `[Ny]` or `[B', K']` validity mask.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from tfemde.losses import mmd_loss
+
+    loss = mmd_loss(np.random.normal(size=(4, 2, 8)), np.random.normal(size=(6, 8)))
+    ```
+    """
+    _check_positive(gamma, "gamma")
+    x, wx = _flat_points(x, x_mask, "x", "x_mask")
+    y, wy = _flat_points(y, y_mask, "y", "y_mask")
+    if x.shape[-1] is not None and y.shape[-1] is not None and x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"x and y must have the same dim D (last axis); got D={x.shape[-1]} and D={y.shape[-1]}")
+    return (
+        _laplacian_kernel_mean(x, wx, x, wx, gamma, True)
+        - 2.0 * _laplacian_kernel_mean(x, wx, y, wy, gamma, False)
+        + _laplacian_kernel_mean(y, wy, y, wy, gamma, True)
+    )
+
+
+@keras.saving.register_keras_serializable(package="tfemde")
+def diversity_loss(sets, t=2.0, mask=None):
+    """DivE's uniformity (diversity) loss inside each set (ALGORITHMS.md §3.4).
+
+    With `e` the L2-normalised elements of a set, `u = sum_{i<j} exp(-t ||e_i - e_j||^2) / (K (K - 1) / 2)`,
+    averaged over the batch. With a mask, K is the number of valid elements and sets with fewer than two valid
+    elements are left out of the batch mean (a batch without any such set gives 0, as does K = 1).
+
+    Args:
+        sets: `[B, K, D]` (DivE uses the residual slots before the global feature is added).
+        t: the kernel scale (2 in DivE).
+        mask: optional `[B, K]` validity mask.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    ```python
+    import numpy as np
+    from tfemde.losses import diversity_loss
+
+    loss = diversity_loss(np.random.normal(size=(3, 4, 8)), t=2.0)
+    ```
+    """
+    _check_positive(t, "t")
+    x, valid = _masked_set(sets, mask, "sets", "mask")
+    e = x / ops.maximum(ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True)), 1e-12)
+    sq_norm = ops.sum(ops.square(e), axis=-1)  # 1, or 0 for a zero element
+    gram = ops.einsum("bkd,bld->bkl", e, e)
+    sq_dist = ops.maximum(sq_norm[:, :, None] + sq_norm[:, None, :] - 2.0 * gram, 0.0)
+    if x.shape[1] is None:
+        raise ValueError(f"sets must have a static set size K (axis 1); got shape {tuple(x.shape)}")
+    upper = np.triu(np.ones((x.shape[1], x.shape[1]), "float32"), 1)  # pairs i < j
+    pair = upper[None] * valid[:, :, None] * valid[:, None, :]
+    n = ops.sum(valid, axis=1)
+    num_pairs = n * (n - 1.0) / 2.0
+    per_set = ops.sum(pair * ops.exp(-t * sq_dist), axis=(1, 2)) / ops.maximum(num_pairs, 1.0)
+    has_pairs = num_pairs > 0
+    count = ops.maximum(ops.sum(ops.cast(has_pairs, "float32")), 1.0)
+    return ops.sum(ops.where(has_pairs, per_set, 0.0)) / count

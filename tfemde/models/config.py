@@ -1,0 +1,153 @@
+"""Dual-encoder configuration: one dataclass, saved as JSON with every run, and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+IMAGE_INPUTS = ("pixels", "regions", "backbone")
+POOLINGS = ("max", "mean", "gpo", "attention", "temde")
+HEADS = ("vector", "set")
+LOSSES = ("triplet", "info_nce")
+
+
+@dataclasses.dataclass
+class DualEncoderConfig:
+    """Everything needed to rebuild a dual encoder; every field can be overridden.
+
+    Towers: `image_input` picks the image tower (`"pixels"`: a small CNN whose grid cells become the set;
+    `"regions"`: precomputed region features through fc + residual MLP, as VSE∞/DivE; `"backbone"`: any
+    `keras.applications` model by name, its last feature map becomes the set). The text tower is an embedding and a
+    length-aware BiGRU with directions averaged.
+
+    Heads: `head="vector"` pools each tower's local features into one vector with `pooling` (`max`, `mean`, `gpo`,
+    `attention` = a masked self-attention block then mean pooling, `temde` = max pooling plus a projection of the
+    T-EMDE sketch, which replaces self-attention as the global aggregator). `head="set"` predicts `num_slots`
+    embeddings per item with DivE's `SetPrediction`. A vector is a set of one, and Smooth-Chamfer between sets of
+    one is the cosine, so every preset is scored by one similarity:
+    `S = SmoothChamfer_alpha(sets) + sketch_weight * sketch_cosine` (the second term only when `sketch=True`).
+    """
+
+    preset: str = "dive_temde"
+    # data-facing sizes
+    image_input: str = "pixels"
+    image_size: int = 64
+    num_regions: int = 36
+    region_dim: int = 2048
+    backbone: Optional[str] = None
+    backbone_weights: Optional[str] = None
+    vocab_size: int = 1000
+    max_length: int = 32
+    # joint space and towers
+    embed_dim: int = 1024
+    word_dim: int = 300
+    cnn_filters: tuple = (32, 64, 128)
+    dropout: float = 0.1
+    # heads
+    head: str = "set"
+    pooling: str = "max"
+    num_slots: int = 4
+    set_depth: int = 4
+    set_heads: int = 4
+    ff_mult: int = 4
+    share_weights: bool = True
+    reference_masking: bool = False
+    attention_heads: int = 8
+    # T-EMDE sketch, shared by both towers in the joint space
+    sketch: bool = True
+    sketch_depth: int = 16
+    sketch_bits: int = 6
+    sketch_temperature: float = 1.0
+    sketch_weight: float = 0.5
+    # similarity and loss (ALGORITHMS.md §3.3-3.4)
+    alpha: float = 16.0
+    loss: str = "triplet"
+    margin: float = 0.2
+    reduction: str = "mean"
+    warmup_epochs: int = 1
+    info_nce_temperature: float = 0.05
+    mmd_weight: float = 0.01
+    mmd_gamma: float = 0.5
+    diversity_weight: float = 0.01
+    # optimisation (ALGORITHMS.md §3.5)
+    learning_rate: float = 1e-3
+    set_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    clipnorm: float = 1.0
+    mixed_precision: bool = False
+
+    def __post_init__(self):
+        self.cnn_filters = tuple(self.cnn_filters)
+        for field, allowed in (("image_input", IMAGE_INPUTS), ("pooling", POOLINGS), ("head", HEADS),
+                               ("loss", LOSSES), ("reduction", ("mean", "sum"))):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}; got {getattr(self, field)!r}")
+        if self.image_input == "backbone" and not self.backbone:
+            raise ValueError("image_input='backbone' needs backbone=<a keras.applications name>, e.g. 'MobileNetV2'")
+        if self.pooling == "temde" and not self.sketch:
+            raise ValueError("pooling='temde' projects the T-EMDE sketch, so it needs sketch=True")
+        for field in ("embed_dim", "vocab_size", "max_length", "num_slots", "set_depth", "sketch_depth", "sketch_bits"):
+            if int(getattr(self, field)) < 1:
+                raise ValueError(f"{field} must be a positive integer; got {getattr(self, field)!r}")
+
+    @property
+    def set_size(self) -> int:
+        """K, the number of embeddings per item (1 for vector heads)."""
+        return self.num_slots if self.head == "set" else 1
+
+    @property
+    def sketch_size(self) -> int:
+        """The flattened sketch length depth * 2**bits (0 without a sketch)."""
+        return self.sketch_depth * 2**self.sketch_bits if self.sketch else 0
+
+    def replace(self, **overrides) -> "DualEncoderConfig":
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["cnn_filters"] = list(self.cnn_filters)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DualEncoderConfig":
+        return cls().replace(**values)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "DualEncoderConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+# The rows of ARCHITECTURE.md's preset table: the fields that differ from the dataclass defaults.
+PRESETS = {
+    "vse": dict(head="vector", pooling="max", sketch=False, reduction="sum", learning_rate=5e-4, clipnorm=2.0),
+    "vse_infty": dict(head="vector", pooling="gpo", sketch=False, reduction="sum", learning_rate=5e-4, clipnorm=2.0),
+    "attention": dict(head="vector", pooling="attention", sketch=False),
+    "temde": dict(head="vector", pooling="temde", sketch=True),
+    "dive": dict(head="set", sketch=False),
+    "dive_temde": dict(head="set", sketch=True),
+}
+DEFAULT_PRESET = "dive_temde"
+
+
+def preset(name: str = DEFAULT_PRESET, **overrides) -> DualEncoderConfig:
+    """The config of a named preset (`vse`, `vse_infty`, `attention`, `temde`, `dive`, `dive_temde`), overridden.
+
+    Example:
+        >>> config = preset("dive", embed_dim=256, num_slots=2)
+        >>> config.set_size
+        2
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return DualEncoderConfig(preset=name).replace(**{**PRESETS[name], **overrides})

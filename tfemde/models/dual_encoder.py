@@ -1,0 +1,339 @@
+"""The dual encoder: a functional `keras.Model` whose `compute_loss` scores the batch with the set similarity."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+from keras import layers, ops
+
+from tfemde import losses
+from tfemde.layers import (
+    GPO,
+    MaskedMaxPooling,
+    MaskedMeanPooling,
+    SetPrediction,
+    TEMDESketch,
+    sketch_similarity,
+)
+from tfemde.models.config import DualEncoderConfig, preset
+from tfemde.models.optimization import CosineDecayPerStep, make_optimizer
+from tfemde.models.towers import image_tower, text_tower
+
+IMAGE_INPUT_NAMES = {"pixels": ("image",), "backbone": ("image",), "regions": ("regions", "region_mask")}
+TEXT_INPUT_NAMES = ("caption_ids", "caption_mask")
+
+
+def image_inputs(config):
+    """The named symbolic image inputs of a config: `image [B,H,W,3]` or `regions [B,R,F]` + `region_mask [B,R]`."""
+    if config.image_input == "regions":
+        return {
+            "regions": keras.Input((None, config.region_dim), name="regions", dtype="float32"),
+            "region_mask": keras.Input((None,), name="region_mask", dtype="bool"),
+        }
+    size = config.image_size
+    return {"image": keras.Input((size, size, 3), name="image", dtype="float32")}
+
+
+def text_inputs(config):
+    """The named symbolic text inputs: `caption_ids [B,T]` int32 and `caption_mask [B,T]` bool."""
+    return {
+        "caption_ids": keras.Input((None,), name="caption_ids", dtype="int32"),
+        "caption_mask": keras.Input((None,), name="caption_mask", dtype="bool"),
+    }
+
+
+@keras.saving.register_keras_serializable(package="tfemde")
+class UnitNormalize(layers.Layer):
+    """L2-normalises the last axis with a floor on the norm (a zero vector stays zero, no NaN)."""
+
+    def call(self, inputs):
+        inputs = ops.cast(inputs, "float32")
+        return inputs / ops.maximum(ops.norm(inputs, axis=-1, keepdims=True), 1e-8)
+
+    def compute_output_spec(self, inputs):
+        return keras.KerasTensor(inputs.shape, dtype="float32")
+
+
+@keras.saving.register_keras_serializable(package="tfemde")
+class SelfAttentionBlock(layers.Layer):
+    """The `attention` preset's aggregator: x + MHA(LN(x)) over the valid elements, then masked mean pooling.
+
+    Call arguments:
+        inputs: `[B, L, D]`. mask: `[B, L]` bool.
+
+    Returns:
+        `[B, D]`.
+    """
+
+    def __init__(self, num_heads=8, dropout=0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.dropout = dropout
+
+    def build(self, input_shape, mask_shape=None):
+        dim = input_shape[-1]
+        self.norm = layers.LayerNormalization(epsilon=1e-5, name="norm")
+        self.norm.build(input_shape)
+        self.attention = layers.MultiHeadAttention(self.num_heads, max(dim // self.num_heads, 1),
+                                                   dropout=self.dropout, name="attention")
+        self.attention.build(input_shape, input_shape)
+        self.pool = MaskedMeanPooling(name="pool")
+
+    def call(self, inputs, mask=None, training=None):
+        normed = self.norm(inputs)
+        pair_mask = None if mask is None else ops.logical_and(mask[:, :, None], mask[:, None, :])
+        attended = self.attention(normed, normed, attention_mask=pair_mask, training=training)
+        return self.pool(inputs + attended, mask=mask)
+
+    def compute_output_spec(self, inputs, mask=None, training=None):
+        return keras.KerasTensor((inputs.shape[0], inputs.shape[-1]), dtype=self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads, "dropout": self.dropout}
+
+
+def _vector_head(config, tower, modality, shared):
+    """Pool a tower's local features into one unit vector, returned as a set of one `[B, 1, D]`."""
+    if config.pooling == "max":
+        pooled = MaskedMaxPooling(name=f"{modality}_pool")(tower.local, mask=tower.mask)
+    elif config.pooling == "mean":
+        pooled = MaskedMeanPooling(name=f"{modality}_pool")(tower.local, mask=tower.mask)
+    elif config.pooling == "gpo":
+        pooled = GPO(name=f"{modality}_gpo")(tower.local, mask=tower.mask)
+    elif config.pooling == "attention":
+        pooled = SelfAttentionBlock(config.attention_heads, config.dropout, name=f"{modality}_self_attention")(
+            tower.local, mask=tower.mask)
+    else:  # temde: the sketch replaces self-attention as the global aggregator (ALGORITHMS.md §5.3 fusion (b))
+        pooled = MaskedMaxPooling(name=f"{modality}_pool")(tower.local, mask=tower.mask)
+        projected = shared["sketch_projection"](shared["flatten"][modality](shared["sketches"][modality]))
+        pooled = layers.Add(name=f"{modality}_pool_plus_sketch")([pooled, projected])
+    vector = UnitNormalize(name=f"{modality}_normalize")(pooled)
+    return layers.Reshape((1, config.embed_dim), name=f"{modality}_set")(vector), None
+
+
+def _set_head(config, tower, modality):
+    """DivE's set prediction: `[B, K, D]` unit elements and the unit residual set (for the diversity loss)."""
+    module = SetPrediction(
+        num_slots=config.num_slots, dim=config.embed_dim, depth=config.set_depth, num_heads=config.set_heads,
+        ff_mult=config.ff_mult, dropout=config.dropout, share_weights=config.share_weights,
+        positional_encoding=(modality == "text"), reference_masking=config.reference_masking,
+        name=f"{modality}_set_prediction",
+    )
+    elements, residual = module(tower.set_inputs, tower.global_, mask=tower.mask, return_residual=True)
+    return elements, residual
+
+
+def _build_graph(config):
+    image_in, text_in = image_inputs(config), text_inputs(config)
+    towers = {
+        "image": image_tower(config, image_in),
+        "text": text_tower(config, text_in["caption_ids"], text_in["caption_mask"]),
+    }
+    shared = {}
+    if config.sketch:
+        # One sketch for both towers: both modalities are histograms over the same regions of the joint space.
+        sketch = TEMDESketch(config.sketch_depth, config.sketch_bits, temperature=config.sketch_temperature,
+                             name="sketch")
+        shared["sketches"] = {m: sketch(t.local, mask=t.mask) for m, t in towers.items()}
+        shared["flatten"] = {m: layers.Reshape((config.sketch_size,), name=f"{m}_sketch") for m in towers}
+        shared["sketch_projection"] = layers.Dense(config.embed_dim, name="sketch_projection")
+    outputs, encoders = {}, {}
+    for modality, tower in towers.items():
+        if config.head == "set":
+            elements, residual = _set_head(config, tower, modality)
+        else:
+            elements, residual = _vector_head(config, tower, modality, shared)
+        encoder_outputs = {"set": elements}
+        outputs[f"{modality}_set"] = elements
+        if residual is not None:
+            outputs[f"{modality}_residual"] = residual
+        if config.sketch:
+            flat = shared["flatten"][modality](shared["sketches"][modality])
+            outputs[f"{modality}_sketch"] = flat
+            encoder_outputs["sketch"] = flat
+        encoders[modality] = encoder_outputs
+    return {**image_in, **text_in}, outputs, (image_in, encoders["image"]), (text_in, encoders["text"])
+
+
+@keras.saving.register_keras_serializable(package="tfemde")
+class DualEncoder(keras.Model):
+    """A functional image/text dual encoder scored by Smooth-Chamfer (+ λ·sketch cosine) and trained with `fit`.
+
+    Inputs (a dict): `image [B,H,W,3]` float in [0, 1] or `regions [B,R,F]` + `region_mask [B,R]`;
+    `caption_ids [B,T]` int32 + `caption_mask [B,T]`; for training also `image_id [B]` (and `group_id [B]`):
+    captions and images with the same id (or group) are positives, so several captions of one image in a batch are
+    all masked out of each other's negatives.
+
+    Outputs (a dict): `image_set`, `text_set` `[B, K, D]` unit elements; `image_sketch`, `text_sketch`
+    `[B, depth * 2**bits]` when the sketch is on; `image_residual`, `text_residual` for set heads.
+
+    `image_encoder` and `text_encoder` are standalone `keras.Model`s cut from the same graph (they share weights),
+    with outputs `{"set", "sketch"}`; export uses them.
+
+    Example:
+        >>> model = build_dual_encoder(preset("dive_temde", embed_dim=64, vocab_size=100))
+        >>> model.compile()
+        >>> # model.fit(tfemde.data.train_dataset(...), epochs=...)
+    """
+
+    def __init__(self, config=None, **kwargs):
+        config = config if isinstance(config, DualEncoderConfig) else DualEncoderConfig.from_dict(config or {})
+        if config.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        inputs, outputs, image_io, text_io = _build_graph(config)
+        kwargs.pop("inputs", None), kwargs.pop("outputs", None)
+        super().__init__(inputs=inputs, outputs=outputs, name=kwargs.pop("name", f"dual_encoder_{config.preset}"),
+                         **kwargs)
+        # Not tracked as sub-layers: they share this model's layers and weights.
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "_encoders", {
+            "image": keras.Model(image_io[0], image_io[1], name="image_encoder"),
+            "text": keras.Model(text_io[0], text_io[1], name="text_encoder"),
+        })
+        self._hardest_negatives = keras.Variable(float(config.warmup_epochs <= 0), trainable=False,
+                                                 dtype="float32", name="hardest_negatives")
+
+    @property
+    def image_encoder(self) -> keras.Model:
+        return self._encoders["image"]
+
+    @property
+    def text_encoder(self) -> keras.Model:
+        return self._encoders["text"]
+
+    def get_config(self):
+        return {"config": self.config.to_dict(), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return cls(**config)
+
+    def _standardize_inputs(self, inputs):
+        # Batches carry image_id / group_id for the loss; the graph takes only its named inputs.
+        if isinstance(inputs, dict) and isinstance(self._inputs_struct, dict):
+            inputs = {name: value for name, value in inputs.items() if name in self._inputs_struct}
+        return super()._standardize_inputs(inputs)
+
+    # --- training -------------------------------------------------------------------------------------------
+    def similarity(self, image_outputs, text_outputs):
+        """`[Bi, Bc]` float32: Smooth-Chamfer over the sets + sketch_weight · sketch cosine (config's α and λ)."""
+        config = self.config
+        score = losses.smooth_chamfer_similarity(image_outputs["set"], text_outputs["set"], alpha=config.alpha)
+        if config.sketch:
+            shape = (-1, config.sketch_depth, 2**config.sketch_bits)
+            score = score + config.sketch_weight * sketch_similarity(
+                ops.reshape(image_outputs["sketch"], shape), ops.reshape(text_outputs["sketch"], shape))
+        return score
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        config = self.config
+        if not isinstance(x, dict) or "image_id" not in x:
+            raise ValueError("DualEncoder batches must be dicts with an 'image_id' [B] entry (the positives' key); "
+                             f"got {type(x).__name__} with keys {sorted(x) if isinstance(x, dict) else None}")
+        score = self.similarity({"set": y_pred["image_set"], "sketch": y_pred.get("image_sketch")},
+                                {"set": y_pred["text_set"], "sketch": y_pred.get("text_sketch")})
+        key = x["group_id"] if "group_id" in x else x["image_id"]
+        positives = ops.equal(ops.expand_dims(key, 1), ops.expand_dims(key, 0))
+        if config.loss == "info_nce":
+            loss = losses.info_nce_loss(score, positives, temperature=config.info_nce_temperature)
+        else:
+            hardest = losses.triplet_loss(score, positives, margin=config.margin, hardest=True,
+                                          reduction=config.reduction)
+            every = losses.triplet_loss(score, positives, margin=config.margin, hardest=False,
+                                        reduction=config.reduction)
+            loss = ops.where(self._hardest_negatives > 0.5, hardest, every)
+        if config.head == "set":
+            if config.mmd_weight:
+                loss = loss + config.mmd_weight * losses.mmd_loss(y_pred["image_set"], y_pred["text_set"],
+                                                                  gamma=config.mmd_gamma)
+            if config.diversity_weight:
+                loss = loss + config.diversity_weight * (losses.diversity_loss(y_pred["image_residual"])
+                                                         + losses.diversity_loss(y_pred["text_residual"]))
+        return loss
+
+    def compile(self, optimizer=None, **kwargs):
+        """Compile with the papers' optimizer by default (`make_optimizer`); `loss` is the model's own."""
+        if kwargs.get("loss") is not None:
+            raise ValueError("DualEncoder computes its own loss from its config (config.loss); do not pass loss=")
+        super().compile(optimizer=optimizer or make_optimizer(self.config), **kwargs)
+
+    def fit(self, x=None, *args, epochs=1, steps_per_epoch=None, callbacks=None, initial_epoch=0, **kwargs):
+        """`keras.Model.fit`, plus two things the papers' recipe needs.
+
+        The cosine schedule (when the optimizer uses `CosineDecayPerStep`) is set to anneal over this run's
+        `epochs * steps per epoch`, and the first `config.warmup_epochs` epochs use all negatives (VSE0) before
+        hardest negatives take over.
+        """
+        steps = steps_per_epoch or _cardinality(x)
+        schedule = getattr(self.optimizer, "_learning_rate", None)
+        if isinstance(schedule, CosineDecayPerStep) and steps:
+            schedule.decay_steps.assign(float(steps * epochs))
+        callbacks = list(callbacks or []) + [NegativesWarmup(self.config.warmup_epochs)]
+        return super().fit(x, *args, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+                           initial_epoch=initial_epoch, **kwargs)
+
+
+def _cardinality(data):
+    """The number of batches of a finite `tf.data.Dataset`, else None."""
+    try:
+        import tensorflow as tf
+
+        if isinstance(data, tf.data.Dataset):
+            n = int(data.cardinality())
+            return n if n > 0 else None
+    except Exception:  # noqa: BLE001 - any other input type: unknown length
+        return None
+    return None
+
+
+class NegativesWarmup(keras.callbacks.Callback):
+    """Uses all negatives for the first `epochs` epochs (VSE0), hardest negatives after (ALGORITHMS.md §1.3)."""
+
+    def __init__(self, epochs=1):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model._hardest_negatives.assign(float(epoch >= self.epochs))
+
+
+def build_dual_encoder(config=None, **overrides) -> DualEncoder:
+    """Build a `DualEncoder` from a config, a preset name, or the default preset, with field overrides.
+
+    Example:
+        >>> model = build_dual_encoder("vse", embed_dim=64, vocab_size=100)
+        >>> sorted(model.output)
+        ['image_set', 'text_set']
+    """
+    if config is None or isinstance(config, str):
+        config = preset(config or "dive_temde", **overrides)
+    elif overrides:
+        config = config.replace(**overrides)
+    return DualEncoder(config)
+
+
+def load_model(path) -> DualEncoder:
+    """Load a `.keras` file saved from a `DualEncoder` (imports tfemde's layers first, so they deserialize)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    return keras.models.load_model(path, compile=False)
+
+
+def save_model(model, path) -> Path:
+    """Save `model` as `.keras` through a temporary file moved into place (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(suffix=".keras", dir=path.parent)
+    os.close(handle)
+    try:
+        model.save(tmp)
+        shutil.move(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,91 @@
+"""The papers' optimisation in Keras: AdamW with per-layer learning-rate scales and per-step cosine decay.
+
+Keras 3 has no parameter groups. DivE trains its set-prediction modules at 0.1x the base learning rate; scaling
+their gradients would do nothing under Adam (its update is invariant to gradient scale), so `ScaledAdamW` scales
+the *learning rate* of the variables whose path starts with one of `lr_scales`' prefixes, in the Adam step and in
+the decoupled weight decay alike (as PyTorch parameter groups do).
+"""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="tfemde")
+class ScaledAdamW(keras.optimizers.AdamW):
+    """AdamW whose learning rate is multiplied per variable by the scale of the first matching path prefix.
+
+    Args:
+        lr_scales: dict `{variable path prefix: multiplier}`, e.g. `{"image_set_prediction": 0.1}`. Variables
+            matching no prefix use the base learning rate.
+        **kwargs: passed to `keras.optimizers.AdamW`.
+
+    Example:
+        >>> optimizer = ScaledAdamW(learning_rate=1e-3, lr_scales={"text_set_prediction": 0.1})
+    """
+
+    def __init__(self, lr_scales=None, **kwargs):
+        super().__init__(**kwargs)
+        self.lr_scales = dict(lr_scales or {})
+
+    def build(self, var_list):
+        super().build(var_list)
+        self._scales = [self._scale_of(v) for v in var_list]
+        self._decays = [self.weight_decay is not None and self._use_weight_decay(v) for v in var_list]
+
+    def _scale_of(self, variable):
+        for prefix, scale in self.lr_scales.items():
+            if variable.path.startswith(prefix):
+                return float(scale)
+        return 1.0
+
+    def _apply_weight_decay(self, variables):
+        # Applied per variable inside update_step, where the variable's learning-rate scale is known.
+        return
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        learning_rate = ops.multiply(ops.cast(learning_rate, variable.dtype), self._scales[index])
+        if self._decays[index]:
+            variable.assign(variable - variable * ops.cast(self.weight_decay, variable.dtype) * learning_rate)
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "lr_scales": dict(self.lr_scales)}
+
+
+@keras.saving.register_keras_serializable(package="tfemde")
+class CosineDecayPerStep(keras.optimizers.schedules.LearningRateSchedule):
+    """Cosine annealing from `initial_learning_rate` to 0, stepped per iteration over `decay_steps` steps.
+
+    `decay_steps` is a variable so that `DualEncoder.fit` can set it from the epochs and the steps per epoch it
+    is about to run (DivE anneals over all iterations of the run).
+    """
+
+    def __init__(self, initial_learning_rate, decay_steps=1, alpha=0.0):
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.alpha = float(alpha)
+        self.decay_steps = keras.Variable(float(decay_steps), trainable=False, name="decay_steps", dtype="float32")
+
+    def __call__(self, step):
+        progress = ops.minimum(ops.cast(step, "float32") / ops.maximum(self.decay_steps, 1.0), 1.0)
+        cosine = 0.5 * (1.0 + ops.cos(3.141592653589793 * progress))
+        return self.initial_learning_rate * ((1.0 - self.alpha) * cosine + self.alpha)
+
+    def get_config(self):
+        return {"initial_learning_rate": self.initial_learning_rate,
+                "decay_steps": float(ops.convert_to_numpy(self.decay_steps)), "alpha": self.alpha}
+
+
+def make_optimizer(config):
+    """The default optimizer of a config: ScaledAdamW + per-step cosine decay + global-norm clipping.
+
+    The set-prediction modules (layers named `image_set_prediction` / `text_set_prediction`) train at
+    `config.set_lr_scale` times the base learning rate.
+    """
+    scale = config.set_lr_scale
+    return ScaledAdamW(
+        learning_rate=CosineDecayPerStep(config.learning_rate),
+        weight_decay=config.weight_decay,
+        global_clipnorm=config.clipnorm or None,
+        lr_scales={"image_set_prediction": scale, "text_set_prediction": scale} if scale != 1.0 else {},
+    )
