@@ -257,7 +257,7 @@ class TEMDESketch(keras.layers.Layer):
             self.mean.assign(mean.astype("float32"))
             self.std.assign(std.astype("float32"))
             samples = (samples - mean) / std
-        hyperplanes = np.asarray(ops.convert_to_numpy(self.hyperplanes), dtype="float64")
+        hyperplanes = np.asarray(self.hyperplanes.numpy(), dtype="float64")
         self.biases.assign(np.median(samples @ hyperplanes, axis=0).astype("float32"))
         return self
 

@@ -73,14 +73,18 @@ class SelfAttentionBlock(layers.Layer):
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.dropout = dropout
+        self.supports_masking = True
 
-    def build(self, input_shape, mask_shape=None):
-        dim = input_shape[-1]
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def build(self, inputs_shape, mask_shape=None):
+        dim = inputs_shape[-1]
         self.norm = layers.LayerNormalization(epsilon=1e-5, name="norm")
-        self.norm.build(input_shape)
+        self.norm.build(inputs_shape)
         self.attention = layers.MultiHeadAttention(self.num_heads, max(dim // self.num_heads, 1),
                                                    dropout=self.dropout, name="attention")
-        self.attention.build(input_shape, input_shape)
+        self.attention.build(inputs_shape, inputs_shape)
         self.pool = MaskedMeanPooling(name="pool")
 
     def call(self, inputs, mask=None, training=None):

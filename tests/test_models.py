@@ -1,0 +1,175 @@
+"""DualEncoder: every preset builds, trains with falling loss, round-trips through .keras, ignores padding."""
+
+import numpy as np
+import pytest
+
+import keras
+import tensorflow as tf
+
+from tfemde.models import (
+    PRESETS,
+    CosineDecayPerStep,
+    DualEncoderConfig,
+    ScaledAdamW,
+    build_dual_encoder,
+    load_model,
+    preset,
+    save_model,
+)
+
+TINY = dict(embed_dim=32, word_dim=12, vocab_size=40, max_length=8, num_slots=3, set_depth=2, set_heads=2,
+            ff_mult=2, sketch_depth=4, sketch_bits=3, attention_heads=2, dropout=0.0)
+REGIONS = dict(image_input="regions", num_regions=6, region_dim=10)
+
+
+def region_batch(rng, batch=8, regions=6, region_dim=10, length=8, vocab=40, num_images=None):
+    """A batch where caption tokens are a function of the image, so a model can learn the match."""
+    num_images = num_images or batch
+    image_id = np.arange(batch) % num_images
+    protos = rng.normal(size=(num_images, regions, region_dim)).astype("float32")
+    lengths = rng.integers(3, length + 1, size=batch)
+    ids = np.zeros((batch, length), "int32")
+    for i in range(batch):
+        ids[i, : lengths[i]] = 1 + (image_id[i] * 7 + np.arange(lengths[i]) * 3) % (vocab - 1)
+    return {
+        "regions": protos[image_id],
+        "region_mask": np.ones((batch, regions), bool),
+        "caption_ids": ids,
+        "caption_mask": ids > 0,
+        "image_id": image_id.astype("int64"),
+    }
+
+
+def encode(model, batch):
+    out = model({k: v for k, v in batch.items() if k != "image_id"}, training=False)
+    return {k: keras.ops.convert_to_numpy(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_trains_with_falling_loss_and_round_trips(name, rng, tmp_path):
+    model = build_dual_encoder(name, **TINY, **REGIONS, warmup_epochs=0, learning_rate=3e-3)
+    model.compile()
+    batch = region_batch(rng)
+    data = tf.data.Dataset.from_tensors(batch).repeat(12)
+    history = model.fit(data, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < losses[0], f"{name}: loss did not fall: {losses}"
+
+    expected = encode(model, batch)
+    assert expected["image_set"].shape == (8, model.config.set_size, 32)
+    np.testing.assert_allclose(np.linalg.norm(expected["text_set"], axis=-1), 1.0, atol=1e-5)
+    path = save_model(model, tmp_path / "model.keras")
+    restored = load_model(path)
+    assert restored.config == model.config
+    got = encode(restored, batch)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["dive_temde", "vse_infty", "attention", "temde"])
+def test_outputs_do_not_change_with_padding(name, rng):
+    model = build_dual_encoder(name, **TINY, **REGIONS)
+    batch = region_batch(rng, batch=4)
+    padded = dict(batch)
+    extra = 5
+    padded["regions"] = np.concatenate([batch["regions"], 1e3 * rng.normal(size=(4, extra, 10))], 1).astype("float32")
+    padded["region_mask"] = np.concatenate([batch["region_mask"], np.zeros((4, extra), bool)], 1)
+    garbage_ids = rng.integers(1, 40, size=(4, extra)).astype("int32")
+    ids = batch["caption_ids"].copy()
+    padded["caption_ids"] = np.concatenate([np.where(batch["caption_mask"], ids, 7), garbage_ids], 1)
+    padded["caption_mask"] = np.concatenate([batch["caption_mask"], np.zeros((4, extra), bool)], 1)
+    expected, got = encode(model, batch), encode(model, padded)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], atol=2e-5, err_msg=key)
+
+
+def test_pixel_tower_and_encoders_match_the_dual_model(rng):
+    model = build_dual_encoder("dive_temde", **TINY, image_input="pixels", image_size=16, cnn_filters=(4, 8))
+    images = rng.uniform(size=(3, 16, 16, 3)).astype("float32")
+    ids = rng.integers(1, 40, size=(3, 8)).astype("int32")
+    dual = model({"image": images, "caption_ids": ids, "caption_mask": ids > 0}, training=False)
+    image = model.image_encoder({"image": images}, training=False)
+    text = model.text_encoder({"caption_ids": ids, "caption_mask": ids > 0}, training=False)
+    assert sorted(image) == ["set", "sketch"] and sorted(text) == ["set", "sketch"]
+    assert image["set"].shape == (3, 3, 32) and image["sketch"].shape == (3, 4 * 8)
+    np.testing.assert_array_equal(image["set"], dual["image_set"])
+    np.testing.assert_array_equal(text["sketch"], dual["text_sketch"])
+
+
+def test_compute_loss_equals_numpy_triplet_with_all_positives_masked(rng):
+    """vse: cosine similarity, hardest-negative triplet (sum), positives from image_id (two captions share image 0)."""
+    model = build_dual_encoder("vse", **TINY, **REGIONS, warmup_epochs=0)
+    batch = region_batch(rng, batch=5, num_images=4)  # rows 0 and 4 are the same image
+    out = encode(model, batch)
+    loss = float(model.compute_loss(x=batch, y_pred={k: tf.constant(v) for k, v in out.items()}))
+
+    s = out["image_set"][:, 0] @ out["text_set"][:, 0].T
+    positive = batch["image_id"][:, None] == batch["image_id"][None, :]
+    expected = 0.0
+    for i, c in zip(*np.nonzero(positive)):
+        expected += max(0.0, (0.2 + s[i][~positive[i]] - s[i, c]).max())  # image i against negative captions
+        expected += max(0.0, (0.2 + s[:, c][~positive[:, c]] - s[i, c]).max())  # caption c against negative images
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_negatives_warmup_switches_after_the_first_epoch(rng):
+    model = build_dual_encoder("vse", **TINY, **REGIONS, warmup_epochs=1)
+    model.compile()
+    seen = []
+    probe = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, l: seen.append(float(model._hardest_negatives)))
+    model.fit(tf.data.Dataset.from_tensors(region_batch(rng)).repeat(2), epochs=3, verbose=0, callbacks=[probe])
+    assert seen == [0.0, 1.0, 1.0]
+
+
+def test_fit_sets_the_cosine_schedule_to_the_run_length(rng):
+    model = build_dual_encoder("vse", **TINY, **REGIONS)
+    model.compile()
+    model.fit(tf.data.Dataset.from_tensors(region_batch(rng)).repeat(4), epochs=2, verbose=0)
+    schedule = model.optimizer._learning_rate
+    assert float(schedule.decay_steps) == 8.0
+    steps = np.arange(0, 10)
+    expected = 1e-3 * 0.5 * (1 + np.cos(np.pi * np.minimum(steps / 8.0, 1.0)))
+    np.testing.assert_allclose([float(schedule(s)) for s in steps], expected, rtol=1e-5, atol=1e-9)
+
+
+def test_scaled_adamw_scales_the_step_and_the_decay_of_matching_variables():
+    # variable paths start with their layer's name
+    fast_layer, slow_layer = keras.layers.Dense(1, name="tower"), keras.layers.Dense(1, name="text_set_prediction")
+    fast_layer.build((None, 3)), slow_layer.build((None, 3))
+    variables = [fast_layer.kernel, slow_layer.kernel]
+    for v in variables:
+        v.assign(np.ones((3, 1), "float32"))
+    opt = ScaledAdamW(learning_rate=0.01, weight_decay=0.5, lr_scales={"text_set_prediction": 0.1})
+    grad = np.array([[0.3], [-2.0], [0.0]], "float32")
+    opt.apply([grad, grad], variables)
+
+    def adamw_step(w, g, lr):  # one AdamW step from zero moments (Keras epsilon 1e-7)
+        w = w - w * 0.5 * lr
+        m, v = 0.1 * g, 0.001 * g**2
+        alpha = lr * np.sqrt(1 - 0.999) / (1 - 0.9)
+        return w - alpha * m / (np.sqrt(v) + 1e-7)
+
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(variables[0]), adamw_step(np.ones((3, 1)), grad, 0.01), rtol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(variables[1]), adamw_step(np.ones((3, 1)), grad, 0.001), rtol=1e-5)
+
+
+def test_config_json_round_trip_and_errors(tmp_path):
+    config = preset("dive", embed_dim=64)
+    config.save(tmp_path / "config.json")
+    assert DualEncoderConfig.load(tmp_path / "config.json") == config
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        preset("nope")
+    with pytest.raises(ValueError, match="unknown config field"):
+        preset("dive", embeddim=3)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        preset("vse", pooling="median")
+    with pytest.raises(ValueError, match="image_id"):
+        model = build_dual_encoder("vse", **TINY, **REGIONS)
+        model.compute_loss(x={"regions": None}, y_pred={})
+
+
+def test_schedule_survives_serialization():
+    schedule = CosineDecayPerStep(0.1, decay_steps=10)
+    clone = CosineDecayPerStep.from_config(schedule.get_config())
+    assert float(clone(5)) == pytest.approx(float(schedule(5)))
