@@ -1,0 +1,93 @@
+"""Keras callbacks for retrieval training: validation R@K/RSUM in the logs, and the best checkpoint by RSUM."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import keras
+
+from tfemde.models.dual_encoder import save_model
+
+
+class RetrievalValidation(keras.callbacks.Callback):
+    """Evaluates retrieval on validation data after each epoch and adds `val_<metric>` entries to the logs.
+
+    The logs then carry `val_rsum`, `val_i2t_r1`, ..., so `CSVLogger`, `BestCheckpoint`, `EarlyStopping` and the
+    progress bar all see them.
+
+    Args:
+        eval_data: the validation split as `tfemde.data.eval_dataset(...)` returns it.
+        every: evaluate every `every` epochs (and always after the last one).
+        protocol: `"full"` or `"coco1k"`.
+        verbose: print one line of metrics per evaluation.
+    """
+
+    def __init__(self, eval_data, every=1, protocol="full", verbose=1):
+        super().__init__()
+        self.eval_data = eval_data
+        self.every = max(int(every), 1)
+        self.protocol = protocol
+        self.verbose = verbose
+
+    def on_epoch_end(self, epoch, logs=None):
+        last = self.params.get("epochs") == epoch + 1
+        if (epoch + 1) % self.every and not last:
+            return
+        from tfemde.evaluation import evaluate_encoded
+
+        metrics = evaluate_encoded(self.model, self.eval_data, protocol=self.protocol, progress=False)
+        if logs is not None:
+            logs.update({f"val_{name}": float(value) for name, value in metrics.items()})
+        if self.verbose:
+            print(f" - val R@1/5/10 i2t {metrics['i2t_r1']:.1f}/{metrics['i2t_r5']:.1f}/{metrics['i2t_r10']:.1f}"
+                  f" t2i {metrics['t2i_r1']:.1f}/{metrics['t2i_r5']:.1f}/{metrics['t2i_r10']:.1f}"
+                  f" RSUM {metrics['rsum']:.1f}")
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Saves the model as `.keras` whenever `monitor` improves; each save goes to a temporary file first.
+
+    The best value is kept beside the model (`best.json`), so a run resumed after a kill (`BackupAndRestore`)
+    only replaces the checkpoint when it beats the best value from before the kill.
+
+    Args:
+        path: the `.keras` file to keep the best model in.
+        monitor: the log entry to watch (default `val_rsum`, higher is better).
+        mode: `"max"` or `"min"`.
+    """
+
+    def __init__(self, path, monitor="val_rsum", mode="max", verbose=1):
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min'; got {mode!r}")
+        self.path = Path(path)
+        self.monitor = monitor
+        self.mode = mode
+        self.verbose = verbose
+        self.best = -math.inf if mode == "max" else math.inf
+        self.best_epoch = None
+
+    @property
+    def record_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def on_train_begin(self, logs=None):
+        if self.path.is_file() and self.record_path.is_file():
+            record = json.loads(self.record_path.read_text())
+            if record.get("monitor") == self.monitor:
+                self.best, self.best_epoch = record["best"], record["epoch"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        better = value > self.best if self.mode == "max" else value < self.best
+        if better:
+            self.best, self.best_epoch = float(value), epoch + 1
+            save_model(self.model, self.path)
+            self.record_path.write_text(json.dumps({"monitor": self.monitor, "best": self.best,
+                                                    "epoch": self.best_epoch}))
+            if self.verbose:
+                print(f" - {self.monitor} improved to {value:.2f}: saved {self.path}")

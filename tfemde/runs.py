@@ -1,0 +1,180 @@
+"""Training runs: one folder with everything a run produces, and the functions that make and reopen it.
+
+A run folder holds `config.json`, `tokenizer.model`, `best.keras` (best validation RSUM), `history.csv`,
+`curves.png` and `metrics.json` (test metrics of the best checkpoint); `backup/` lets a killed run resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+DEFAULT_MAX_LENGTH = 24
+
+
+@dataclasses.dataclass
+class Run:
+    """An opened run folder: its config, tokenizer and (loaded on first use) best model."""
+
+    path: Path
+    config: object
+    tokenizer: object
+    _model: object = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from tfemde.models import load_model
+
+            self._model = load_model(self.path / "best.keras")
+        return self._model
+
+    @property
+    def metrics(self) -> Optional[dict]:
+        path = self.path / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+def open_run(path) -> Run:
+    """Reopen a run folder written by `train`; a clear error names what is missing."""
+    from tfemde.models import DualEncoderConfig
+    from tfemde.text import Tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run folder not found: {path}")
+    for name in ("config.json", "tokenizer.model", "best.keras"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a complete run folder: {name} is missing")
+    return Run(path=path, config=DualEncoderConfig.load(path / "config.json"),
+               tokenizer=Tokenizer.load(path / "tokenizer.model"))
+
+
+def resolve_dataset(data, strict=False):
+    """A `Dataset` as is, or `tfemde.data.load(data)` for a name or path."""
+    from tfemde.data import Dataset, load
+
+    return data if isinstance(data, Dataset) else load(data, strict=strict)
+
+
+def config_for(dataset, tokenizer, preset_name, max_length, **overrides):
+    """The preset's config with the data-facing sizes taken from the data set and the tokenizer."""
+    from tfemde.models import preset
+
+    sizes = dict(vocab_size=tokenizer.vocab_size, max_length=max_length)
+    if dataset.kind == "regions":
+        sizes.update(image_input="regions", num_regions=int(dataset.regions.shape[1]),
+                     region_dim=int(dataset.regions.shape[2]))
+    elif dataset.kind == "images":
+        sizes.update(image_size=int(dataset.images.shape[1]))
+    if overrides.get("image_input") == "backbone" and dataset.kind == "regions":
+        raise ValueError("image_input='backbone' needs images; this data set holds region features")
+    return preset(preset_name, **{**sizes, **overrides})
+
+
+def train(data="emoji", preset="dive_temde", epochs=10, batch_size=128, out="runs/run", vocab_size=2000,
+          max_length=DEFAULT_MAX_LENGTH, seed=0, verbose=1, validate_every=1, **overrides) -> Run:
+    """Train a dual encoder with `model.fit` and write a complete run folder.
+
+    Args:
+        data: `"emoji"`, a path `tfemde.data.load` understands, or a `Dataset`.
+        preset: a preset name (`tfemde.models.PRESETS`).
+        epochs, batch_size: the fit budget.
+        out: the run folder (created; an interrupted run in it resumes from `backup/`).
+        vocab_size: the SentencePiece vocabulary to train on the training captions.
+        max_length: captions are cut/padded to this many tokens.
+        seed: seeds Keras, the pipeline's shuffling and augmentation.
+        verbose: 0 silent, 1 progress bars and a line per epoch.
+        validate_every: validation R@K/RSUM every this many epochs.
+        **overrides: any `DualEncoderConfig` field.
+
+    Returns:
+        the opened `Run`, with test metrics of the best checkpoint in `run.metrics`.
+    """
+    import keras
+
+    from tfemde.callbacks import BestCheckpoint, RetrievalValidation
+    from tfemde.data import eval_dataset, train_dataset
+    from tfemde.evaluation import evaluate
+    from tfemde.models import build_dual_encoder
+    from tfemde.plots import plot_history
+    from tfemde.text import Tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(seed)
+    dataset = resolve_dataset(data)
+    splits = {name: dataset.split(name) for name in ("train", "val", "test")}
+    for name in ("train", "val"):
+        if splits[name].num_items == 0:
+            raise ValueError(f"data set {dataset.name!r} has no {name} items; train needs train and val splits")
+
+    tokenizer_path = out / "tokenizer.model"
+    if tokenizer_path.is_file() and (out / "backup").is_dir():
+        tokenizer = Tokenizer.load(tokenizer_path)  # resuming: keep the ids the backup was trained with
+    else:
+        tokenizer = Tokenizer.train(splits["train"].captions, vocab_size=vocab_size)
+        _atomic(lambda tmp: tokenizer.save(tmp), tokenizer_path)
+    config = config_for(dataset, tokenizer, preset, max_length, **overrides)
+    _atomic(lambda tmp: config.save(tmp), out / "config.json")
+
+    model = build_dual_encoder(config)
+    model.compile()
+    train_data = train_dataset(splits["train"], tokenizer, batch_size=min(batch_size, splits["train"].num_captions),
+                               max_length=max_length, seed=seed)
+    val_data = eval_dataset(splits["val"], tokenizer, batch_size=256, max_length=max_length)
+    callbacks = [
+        RetrievalValidation(val_data, every=validate_every, verbose=verbose),
+        BestCheckpoint(out / "best.keras", verbose=verbose),
+        keras.callbacks.BackupAndRestore(str(out / "backup"), delete_checkpoint=True),
+        keras.callbacks.CSVLogger(str(out / "history.csv"), append=(out / "backup").is_dir()),
+    ]
+    started = time.time()
+    model.fit(train_data, epochs=epochs, callbacks=callbacks, verbose=verbose)
+    train_seconds = time.time() - started
+    plot_history(out / "history.csv", out / "curves.png", title=f"{config.preset} on {dataset.name}")
+
+    run = open_run(out)
+    test_split = "test" if splits["test"].num_items else "val"
+    metrics = evaluate(run.model, splits[test_split], tokenizer=tokenizer, max_length=max_length, progress=verbose > 0)
+    record = {**{k: float(v) for k, v in metrics.items()}, "split": test_split, "preset": config.preset,
+              "epochs": epochs, "batch_size": batch_size, "train_seconds": round(train_seconds, 1)}
+    _atomic(lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"), out / "metrics.json")
+    return run
+
+
+def _atomic(write, path):
+    """Call `write(tmp_path)` and move the file into `path` only once it is complete."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        shutil.move(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def format_metrics(rows: dict) -> str:
+    """A table of `{name: metrics}` with R@1/5/10 both ways and RSUM (values may be floats or 'mean ± std')."""
+    keys = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+    header = f"{'model':<14}" + "".join(f"{k:>14}" for k in keys)
+    lines = [header, "-" * len(header)]
+    for name, metrics in rows.items():
+        cells = [metrics[k] if isinstance(metrics[k], str) else f"{metrics[k]:.1f}" for k in keys]
+        lines.append(f"{name:<14}" + "".join(f"{c:>14}" for c in cells))
+    return "\n".join(lines)
+
+
+def mean_std(values) -> str:
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():.1f} ± {values.std():.1f}"

@@ -1,0 +1,392 @@
+"""Smooth-Chamfer set similarity and T-EMDE sketch similarity in NumPy: the one implementation used by
+evaluation and serving (ALGORITHMS.md §3.3, §5.3, §9.13).
+
+For sets X (K_x elements) and Y (K_y elements) with element cosines c(x, y) = <x, y>:
+
+    s_SC(X, Y) = 1/(2α|X|) Σ_{x∈X} log Σ_{y∈Y} exp(α c(x, y)) + 1/(2α|Y|) Σ_{y∈Y} log Σ_{x∈X} exp(α c(x, y))
+
+and the full score is `s_SC + sketch_weight · s_sk`, with `s_sk = (1/depth) <Ŝ_x, Ŝ_y>` the mean over the `depth`
+partitionings of the row cosines of two sketches (their rows are L2-normalised, so it is the flattened dot / depth).
+
+How it is computed: the items are cut into chunks on both sides. A chunk's elements are laid out element-major
+(row k·n_items + n), so one float32 matrix multiply gives all α·c of the chunk at once with α folded into the
+query operand, `[K_a·a, K_b·b]`. The K_a × K_b blocks are then reduced with whole-array adds over a
+`[K_a, a, K_b, b]` view (no loop over items), so memory stays at a few chunk buffers whatever N is.
+
+Numerical safety: with B = α·max‖x‖·max‖y‖ (Cauchy-Schwarz), every α·c lies in [-B, B]. When
+B + log K ≤ 85 (unit elements and α ≤ ~80 for small K) exp(α·c) and its block sums are normal float32 numbers,
+so logsumexp needs no shift at all: exp, sum, log is exact (this is the fast path, one exp per cosine). The
+Σ log over a set is taken as the log of a product of as many factors as stay inside float32's range, which
+saves most of the logs. Otherwise (large α or large norms) each LogSumExp is shifted by its own block maximum,
+the textbook stable form (two exps per cosine). Padded elements are pushed to -inf-like logits by two extra
+matrix columns so that exp gives exactly 0; a set with no valid element scores 0 against everything.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple, Union
+
+import numpy as np
+
+from tfemde.serving.embeddings import Embeddings
+
+# |log| of every intermediate kept below this: float32 is normal between exp(-87.3) and exp(88.7).
+_LOG_RANGE = 85.0
+# Default chunk, in set elements per side: the [rows, cols] float32 cosine buffer is 2048 x 4096 = 32 MiB and
+# the matrix multiply runs near the BLAS peak at that size (see benchmarks/scoring.py).
+_CHUNK_ROW_ELEMENTS = 2048
+_CHUNK_COL_ELEMENTS = 4096
+
+ChunkSize = Union[None, int, Tuple[int, int]]
+
+
+def _check_sets(x, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 2:
+        x = x[:, None, :]
+    if x.ndim != 3:
+        raise ValueError(f"{name} must have shape [N, K, D] (or [N, D]); got shape {np.shape(x)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one element per set (K >= 1); got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _check_mask(mask, sets: np.ndarray, name: str, sets_name: str) -> Optional[np.ndarray]:
+    """A `[N, K]` bool mask, or None when there is no mask or it is all True."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.shape != sets.shape[:2]:
+        raise ValueError(f"{name} must have shape [N, K] = {sets.shape[:2]} to match {sets_name}; "
+                         f"got shape {mask.shape}")
+    mask = mask.astype(bool) if mask.dtype != bool else mask
+    return None if mask.all() else mask
+
+
+def _chunks(chunk_size: ChunkSize, k_a: int, k_b: int) -> Tuple[int, int]:
+    if chunk_size is None:
+        return max(1, _CHUNK_ROW_ELEMENTS // k_a), max(1, _CHUNK_COL_ELEMENTS // k_b)
+    if isinstance(chunk_size, (int, np.integer)):
+        rows = cols = int(chunk_size)
+    else:
+        try:
+            rows, cols = (int(c) for c in chunk_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"chunk_size must be None, an int or a pair (rows, cols) of ints; got {chunk_size!r}")
+    if rows < 1 or cols < 1:
+        raise ValueError(f"chunk_size must be positive item counts; got {chunk_size!r}")
+    return rows, cols
+
+
+def _max_norm(sets: np.ndarray, mask: Optional[np.ndarray]) -> float:
+    if sets.size == 0:
+        return 0.0
+    sq = np.einsum("nkd,nkd->nk", sets, sets, dtype=np.float64)
+    if mask is not None:
+        sq = np.where(mask, sq, 0.0)
+    if not np.isfinite(sq).all():
+        raise ValueError("set elements must be finite (where the mask is True)")
+    return float(np.sqrt(sq.max()))
+
+
+def _element_major(sets: np.ndarray, scale: float, mask: Optional[np.ndarray], extra: Optional[np.ndarray]):
+    """`[n, K, D]` -> `[K·n, D + E]`: element k of item i at row k·n + i, times `scale`, padded rows zeroed,
+    then the `E` extra columns `extra[k, i, :]` appended."""
+    n, k, d = sets.shape
+    width = d + (0 if extra is None else extra.shape[-1])
+    out = np.empty((k, n, width), dtype=np.float32)
+    np.multiply(sets.transpose(1, 0, 2), np.float32(scale), out=out[:, :, :d])
+    if mask is not None:
+        out[:, :, :d][~mask.T] = 0.0
+    if extra is not None:
+        out[:, :, d:] = extra
+    return out.reshape(k * n, width)
+
+
+def _sum_logs(factors, count: int, group: int, out: np.ndarray) -> np.ndarray:
+    """`out = Σ_k log(factors(k))` for k < count, multiplying `group` factors before each log (fewer logs)."""
+    out[...] = 0.0
+    prod = np.empty_like(out)
+    for start in range(0, count, group):
+        np.copyto(prod, factors(start))
+        for k in range(start + 1, min(start + group, count)):
+            prod *= factors(k)
+        np.log(prod, out=prod)
+        out += prod
+    return out
+
+
+def _chamfer_block(c, k_a, n_a, k_b, n_b, fast, group_row, group_col, a_pad, b_pad, out):
+    """Smooth-Chamfer sums of one chunk from its α·c matrix.
+
+    Args:
+        c: `[K_a·n_a, K_b·n_b]` float32 α·cosines (element-major on both sides); overwritten.
+        a_pad, b_pad: `[K_a, n_a]`, `[K_b, n_b]` bool, True at padded elements, or None.
+        out: `[2, n_a, n_b]` float32, receives Σ_x log Σ_y exp and Σ_y log Σ_x exp.
+    """
+    e = c.reshape(k_a, n_a, k_b, n_b)
+    if fast:
+        np.exp(c, out=c)  # in range by construction: no shift needed
+        row = np.add.reduce(e, axis=2)  # [K_a, n_a, n_b]: Σ_y exp(α c(x, y)) for each x
+        col = np.add.reduce(e, axis=0)  # [n_a, K_b, n_b]: Σ_x exp(α c(x, y)) for each y
+        if a_pad is not None:
+            row[a_pad] = 1.0  # log 1 = 0: padded x add nothing
+        if b_pad is not None:
+            col[:, b_pad] = 1.0
+        _sum_logs(lambda k: row[k], k_a, group_row, out[0])
+        _sum_logs(lambda k: col[:, k], k_b, group_col, out[1])
+        return out
+    # Stable path: shift each LogSumExp by its own maximum.
+    for axis, red, pad, k_red in ((2, 0, a_pad, k_b), (0, 1, b_pad, k_a)):
+        m = e.max(axis=axis, keepdims=True)
+        t = np.subtract(e, m)
+        np.exp(t, out=t)
+        lse = np.add.reduce(t, axis=axis)
+        np.log(lse, out=lse)
+        lse += np.squeeze(m, axis=axis)
+        if red == 0:  # lse [K_a, n_a, n_b]
+            if pad is not None:
+                lse[pad] = 0.0
+            np.add.reduce(lse, axis=0, out=out[0])
+        else:  # lse [n_a, K_b, n_b]
+            if pad is not None:
+                lse[:, pad] = 0.0
+            np.add.reduce(lse, axis=1, out=out[1])
+    return out
+
+
+def smooth_chamfer(
+    a_sets,
+    b_sets,
+    alpha: float = 16.0,
+    a_mask=None,
+    b_mask=None,
+    chunk_size: ChunkSize = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    out: Optional[np.ndarray] = None,
+    accumulate: bool = False,
+) -> np.ndarray:
+    """Smooth-Chamfer similarity between every set of `a_sets` and every set of `b_sets` (ALGORITHMS.md §3.3).
+
+    The average of the two soft-Chamfer directions, each a mean over one set of a LogSumExp over the other,
+    scaled by 1/α. With K = 1 on both sides it is the cosine; as α → ∞ it tends to the Chamfer similarity.
+
+    Args:
+        a_sets: `[N_a, K_a, D]` (or `[N_a, D]`) set elements, normally L2-normalised.
+        b_sets: `[N_b, K_b, D]` (or `[N_b, D]`); K_b may differ from K_a.
+        alpha: the temperature α > 0 (DivE trains and evaluates with 16).
+        a_mask: `[N_a, K_a]` bool or 0/1, False at padded elements, or None (all valid).
+        b_mask: `[N_b, K_b]`, likewise.
+        chunk_size: items per chunk: an int for both sides, a pair `(rows, cols)`, or None for about 2048 × 4096
+            set elements (32 MiB of cosines). Results do not depend on it.
+        progress: called as `progress(done, total)` after every chunk.
+        out: an optional `[N_a, N_b]` float32 C-contiguous array to write into.
+        accumulate: add to `out` instead of overwriting it.
+
+    Returns:
+        `[N_a, N_b]` float32 similarities. A pair where either set has no valid element scores 0.
+
+    Example:
+        >>> import numpy as np
+        >>> from tfemde.serving import smooth_chamfer
+        >>> x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype("float32")
+        >>> x /= np.linalg.norm(x, axis=-1, keepdims=True)
+        >>> s = smooth_chamfer(x, x, alpha=16.0)
+        >>> s.shape, bool(s[0, 0] > s[0, 1])
+        ((2, 2), True)
+    """
+    a = _check_sets(a_sets, "a_sets")
+    b = _check_sets(b_sets, "b_sets")
+    if a.shape[2] != b.shape[2]:
+        raise ValueError(f"a_sets and b_sets must have the same element dimension D; got shapes {a.shape} and "
+                         f"{b.shape}")
+    alpha = float(alpha)
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a positive finite number; got {alpha}")
+    a_mask = _check_mask(a_mask, a, "a_mask", "a_sets")
+    b_mask = _check_mask(b_mask, b, "b_mask", "b_sets")
+    (n_a, k_a, d), (n_b, k_b, _) = a.shape, b.shape
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs an out array")
+        out = np.empty((n_a, n_b), dtype=np.float32)
+    elif out.shape != (n_a, n_b) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape [N_a, N_b] = {(n_a, n_b)}; got "
+                         f"shape {out.shape} dtype {out.dtype}")
+    if n_a == 0 or n_b == 0:
+        return out
+    rows, cols = _chunks(chunk_size, k_a, k_b)
+
+    bound = alpha * _max_norm(a, a_mask) * _max_norm(b, b_mask)
+    fast = bound + math.log(max(k_a, k_b)) <= _LOG_RANGE
+    # Factors per log: a block sum lies in [exp(-B), K·exp(B)], so `g` of them multiply inside float32's range.
+    group_row = max(1, int(_LOG_RANGE // (bound + math.log(k_b)))) if bound + math.log(k_b) > 0 else k_a
+    group_col = max(1, int(_LOG_RANGE // (bound + math.log(k_a)))) if bound + math.log(k_a) > 0 else k_b
+
+    # Padding: two extra columns add -big to every logit that involves a padded element, so exp gives exactly 0
+    # (and the stable path's maxima come from valid elements), while 0 is added to every valid logit.
+    big = np.float32(2.0 * bound + 300.0)
+    a_extra = b_extra = None
+    if a_mask is not None or b_mask is not None:
+        a_extra = np.zeros((k_a, n_a, 2), dtype=np.float32)
+        b_extra = np.zeros((k_b, n_b, 2), dtype=np.float32)
+        a_extra[:, :, 1] = 1.0
+        b_extra[:, :, 0] = 1.0
+        if a_mask is not None:
+            a_extra[:, :, 0] = np.where(a_mask.T, 0.0, -big)
+        if b_mask is not None:
+            b_extra[:, :, 1] = np.where(b_mask.T, 0.0, -big)
+    a_count = np.full(n_a, k_a, np.int64) if a_mask is None else a_mask.sum(axis=1)
+    b_count = np.full(n_b, k_b, np.int64) if b_mask is None else b_mask.sum(axis=1)
+    a_weight = (0.5 / alpha / np.maximum(a_count, 1)).astype(np.float32)
+    b_weight = (0.5 / alpha / np.maximum(b_count, 1)).astype(np.float32)
+    a_empty, b_empty = a_count == 0, b_count == 0
+
+    buf = np.empty(min(rows, n_a) * k_a * min(cols, n_b) * k_b, dtype=np.float32)
+    sums = np.empty(2 * min(rows, n_a) * min(cols, n_b), dtype=np.float32)
+    total = -(-n_a // rows) * -(-n_b // cols)
+    done = 0
+    with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
+        for i0 in range(0, n_a, rows):
+            i1 = min(i0 + rows, n_a)
+            na = i1 - i0
+            a_block = _element_major(a[i0:i1], alpha, None if a_mask is None else a_mask[i0:i1],
+                                     None if a_extra is None else a_extra[:, i0:i1])
+            a_pad = None if a_mask is None else ~a_mask[i0:i1].T
+            for j0 in range(0, n_b, cols):
+                j1 = min(j0 + cols, n_b)
+                nb = j1 - j0
+                b_block = _element_major(b[j0:j1], 1.0, None if b_mask is None else b_mask[j0:j1],
+                                         None if b_extra is None else b_extra[:, j0:j1])
+                c = buf[: na * k_a * nb * k_b].reshape(na * k_a, nb * k_b)
+                np.matmul(a_block, b_block.T, out=c)
+                s = sums[: 2 * na * nb].reshape(2, na, nb)
+                b_pad = None if b_mask is None else ~b_mask[j0:j1].T
+                _chamfer_block(c, k_a, na, k_b, nb, fast, group_row, group_col, a_pad, b_pad, s)
+                s[0] *= a_weight[i0:i1, None]
+                s[1] *= b_weight[None, j0:j1]
+                target = out[i0:i1, j0:j1]
+                if accumulate:
+                    target += s[0]
+                else:
+                    np.copyto(target, s[0])
+                target += s[1]
+                if a_mask is not None or b_mask is not None:
+                    target[a_empty[i0:i1]] = 0.0 if not accumulate else target[a_empty[i0:i1]] - s[0][
+                        a_empty[i0:i1]] - s[1][a_empty[i0:i1]]
+                    target[:, b_empty[j0:j1]] = 0.0 if not accumulate else target[:, b_empty[j0:j1]] - s[0][
+                        :, b_empty[j0:j1]] - s[1][:, b_empty[j0:j1]]
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    return out
+
+
+def sketch_similarity(a_sketches, b_sketches, depth: int, chunk_size: Optional[int] = None,
+                      weight: float = 1.0, out: Optional[np.ndarray] = None, accumulate: bool = False) -> np.ndarray:
+    """T-EMDE sketch similarity: the mean over `depth` partitionings of the row cosines (ALGORITHMS.md §5.3).
+
+    With L2-normalised rows this is `<a, b> / depth` of the flattened sketches.
+
+    Args:
+        a_sketches: `[N_a, S]` flattened sketches, `S = depth·W`, rows L2-normalised per partitioning.
+        b_sketches: `[N_b, S]`.
+        depth: the number of partitionings (rows) in each sketch.
+        chunk_size: rows of `a_sketches` per matrix multiply (bounds the temporary memory); None for 4096.
+        weight: a factor folded into the product (`similarity` passes `sketch_weight`).
+        out: an optional `[N_a, N_b]` float32 C-contiguous array to write (or, with `accumulate`, add) into.
+
+    Returns:
+        `[N_a, N_b]` float32 `weight · <a, b> / depth`.
+
+    Example:
+        >>> import numpy as np
+        >>> from tfemde.serving import sketch_similarity
+        >>> s = np.full((1, 2, 4), 0.5, dtype="float32")  # depth 2, W = 4, unit rows
+        >>> sketch_similarity(s.reshape(1, 8), s.reshape(1, 8), depth=2)
+        array([[1.]], dtype=float32)
+    """
+    a = np.asarray(a_sketches)
+    b = np.asarray(b_sketches)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"a_sketches and b_sketches must have shapes [N_a, S] and [N_b, S] with the same S; got "
+                         f"{a.shape} and {b.shape}")
+    depth = int(depth)
+    if depth < 1 or a.shape[1] % depth:
+        raise ValueError(f"depth must be a positive divisor of the sketch size {a.shape[1]}; got {depth}")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    b = np.ascontiguousarray(b, dtype=np.float32)
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[0]), dtype=np.float32)
+        accumulate = False
+    elif out.shape != (a.shape[0], b.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {(a.shape[0], b.shape[0])}; got "
+                         f"shape {out.shape} dtype {out.dtype}")
+    rows = 4096 if chunk_size is None else max(1, int(chunk_size))
+    scale = np.float32(weight / depth)
+    tmp = None
+    for i0 in range(0, a.shape[0], rows):
+        i1 = min(i0 + rows, a.shape[0])
+        a_scaled = a[i0:i1] * scale
+        if accumulate:
+            tmp = np.matmul(a_scaled, b.T, out=None if tmp is None or tmp.shape[0] != i1 - i0 else tmp)
+            out[i0:i1] += tmp
+        else:
+            np.matmul(a_scaled, b.T, out=out[i0:i1])
+    return out
+
+
+def similarity(
+    a: Embeddings,
+    b: Embeddings,
+    alpha: float = 16.0,
+    sketch_weight: float = 0.0,
+    chunk_size: ChunkSize = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> np.ndarray:
+    """The tfemde score between every item of `a` and every item of `b`: Smooth-Chamfer + λ·sketch cosine.
+
+    `s(x, y) = s_SC(X, Y) + sketch_weight · <Ŝ_x, Ŝ_y> / depth`, the same similarity the model trains with.
+
+    Args:
+        a: `Embeddings` of N_a items (e.g. queries).
+        b: `Embeddings` of N_b items (e.g. the gallery); same D, and the same sketch size and depth when
+            `sketch_weight != 0`. K may differ.
+        alpha: Smooth-Chamfer temperature α.
+        sketch_weight: λ, the weight of the sketch similarity; 0 ignores sketches.
+        chunk_size: items per chunk, see `smooth_chamfer`.
+        progress: called as `progress(done, total)` after every chunk of the set similarity.
+
+    Returns:
+        `[N_a, N_b]` float32 scores.
+
+    Example:
+        >>> import numpy as np
+        >>> from tfemde.serving import Embeddings, similarity
+        >>> x = np.random.default_rng(0).normal(size=(2, 4, 8)).astype("float32")
+        >>> e = Embeddings(x / np.linalg.norm(x, axis=-1, keepdims=True))
+        >>> similarity(e, e).shape
+        (2, 2)
+    """
+    for name, value in (("a", a), ("b", b)):
+        if not isinstance(value, Embeddings):
+            raise ValueError(f"{name} must be tfemde.serving.Embeddings; got {type(value).__name__}")
+    if a.dim != b.dim:
+        raise ValueError(f"a and b must have the same element dimension D; got sets of shapes {a.sets.shape} and "
+                         f"{b.sets.shape}")
+    sketch_weight = float(sketch_weight)
+    out = np.empty((len(a), len(b)), dtype=np.float32)
+    accumulate = False
+    if sketch_weight != 0.0:
+        if a.sketches is None or b.sketches is None:
+            raise ValueError(f"sketch_weight={sketch_weight} needs sketches on both sides; a has "
+                             f"{'no' if a.sketches is None else 'a'} sketch, b has "
+                             f"{'no' if b.sketches is None else 'a'} sketch")
+        if (a.sketch_dim, a.sketch_depth) != (b.sketch_dim, b.sketch_depth):
+            raise ValueError(f"a and b sketches must have the same size and depth; got (S, depth) = "
+                             f"{(a.sketch_dim, a.sketch_depth)} and {(b.sketch_dim, b.sketch_depth)}")
+        sketch_similarity(a.sketches, b.sketches, a.sketch_depth, weight=sketch_weight, out=out)
+        accumulate = True
+    return smooth_chamfer(a.sets, b.sets, alpha=alpha, a_mask=a.set_mask, b_mask=b.set_mask,
+                          chunk_size=chunk_size, progress=progress, out=out, accumulate=accumulate)
