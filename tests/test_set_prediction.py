@@ -201,7 +201,7 @@ def test_reference_masking_reproduces_the_leak(rng):
     want, _ = np_set_prediction(layer, local, glob, MASK, reference=True)
     np.testing.assert_allclose(out, want, atol=2e-5)
     changed = local.copy()
-    changed[1, 4] += 3.0
+    changed[1, 4] = rng.normal(size=DIN)  # a new padded value (a mere shift would vanish in the LayerNorm)
     assert np.abs(run(layer, changed, glob)[1] - out[1]).max() > 1e-3
     # And the fixed layer with the same weights ignores the same change.
     fixed = SetPrediction.from_config({**layer.get_config(), "reference_masking": False})

@@ -14,8 +14,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-QUICKSTART_BUDGET = dict(epochs=6, batch_size=128, embed_dim=256, word_dim=128, vocab_size=1500)
-
 
 class UserError(Exception):
     """An error the user can fix from its message alone."""
@@ -80,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
 
     quick = sub.add_parser("quickstart", help="train the default model and the VSE++ baseline on the emoji data")
     quick.add_argument("--out", default="runs/quickstart", help="folder for both runs and the pictures")
-    quick.add_argument("--epochs", type=int, default=None, help=f"epochs per model (default {QUICKSTART_BUDGET['epochs']})")
+    quick.add_argument("--epochs", type=int, default=None, help="epochs per model (default: the quickstart budget)")
     quick.add_argument("--fast", action="store_true", help="a tiny run that only checks that everything works")
     quick.set_defaults(func=cmd_quickstart)
 

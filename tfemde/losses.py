@@ -244,7 +244,7 @@ def triplet_loss(similarity, positive_mask, margin=0.2, hardest=True, reduction=
     negative = ops.logical_not(positive)
     if hardest:
         hardest_caption = ops.max(ops.where(negative, similarity, NEGATIVE), axis=1, keepdims=True)  # [Bi, 1]
-        hardest_image = ops.max(similarity, axis=0, keepdims=True)  # [1, Bc]
+        hardest_image = ops.max(ops.where(negative, similarity, NEGATIVE), axis=0, keepdims=True)  # [1, Bc]
         i2t = ops.relu(margin + hardest_caption - similarity)
         t2i = ops.relu(margin + hardest_image - similarity)
     else:

@@ -150,7 +150,7 @@ class TEMDESketch(keras.layers.Layer):
             autocast=False,
         )
         # C [W, K] and 1 - C transposed for the log-space product; constants, not weights.
-        self._one_minus_code_t = np.ascontiguousarray(1.0 - _code_table(self.bits).T)
+        self._one_minus_code_t = np.ascontiguousarray(_code_table(self.bits).T)
         self._powers = (2.0 ** np.arange(self.bits)).astype("float32")
 
     def _check_inputs(self, inputs, mask, token_weights):

@@ -264,19 +264,17 @@ def smooth_chamfer(
                 s = sums[: 2 * na * nb].reshape(2, na, nb)
                 b_pad = None if b_mask is None else ~b_mask[j0:j1].T
                 _chamfer_block(c, k_a, na, k_b, nb, fast, group_row, group_col, a_pad, b_pad, s)
-                s[0] *= a_weight[i0:i1, None]
+                score = s[0]
+                score *= a_weight[i0:i1, None]
                 s[1] *= b_weight[None, j0:j1]
-                target = out[i0:i1, j0:j1]
-                if accumulate:
-                    target += s[0]
-                else:
-                    np.copyto(target, s[0])
-                target += s[1]
+                score += s[1]
                 if a_mask is not None or b_mask is not None:
-                    target[a_empty[i0:i1]] = 0.0 if not accumulate else target[a_empty[i0:i1]] - s[0][
-                        a_empty[i0:i1]] - s[1][a_empty[i0:i1]]
-                    target[:, b_empty[j0:j1]] = 0.0 if not accumulate else target[:, b_empty[j0:j1]] - s[0][
-                        :, b_empty[j0:j1]] - s[1][:, b_empty[j0:j1]]
+                    score[a_empty[i0:i1]] = 0.0
+                    score[:, b_empty[j0:j1]] = 0.0
+                if accumulate:
+                    out[i0:i1, j0:j1] += score
+                else:
+                    out[i0:i1, j0:j1] = score
                 done += 1
                 if progress is not None:
                     progress(done, total)

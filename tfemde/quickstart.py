@@ -1,0 +1,94 @@
+"""`tfemde quickstart`: the main job on the built-in emoji data, end to end.
+
+Trains the default preset (`dive_temde`) and the VSE++ baseline (`vse`) with the same budget, prints their test
+R@K/RSUM side by side, draws retrieval examples, then exports the default model to ONNX and queries it with the
+TensorFlow-free runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+BUDGET = dict(epochs=6, batch_size=128, embed_dim=256, word_dim=128, vocab_size=1500)
+FAST_BUDGET = dict(epochs=1, batch_size=32, embed_dim=32, word_dim=16, vocab_size=300, num_slots=2, set_depth=1,
+                   sketch_depth=4, sketch_bits=4)
+MODELS = ("dive_temde", "vse")
+
+
+def quickstart(out="runs/quickstart", epochs=None, fast=False, print_fn=print) -> dict:
+    """Run the main job; returns `{preset: test metrics}`. `fast=True` is a tiny smoke run on a subset."""
+    from tfemde.data import load
+    from tfemde.runs import format_metrics, train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = load("emoji")
+    dataset.summary(print_fn=print_fn)
+    budget = dict(FAST_BUDGET if fast else BUDGET)
+    if epochs:
+        budget["epochs"] = epochs
+    if fast:
+        dataset = _small(dataset, per_split={"train": 240, "val": 60, "test": 60})
+
+    results, runs = {}, {}
+    for name in MODELS:
+        print_fn(f"\n=== training {name} for {budget['epochs']} epochs ===")
+        started = time.time()
+        runs[name] = train(data=dataset, preset=name, out=out / name, verbose=1, **budget)
+        results[name] = runs[name].metrics
+        print_fn(f"{name}: trained and evaluated in {time.time() - started:.0f} s")
+
+    print_fn(f"\nTest retrieval on {results[MODELS[0]]['split']} ({dataset.name}, group-aware, recalls in %):")
+    print_fn(format_metrics(results))
+    picture = retrieval_examples(runs[MODELS[0]], dataset.split("test"), out / "retrieval_examples.png")
+    print_fn(f"\nretrieval examples: {picture}")
+    print_fn(f"training curves: {', '.join(str(runs[m].path / 'curves.png') for m in MODELS)}")
+    try:
+        from tfemde.export import export_run
+    except ImportError:
+        return results
+    export_dir = export_run(runs[MODELS[0]].path, out / "export")
+    print_fn(f"\nexported the {MODELS[0]} encoders to {export_dir}")
+    _query_export(export_dir, dataset.split("test"), print_fn)
+    return results
+
+
+def _small(dataset, per_split):
+    """The first items of each split (a smoke-test subset)."""
+    keep = np.concatenate([np.flatnonzero(dataset.item_split == s)[:n] for s, n in per_split.items()])
+    return dataset.subset(np.sort(keep), name=f"{dataset.name}-small")
+
+
+def retrieval_examples(run, test, path, num_queries=6, k=5):
+    """Text queries (captions of test items) with their top test images, and a picture of them."""
+    from tfemde.evaluation import encode_dataset
+    from tfemde.plots import plot_text_to_image
+    from tfemde.serving import similarity
+
+    image_embeddings, text_embeddings = encode_dataset(run.model, test, run.tokenizer, run.config.max_length)
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(test.num_captions, size=min(num_queries, test.num_captions), replace=False)
+    scores = similarity(text_embeddings.take(chosen), image_embeddings, alpha=run.config.alpha,
+                        sketch_weight=run.config.sketch_weight if run.config.sketch else 0.0)
+    top = np.argsort(-scores, axis=1)[:, :k]
+    groups = test.item_group
+    relevant = groups[top] == groups[test.caption_item[chosen]][:, None]
+    return plot_text_to_image([test.captions[c] for c in chosen], test.images, top, path,
+                              scores=np.take_along_axis(scores, top, 1), relevant=relevant,
+                              title=f"{run.config.preset}: text → image on the test split (green = correct)")
+
+
+def _query_export(export_dir, test, print_fn):
+    """Query the exported ONNX encoders as another application would."""
+    from tfemde.serving import Encoder, SetIndex
+
+    encoder = Encoder.load(export_dir)
+    index = SetIndex(**encoder.similarity_kwargs)
+    index.add(encoder.encode_images(test.images))
+    for query in ("red heart", "cat face", "rocket"):
+        ids, scores = index.search(encoder.encode_texts([query]), k=3)
+        names = [str(test.item_names[i]) if test.item_names is not None else str(i) for i in ids[0]]
+        print_fn(f"  {query!r:>14} -> {' '.join(names)}  (scores {', '.join(f'{s:.2f}' for s in scores[0])})")
