@@ -203,6 +203,36 @@ def test_triplet_several_positives_matches_numpy(rng, hardest, reduction):
     np.testing.assert_allclose(out01, out, rtol=1e-6)
 
 
+def test_triplet_all_negatives_with_ties_and_unequal_groups(rng):
+    groups = np.array([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4])  # caption -> image, 1 to 4 captions per image
+    positives = np.arange(5)[:, None] == groups[None, :]
+    s = np.round(rng.uniform(-1, 1, size=(5, 11)), 1).astype("float32")  # many exact ties, also with S - m
+    for reduction in ("mean", "sum"):
+        out = triplet_loss(s, positives, margin=0.2, hardest=False, reduction=reduction).numpy()
+        np.testing.assert_allclose(out, np_triplet(s.astype("float64"), positives, 0.2, False, reduction), rtol=1e-5)
+
+
+def test_triplet_all_negatives_gradient_matches_numpy(rng):
+    groups = np.repeat(np.arange(4), 2)
+    positives = np.arange(4)[:, None] == groups[None, :]
+    s = rng.uniform(-1, 1, size=(4, 8)).astype("float32")
+    expected = np.zeros_like(s, dtype="float64")  # d/dS of sum over pairs of sum over negatives of the hinge
+    for i, c in zip(*np.nonzero(positives)):
+        for c2 in np.nonzero(~positives[i])[0]:
+            if 0.5 + s[i, c2] - s[i, c] > 0:
+                expected[i, c2] += 1
+                expected[i, c] -= 1
+        for j in np.nonzero(~positives[:, c])[0]:
+            if 0.5 + s[j, c] - s[i, c] > 0:
+                expected[j, c] += 1
+                expected[i, c] -= 1
+    s_t = tf.constant(s)
+    with tf.GradientTape() as tape:
+        tape.watch(s_t)
+        loss = triplet_loss(s_t, positives, margin=0.5, hardest=False, reduction="sum")
+    np.testing.assert_allclose(tape.gradient(loss, s_t).numpy(), expected, atol=1e-5)
+
+
 def test_triplet_equals_vse_infty_and_dive_formulas(rng):
     s = rng.uniform(-1, 1, size=(5, 5)).astype("float64")
     eye = np.eye(5, dtype=bool)
@@ -352,3 +382,31 @@ def test_diversity_gradient_finite_for_collapsed_sets(rng):
         tape.watch(sets)
         loss = diversity_loss(sets)
     assert np.all(np.isfinite(tape.gradient(loss, sets).numpy()))
+
+
+def test_losses_trace_with_unknown_shapes(rng, sets):
+    """Inside `fit` the batch axes are unknown at trace time: every function must trace with None dimensions."""
+    x, y, x_mask, y_mask = sets
+    s = rng.uniform(-1, 1, size=(4, 8)).astype("float32")
+    positives = np.arange(4)[:, None] == np.repeat(np.arange(4), 2)[None, :]
+    spec3, spec2 = tf.TensorSpec([None, None, None]), tf.TensorSpec([None, None])
+
+    @tf.function(input_signature=[spec3, spec3, spec2, spec2, spec2, tf.TensorSpec([None, None], tf.bool)])
+    def all_losses(x, y, x_mask, y_mask, s, positives):
+        return [
+            smooth_chamfer_similarity(x, y, x_mask=x_mask, y_mask=y_mask),
+            triplet_loss(s, positives, hardest=True),
+            triplet_loss(s, positives, hardest=False),
+            info_nce_loss(s, positives),
+            mmd_loss(x, y, x_mask=x_mask, y_mask=y_mask),
+            diversity_loss(x, mask=x_mask),
+        ]
+
+    got = all_losses(x, y, x_mask.astype("float32"), y_mask.astype("float32"), s, positives)
+    np.testing.assert_allclose(got[0].numpy(), np_smooth_chamfer(x, y, 16.0, x_mask, y_mask), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1].numpy(), np_triplet(s.astype("float64"), positives, 0.2, True, "mean"), rtol=1e-5)
+    np.testing.assert_allclose(got[2].numpy(), np_triplet(s.astype("float64"), positives, 0.2, False, "mean"), rtol=1e-5)
+    np.testing.assert_allclose(got[3].numpy(), np_info_nce(s.astype("float64"), positives, 0.05), rtol=1e-5)
+    expected_mmd = np_mmd(x[x_mask != 0].astype("float64"), y[y_mask != 0].astype("float64"), 0.5)
+    np.testing.assert_allclose(got[4].numpy(), expected_mmd, atol=2e-6)
+    np.testing.assert_allclose(got[5].numpy(), np_diversity(x, 2.0, x_mask), rtol=1e-5)

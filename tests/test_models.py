@@ -129,7 +129,7 @@ def test_fit_sets_the_cosine_schedule_to_the_run_length(rng):
     schedule = model.optimizer._learning_rate
     assert float(schedule.decay_steps) == 8.0
     steps = np.arange(0, 10)
-    expected = 1e-3 * 0.5 * (1 + np.cos(np.pi * np.minimum(steps / 8.0, 1.0)))
+    expected = model.config.learning_rate * 0.5 * (1 + np.cos(np.pi * np.minimum(steps / 8.0, 1.0)))
     np.testing.assert_allclose([float(schedule(s)) for s in steps], expected, rtol=1e-5, atol=1e-9)
 
 

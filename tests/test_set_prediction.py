@@ -18,6 +18,10 @@ _erf = np.vectorize(math.erf)
 
 
 # ---------------------------------------------------------------- NumPy re-derivation of §3.2
+def npy(t):
+    return t.numpy() if hasattr(t, "numpy") else np.asarray(t)
+
+
 def np_layer_norm(x, gamma, beta, eps):
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
@@ -48,7 +52,7 @@ def np_l2n(x):
 
 
 def block_params(block):
-    g = lambda w: np.asarray(w, dtype="float64")  # noqa: E731
+    g = lambda w: w.numpy().astype("float64")  # noqa: E731
     return dict(
         qg=g(block.query_norm.gamma), qb=g(block.query_norm.beta),
         cg=g(block.context_norm.gamma), cb=g(block.context_norm.beta),
@@ -67,7 +71,7 @@ def np_set_prediction(layer, local, glob, mask, reference=False):
     """Per-sample forward pass of DivE's module. Fixed masking uses only the valid rows."""
     heads, e, eps = layer.num_heads, layer.effective_head_dim, layer.epsilon
     params = [block_params(b) for b in layer.blocks]
-    q0 = np.asarray(layer.slot_queries, dtype="float64")
+    q0 = npy(layer.slot_queries).astype("float64")
     outs, residuals = [], []
     for b in range(local.shape[0]):
         valid = mask[b] > 0
@@ -94,11 +98,11 @@ def np_set_prediction(layer, local, glob, mask, reference=False):
                 per_head.append(a @ v[:, sl])
             x = x + np.concatenate(per_head, -1) @ p["wo"] + p["bo"]
             x = x + np_gelu(np_layer_norm(x, p["fg"], p["fb"], 1e-5) @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
-        r = np_layer_norm(x, np.asarray(layer.final_norm.gamma), np.asarray(layer.final_norm.beta), 1e-5)
+        r = np_layer_norm(x, npy(layer.final_norm.gamma), npy(layer.final_norm.beta), 1e-5)
         s = r
         if layer.global_residual:
             gn = layer.global_norm
-            s = np_layer_norm(glob[b].astype("float64"), np.asarray(gn.gamma), np.asarray(gn.beta), 1e-5) + r
+            s = np_layer_norm(glob[b].astype("float64"), npy(gn.gamma), npy(gn.beta), 1e-5) + r
         outs.append(np_l2n(s))
         residuals.append(np_l2n(r))
     return np.stack(outs), np.stack(residuals)
@@ -122,14 +126,14 @@ def make_layer(rng, **kwargs):
 def run(layer, local, glob, mask=MASK, **kwargs):
     out = layer(local, glob, mask=mask, **kwargs)
     if isinstance(out, tuple):
-        return tuple(np.asarray(o) for o in out)
-    return np.asarray(out)
+        return tuple(npy(o) for o in out)
+    return npy(out)
 
 
 # ---------------------------------------------------------------- activation and encoding
 def test_gelu_erf_matches_numpy_and_is_registered():
     x = np.linspace(-6, 6, 41).astype("float32")
-    np.testing.assert_allclose(np.asarray(gelu_erf(x)), np_gelu(x.astype("float64")), atol=1e-6)
+    np.testing.assert_allclose(npy(gelu_erf(x)), np_gelu(x.astype("float64")), atol=1e-6)
     assert keras.saving.get_registered_object("tfemde>gelu_erf") is gelu_erf
     dense = keras.layers.Dense(3, activation=gelu_erf)
     clone = keras.layers.deserialize(keras.layers.serialize(dense))
@@ -138,15 +142,15 @@ def test_gelu_erf_matches_numpy_and_is_registered():
 
 def test_sine_positional_encoding_true_length_and_zero_padding():
     mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 0, 1]], dtype=bool)
-    got = np.asarray(sine_positional_encoding(mask, dim=10))
+    got = npy(sine_positional_encoding(mask, dim=10))
     want = np.stack([np_sine_pe(row, 10) for row in mask])
     np.testing.assert_allclose(got, want, atol=1e-5)
     # Lengths give the same as the equivalent right-padded mask; a sample's encoding ignores the batch.
-    by_len = np.asarray(sine_positional_encoding(np.array([3, 6]), length=6, dim=10))
+    by_len = npy(sine_positional_encoding(np.array([3, 6]), length=6, dim=10))
     np.testing.assert_allclose(by_len, want[:2], atol=1e-6)
-    alone = np.asarray(sine_positional_encoding(np.array([3]), length=3, dim=10))
+    alone = npy(sine_positional_encoding(np.array([3]), length=3, dim=10))
     np.testing.assert_allclose(alone[0], want[0, :3], atol=1e-6)
-    raw = np.asarray(sine_positional_encoding(np.array([2]), length=3, dim=4, normalize=False))
+    raw = npy(sine_positional_encoding(np.array([2]), length=3, dim=4, normalize=False))
     np.testing.assert_allclose(raw[0, 1], [math.sin(2), math.cos(2), math.sin(2 / 100), math.cos(2 / 100)], atol=1e-6)
     with pytest.raises(ValueError, match="length"):
         sine_positional_encoding(np.array([3]), dim=4)
@@ -257,8 +261,8 @@ def test_gradients_finite_and_reach_every_weight(rng, share_weights):
     grads = tape.gradient(loss, layer.trainable_weights)
     for w, g in zip(layer.trainable_weights, grads):
         assert g is not None, w.path
-        assert np.all(np.isfinite(np.asarray(g))), w.path
-        assert np.abs(np.asarray(g)).max() > 0, w.path
+        assert np.all(np.isfinite(npy(g))), w.path
+        assert np.abs(npy(g)).max() > 0, w.path
 
 
 def test_keras_save_load_identical(rng, tmp_path):
@@ -266,13 +270,18 @@ def test_keras_save_load_identical(rng, tmp_path):
     local_in = keras.Input((None, DIN), name="local")
     glob_in = keras.Input((D,), name="global")
     mask_in = keras.Input((None,), name="mask", dtype="bool")
-    model = keras.Model([local_in, glob_in, mask_in], layer(local_in, glob_in, mask=mask_in))
+    out, res = layer(local_in, glob_in, mask=mask_in, return_residual=True)
+    assert tuple(out.shape) == (None, K, D) and tuple(res.shape) == (None, K, D)
+    model = keras.Model([local_in, glob_in, mask_in], {"set": out, "residual": res})
     local, glob = make_inputs(rng)
-    before = np.asarray(model([local, glob, MASK > 0]))
+    before = {k: npy(v) for k, v in model([local, glob, MASK > 0]).items()}
+    np.testing.assert_array_equal(before["set"], run(layer, local, glob))
     path = tmp_path / "spm.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_array_equal(np.asarray(loaded([local, glob, MASK > 0])), before)
+    after = loaded([local, glob, MASK > 0])
+    for key in before:
+        np.testing.assert_array_equal(npy(after[key]), before[key])
     assert loaded.layers[-1].get_config() == layer.get_config()
 
 
@@ -291,3 +300,15 @@ def test_bad_shapes_raise_naming_the_argument(rng):
         SetPrediction(num_slots=2, dim=D, depth=1, num_heads=2)(local, None)
     with pytest.raises(ValueError, match="num_slots"):
         SetPrediction(num_slots=0)
+
+
+@pytest.mark.parametrize("reference_masking", [False, True])
+def test_mixed_float16_close_to_float32(rng, reference_masking):
+    layer = make_layer(rng, positional_encoding=True, reference_masking=reference_masking)
+    half = SetPrediction.from_config({**layer.get_config(), "dtype": "mixed_float16"})
+    local, glob = make_inputs(rng)
+    half(local, glob, mask=MASK)
+    half.set_weights(layer.get_weights())
+    got = half(local, glob, mask=MASK)
+    assert keras.backend.standardize_dtype(got.dtype) == "float16"
+    np.testing.assert_allclose(npy(got).astype("float32"), run(layer, local, glob), atol=2e-2)

@@ -195,6 +195,29 @@ def _similarity_and_positives(similarity, positive_mask):
     return similarity, float_mask(positive_mask, similarity) > 0
 
 
+def _sum_of_excess(values, valid, thresholds):
+    """`out[r, t] = sum_m valid[r, m] * max(values[r, m] - thresholds[r, t], 0)` in O(R * (M + T)) memory.
+
+    Sort each row's valid values in descending order u; with `n` the number of them above a threshold t, the sum is
+    `(u_0 + ... + u_{n-1}) - n t`. The counts come from one argsort of the values merged with the thresholds, so no
+    `[R, T, M]` tensor is built. Gradients flow through the sorted gather and the prefix sums; the counts are
+    integers. Invalid values become a large finite negative, below every threshold, and are never counted.
+    """
+    size = ops.shape(values)[1]
+    masked = ops.where(valid, values, NEGATIVE)
+    ordered = ops.take_along_axis(masked, ops.argsort(-masked, axis=1), axis=1)
+    ordered = ops.where(ordered > NEGATIVE / 2, ordered, 0.0)
+    prefix = ops.concatenate([ops.zeros_like(ordered[:, :1]), ops.cumsum(ordered, axis=1)], axis=1)  # [R, M + 1]
+    merged = ops.concatenate([masked, thresholds], axis=1)  # [R, M + T]
+    is_value = ops.concatenate([ops.ones_like(masked), ops.zeros_like(thresholds)], axis=1)
+    order = ops.argsort(-merged, axis=1)
+    values_so_far = ops.cumsum(ops.take_along_axis(is_value, order, axis=1), axis=1)
+    position = ops.argsort(order, axis=1)[:, size:]  # where each threshold landed in the merged order
+    # values ranked before a threshold (ties either way add 0); invalid values sort last, below any threshold
+    count = ops.cast(ops.take_along_axis(values_so_far, position, axis=1), "int32")
+    return ops.take_along_axis(prefix, count, axis=1) - ops.cast(count, "float32") * thresholds
+
+
 @keras.saving.register_keras_serializable(package="tfemde")
 def triplet_loss(similarity, positive_mask, margin=0.2, hardest=True, reduction="mean"):
     """Bidirectional triplet ranking loss with several positives per query (VSE++ / DivE, ALGORITHMS.md §3.4).
@@ -213,7 +236,7 @@ def triplet_loss(similarity, positive_mask, margin=0.2, hardest=True, reduction=
     - `"sum"` (VSE∞ / VSE++): the sum over all positive pairs of both directions. With one positive per row and
       column this is exactly VSE∞'s `cost_s.sum() + cost_im.sum()`, with or without hardest negatives.
 
-    Memory: O(Bi * Bc) with hardest negatives; `hardest=False` builds `[Bi, Bc, Bc]` and `[Bi, Bi, Bc]` tensors.
+    Memory is O(Bi * Bc) in both modes: the sums over all negatives use sorted prefix sums, not `[Bi, Bc, Bc]`.
 
     Args:
         similarity: `[Bi, Bc]` scores of images (rows) against captions (columns).
@@ -248,11 +271,11 @@ def triplet_loss(similarity, positive_mask, margin=0.2, hardest=True, reduction=
         i2t = ops.relu(margin + hardest_caption - similarity)
         t2i = ops.relu(margin + hardest_image - similarity)
     else:
-        neg = ops.cast(negative, "float32")
-        # i2t[i, c] = sum_c' neg[i, c'] [m + S[i, c'] - S[i, c]]_+  via [Bi, Bc (positive c), Bc (c')]
-        i2t = ops.sum(neg[:, None, :] * ops.relu(margin + similarity[:, None, :] - similarity[:, :, None]), axis=2)
-        # t2i[i, c] = sum_j neg[j, c] [m + S[j, c] - S[i, c]]_+  via [Bi (positive i), Bi (j), Bc]
-        t2i = ops.sum(neg[None, :, :] * ops.relu(margin + similarity[None, :, :] - similarity[:, None, :]), axis=1)
+        # i2t[i, c] = sum_c' neg[i, c'] [S[i, c'] - (S[i, c] - m)]_+ ; t2i the same on the transpose.
+        i2t = _sum_of_excess(similarity, negative, similarity - margin)
+        t2i = ops.transpose(
+            _sum_of_excess(ops.transpose(similarity), ops.transpose(negative), ops.transpose(similarity) - margin)
+        )
     i2t = ops.sum(ops.where(positive, i2t, 0.0))
     t2i = ops.sum(ops.where(positive, t2i, 0.0))
     if reduction == "sum":
@@ -313,8 +336,7 @@ def _flat_points(x, mask, arg, mask_arg):
         valid = float_mask(mask, x)
     else:
         valid = ops.ones(ops.shape(x)[:-1], "float32")
-    dim = x.shape[-1]
-    x = ops.reshape(x, (-1, dim))
+    x = ops.reshape(x, (-1, ops.shape(x)[-1]))
     valid = ops.reshape(valid, (-1,))
     x = ops.where(valid[:, None] > 0, x, ops.zeros_like(x))
     return x, valid
@@ -406,9 +428,8 @@ def diversity_loss(sets, t=2.0, mask=None):
     sq_norm = ops.sum(ops.square(e), axis=-1)  # 1, or 0 for a zero element
     gram = ops.einsum("bkd,bld->bkl", e, e)
     sq_dist = ops.maximum(sq_norm[:, :, None] + sq_norm[:, None, :] - 2.0 * gram, 0.0)
-    if x.shape[1] is None:
-        raise ValueError(f"sets must have a static set size K (axis 1); got shape {tuple(x.shape)}")
-    upper = np.triu(np.ones((x.shape[1], x.shape[1]), "float32"), 1)  # pairs i < j
+    size = ops.shape(x)[1]
+    upper = ops.triu(ops.ones((size, size), "float32"), k=1)  # pairs i < j
     pair = upper[None] * valid[:, :, None] * valid[:, None, :]
     n = ops.sum(valid, axis=1)
     num_pairs = n * (n - 1.0) / 2.0

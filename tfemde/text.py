@@ -10,6 +10,7 @@ Conventions of a tokenizer made by `Tokenizer.train`:
 * id 1 is `<unk>` (characters not seen in training);
 * id 2 is `<mask>`, a control symbol: text never encodes to it (the literal string `"<mask>"` is ordinary text), it is
   only written by caption augmentation (`tfemde.data.train_dataset`) in place of a masked token;
+* characters unseen in training encode to `<unk>`; a run of them is one `<unk>` (SentencePiece's rule);
 * no `<s>`/`</s>`: encoding adds no begin/end ids (there is nothing to keep in sync between implementations);
 * normalisation: SentencePiece's `nmt_nfkc_cf` rule, i.e. NFKC, then Unicode case folding (`"Café"`, `"CAFÉ"`,
   `"ｃａｆé"` encode alike; `"ﬁ"` becomes `"fi"`), control characters and tabs/newlines become spaces, runs of
@@ -40,12 +41,16 @@ MODEL_TYPES = ("unigram", "bpe", "word", "char")
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
 
-def _captions_iter(captions, count):
+def _check_captions(captions) -> list:
+    if isinstance(captions, (str, bytes)):
+        raise TypeError("captions must be an iterable of strings, not one string; wrap it in a list")
+    captions = list(captions)
     for i, caption in enumerate(captions):
         if not isinstance(caption, str):
             raise TypeError(f"captions must be strings; item {i} is {type(caption).__name__}: {caption!r}")
-        count[0] += 1
-        yield caption
+    if not captions:
+        raise ValueError("captions is empty; Tokenizer.train needs at least one caption")
+    return captions
 
 
 class Tokenizer:
@@ -55,7 +60,7 @@ class Tokenizer:
         model_proto: the serialized SentencePiece model (the bytes of a `.model` file). Its pad id must be 0.
 
     Example:
-    >>> tok = Tokenizer.train(["a red apple", "a green pear", "two red cherries"] * 10, vocab_size=30)
+    >>> tok = Tokenizer.train(["a red apple", "a green pear", "two red cherries"] * 10, vocab_size=22)
     >>> ids, mask = tok.encode(["a red pear", ""], max_length=6)
     >>> ids.shape, ids.dtype, mask.dtype
     ((2, 6), dtype('int32'), dtype('bool'))
@@ -78,7 +83,6 @@ class Tokenizer:
         self._normal_ids = np.array(
             [i for i in range(n) if not (self._sp.is_control(i) or self._sp.is_unknown(i) or self._sp.is_unused(i))],
             dtype=np.int32)
-        self._tf_tokenizer = None
 
     # ------------------------------------------------------------------ training and persistence
     @classmethod
@@ -88,7 +92,7 @@ class Tokenizer:
         """Trains a SentencePiece model on captions held in memory; the same input gives a byte-identical model.
 
         Args:
-            captions: an iterable of caption strings (read once, never written to disk).
+            captions: an iterable of caption strings (held in memory, never written to disk).
             vocab_size: number of pieces, the 3 special ones (`<pad>`, `<unk>`, `<mask>`) included.
             model_type: `"unigram"`, `"bpe"`, `"word"` or `"char"`.
             character_coverage: fraction of characters covered by the vocabulary; the rest encode to `<unk>`.
@@ -106,12 +110,10 @@ class Tokenizer:
         """
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type must be one of {MODEL_TYPES}; got {model_type!r}")
-        if isinstance(captions, str):
-            raise TypeError("captions must be an iterable of strings, not one string; wrap it in a list")
         if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 4:
-            raise ValueError(f"vocab_size must be an int >= 4 (3 special pieces + at least one piece); got {vocab_size!r}")
-        captions = list(captions) if not isinstance(captions, (list, tuple)) else captions
-        count = [0]
+            raise ValueError(f"vocab_size must be an int >= 4 (3 special pieces + at least one piece); "
+                             f"got {vocab_size!r}")
+        captions = _check_captions(captions)
         options = dict(
             model_type=model_type, character_coverage=character_coverage,
             normalization_rule_name=normalization, num_threads=num_threads,
@@ -127,25 +129,23 @@ class Tokenizer:
         def run(size):
             spm.set_random_generator_seed(int(seed))
             writer = io.BytesIO()
-            count[0] = 0
-            spm.SentencePieceTrainer.train(sentence_iterator=_captions_iter(captions, count), model_writer=writer,
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(captions), model_writer=writer,
                                            vocab_size=int(size), **options)
             return writer.getvalue()
 
         try:
             proto = run(vocab_size)
         except RuntimeError as err:
-            if count[0] == 0:
-                raise ValueError("captions is empty; Tokenizer.train needs at least one caption") from None
             match = _TOO_HIGH.search(str(err))
             if match is None:
                 raise ValueError(f"SentencePiece could not train a vocabulary of {vocab_size} pieces on "
-                                 f"{count[0]} captions: {err}") from None
+                                 f"{len(captions)} captions: {err}") from None
             allowed = int(match.group(2))
             if not shrink_vocab:
-                raise ValueError(f"vocab_size={vocab_size} is too large for these {count[0]} captions; the largest "
-                                 f"possible is {allowed}. Lower vocab_size or pass shrink_vocab=True.") from None
-            warnings.warn(f"vocab_size={vocab_size} is too large for these {count[0]} captions; "
+                message = (f"vocab_size={vocab_size} is too large for these {len(captions)} captions; the largest "
+                           f"possible is {allowed}. Lower vocab_size or pass shrink_vocab=True.")
+                raise ValueError(message) from None
+            warnings.warn(f"vocab_size={vocab_size} is too large for these {len(captions)} captions; "
                           f"using vocab_size={allowed} instead", stacklevel=2)
             proto = run(allowed)
         return cls(proto)
@@ -264,16 +264,6 @@ class Tokenizer:
             raise ValueError(f"ids must have shape [N, T]; got shape {ids.shape}")
         return [self._sp.decode([int(i) for i in row if i > 0]) for row in ids]
 
-    def _tf(self):
-        if self._tf_tokenizer is None:
-            import tensorflow as tf
-            import tensorflow_text as tft
-
-            # Made eagerly even when first asked for inside a tf.function/tf.data trace, so it can be reused.
-            with tf.init_scope():
-                self._tf_tokenizer = tft.SentencepieceTokenizer(model=self._proto, out_type=tf.int32)
-        return self._tf_tokenizer
-
     def tf_encode(self, texts, max_length: int) -> tuple:
         """Encodes a string tensor to fixed-length ids with `tensorflow_text` (usable in `tf.data` and `tf.function`).
 
@@ -292,7 +282,13 @@ class Tokenizer:
         texts = tf.convert_to_tensor(texts)
         if texts.dtype != tf.string or texts.shape.rank != 1:
             raise ValueError(f"texts must be a [N] tf.string tensor; got dtype {texts.dtype.name}, shape {texts.shape}")
-        tokens = self._tf().tokenize(texts)[:, :max_length]
+        import tensorflow_text as tft
+
+        # A new tft tokenizer per call (per trace inside tf.function / tf.data): its model resource is owned by the
+        # op kernel, and tf.random.set_seed (keras.utils.set_random_seed) clears eager kernels, which would leave a
+        # cached eager tokenizer pointing to a deleted resource.
+        tokenizer = tft.SentencepieceTokenizer(model=self._proto, out_type=tf.int32)
+        tokens = tokenizer.tokenize(texts)[:, :max_length]
         ids = tokens.to_tensor(default_value=PAD_ID, shape=[None, max_length])
         mask = tf.sequence_mask(tokens.row_lengths(), max_length)
         return ids, mask

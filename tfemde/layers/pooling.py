@@ -12,7 +12,7 @@ GPO_FILL = -1.0e4
 
 def _lowest(dtype):
     """The lowest finite value of a float dtype (the fill that never wins a max over valid values)."""
-    return {"float16": -65504.0, "float64": -1.79e308}.get(str(dtype), -3.38e38)
+    return {"float16": -65504.0, "float64": -1.79e308}.get(keras.backend.standardize_dtype(dtype), -3.38e38)
 
 
 def _checked_mask(inputs, mask, dtype):
@@ -117,7 +117,7 @@ class GPO(_MaskedPooling):
 
     Returns:
         `[B, D]` the pooled vector, not normalised (callers L2-normalise); with `return_weights`,
-        also the `[B, L]` weights. An all-padded row gives zeros.
+        also the `[B, L]` weights over ranks (zero at padded ranks). An all-padded row gives zeros.
 
     Example:
         >>> import numpy as np
@@ -166,12 +166,21 @@ class GPO(_MaskedPooling):
         pe = ops.expand_dims(rank_positional_encoding(length, self.d_pe, dtype=dtype), 0)
         pe = ops.where(ops.expand_dims(rank_mask, -1), pe, ops.zeros_like(pe))  # [B, L, d_pe]
         hidden = self.gru(pe, mask=rank_mask)
-        scores = ops.squeeze(self.score(hidden), -1)  # [B, L]
+        # The sharp softmax runs in float32: -1e4 / 0.1 overflows float16 to -inf (NaN on an empty row).
+        scores = ops.cast(ops.squeeze(self.score(hidden), -1), "float32")  # [B, L]
         scores = ops.where(rank_mask, scores, ops.full_like(scores, GPO_FILL))
-        weights = ops.softmax(scores / ops.cast(self.temperature, scores.dtype), axis=1)
+        weights = ops.softmax(scores / self.temperature, axis=1)
+        weights = ops.cast(weights * ops.cast(rank_mask, "float32"), dtype)  # zeros for an all-padded row
         pooled = ops.sum(ranked * ops.expand_dims(weights, -1), axis=1)
         if return_weights:
             return pooled, weights
+        return pooled
+
+    def compute_output_spec(self, inputs, mask=None, return_weights=False):
+        check_rank(inputs.shape, 3, "inputs", "[batch, length, dim]")
+        pooled = keras.KerasTensor((inputs.shape[0], inputs.shape[-1]), dtype=self.compute_dtype)
+        if return_weights:
+            return pooled, keras.KerasTensor(inputs.shape[:2], dtype=self.compute_dtype)
         return pooled
 
     def get_config(self):

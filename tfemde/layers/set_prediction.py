@@ -31,7 +31,7 @@ def l2_normalize(x, axis=-1, epsilon=1e-12):
 
 def mask_value(dtype):
     """A large finite negative for masked logits in `dtype` (never -inf)."""
-    return -3.0e4 if str(dtype) == "float16" else -1.0e9
+    return -3.0e4 if keras.backend.standardize_dtype(dtype) == "float16" else -1.0e9
 
 
 @keras.saving.register_keras_serializable(package="tfemde")
@@ -254,7 +254,9 @@ class SetPrediction(keras.layers.Layer):
         check_rank(local_shape, 3, "local_features", "[batch, length, in_dim]")
         if global_shape is None:
             if self.global_residual:
-                raise ValueError("global_features must be given (shape [batch, dim]) when global_residual=True; got None")
+                raise ValueError(
+                    "global_features must be given (shape [batch, dim]) when global_residual=True; got None"
+                )
         else:
             check_rank(global_shape, 2, "global_features", "[batch, dim]")
             if global_shape[-1] is not None and global_shape[-1] != self.dim:
@@ -328,8 +330,18 @@ class SetPrediction(keras.layers.Layer):
             return out, l2_normalize(residual)
         return out
 
-    def compute_output_shape(self, local_features_shape, global_features_shape=None):
-        return (local_features_shape[0], self.num_slots, self.dim)
+    def compute_output_spec(
+        self, local_features, global_features=None, mask=None, training=None, return_residual=False
+    ):
+        self._check_shapes(
+            local_features.shape,
+            None if global_features is None else global_features.shape,
+            None if mask is None else mask.shape,
+        )
+        out = keras.KerasTensor((local_features.shape[0], self.num_slots, self.dim), dtype=self.compute_dtype)
+        if return_residual:
+            return out, keras.KerasTensor(out.shape, dtype=self.compute_dtype)
+        return out
 
     def get_config(self):
         config = super().get_config()

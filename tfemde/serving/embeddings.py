@@ -12,6 +12,30 @@ def _shape(x) -> tuple:
     return tuple(np.shape(x))
 
 
+def max_element_norm(sets: np.ndarray, mask: Optional[np.ndarray] = None, name: str = "sets") -> float:
+    """The largest L2 norm among the valid elements of `sets [N, K, D]` (0 when there are none).
+
+    Raises ValueError naming the first valid element that is not finite.
+    """
+    if sets.size == 0:
+        return 0.0
+    sq = np.einsum("nkd,nkd->nk", sets, sets)  # float32; inf only for norms > 1.8e19 (rechecked below)
+    valid = np.ones(sq.shape, bool) if mask is None else mask
+    bad = valid & ~np.isfinite(sq)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        sq = sq.astype(np.float64)
+        sq[rows] = np.einsum("nkd,nkd->nk", sets[rows], sets[rows], dtype=np.float64)
+        bad = valid & ~np.isfinite(sq)
+        if bad.any():
+            item, element = np.argwhere(bad)[0]
+            raise ValueError(f"{name} must be finite where the set mask is True; item {item} element {element} "
+                             "is not")
+    if mask is not None:
+        sq = np.where(mask, sq, 0.0)
+    return float(np.sqrt(np.float64(sq.max())))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Embeddings:
     """Set embeddings of N items (images or captions), with optional T-EMDE sketches and a set mask.
@@ -31,7 +55,8 @@ class Embeddings:
             3-D sketches. Ignored (and stored as None) without sketches.
 
     Returns (attributes): `sets [N, K, D]`, `sketches [N, S] | None`, `set_mask [N, K] bool | None`,
-    `sketch_depth int | None`.
+    `sketch_depth int | None`, and `max_norm`, the largest norm of a valid element (about 1 for normalised sets),
+    which bounds the similarity's logits.
 
     Example:
         >>> import numpy as np
@@ -46,6 +71,7 @@ class Embeddings:
     sketches: Optional[np.ndarray] = None
     set_mask: Optional[np.ndarray] = None
     sketch_depth: Optional[int] = None
+    max_norm: float = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
         sets = np.asarray(self.sets)
@@ -68,12 +94,7 @@ class Embeddings:
             mask = raw.astype(bool) if raw.dtype != bool else raw
             mask = np.ascontiguousarray(mask)
 
-        valid = np.isfinite(sets).all(axis=-1)
-        if mask is not None:
-            valid |= ~mask
-        if not valid.all():
-            bad = np.argwhere(~valid)[0]
-            raise ValueError(f"sets must be finite (where set_mask is True); item {bad[0]} element {bad[1]} is not")
+        max_norm = max_element_norm(sets, mask)
 
         sketches, depth = self.sketches, self.sketch_depth
         if sketches is not None:
@@ -108,6 +129,7 @@ class Embeddings:
         object.__setattr__(self, "set_mask", mask)
         object.__setattr__(self, "sketches", sketches)
         object.__setattr__(self, "sketch_depth", depth)
+        object.__setattr__(self, "max_norm", max_norm)
 
     # -- shape ---------------------------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -8,28 +8,32 @@ For sets X (K_x elements) and Y (K_y elements) with element cosines c(x, y) = <x
 and the full score is `s_SC + sketch_weight · s_sk`, with `s_sk = (1/depth) <Ŝ_x, Ŝ_y>` the mean over the `depth`
 partitionings of the row cosines of two sketches (their rows are L2-normalised, so it is the flattened dot / depth).
 
-How it is computed: the items are cut into chunks on both sides. A chunk's elements are laid out element-major
-(row k·n_items + n), so one float32 matrix multiply gives all α·c of the chunk at once with α folded into the
-query operand, `[K_a·a, K_b·b]`. The K_a × K_b blocks are then reduced with whole-array adds over a
-`[K_a, a, K_b, b]` view (no loop over items), so memory stays at a few chunk buffers whatever N is.
+How it is computed: the items are cut into chunks on both sides (2048 x 4096 set elements by default, 32 MiB of
+cosines). The `a` chunk is copied element-major (row k·n_items + n) with α folded in; `b` is read in place, one
+strided view per element index. So K_b float32 matrix multiplies fill all α·c of the chunk, `[K_a·a, K_b·b]`, and
+the K_a × K_b blocks are reduced with whole-array adds over a `[K_a, a, K_b, b]` view (no loop over items). BLAS
+runs the multiplies on every core; the element-wise part (exp, block sums, logs) runs in one thread per core on
+row ranges of the chunk, in cache-sized pieces. Memory stays at the result plus a few chunk buffers.
 
 Numerical safety: with B = α·max‖x‖·max‖y‖ (Cauchy-Schwarz), every α·c lies in [-B, B]. When
-B + log K ≤ 85 (unit elements and α ≤ ~80 for small K) exp(α·c) and its block sums are normal float32 numbers,
-so logsumexp needs no shift at all: exp, sum, log is exact (this is the fast path, one exp per cosine). The
-Σ log over a set is taken as the log of a product of as many factors as stay inside float32's range, which
-saves most of the logs. Otherwise (large α or large norms) each LogSumExp is shifted by its own block maximum,
-the textbook stable form (two exps per cosine). Padded elements are pushed to -inf-like logits by two extra
-matrix columns so that exp gives exactly 0; a set with no valid element scores 0 against everything.
+B + log K ≤ 85 (unit elements, α up to about 80) exp(α·c) and its block sums are normal float32 numbers, so
+LogSumExp needs no shift at all and exp, sum, log is exact (the fast path: one exp per cosine). The Σ log over a
+set is taken as the log of a product of as many factors as stay inside float32's range, which saves most of the
+logs. Otherwise (larger α or norms) each LogSumExp is shifted by its own maximum, the textbook stable form (two
+exps per cosine). Logits of padded elements are overwritten with -(2B + 300), so their exp is exactly 0 and they
+never hold a maximum, whatever the padded elements held; a set with no valid element scores 0 against everything.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import os
 from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 
-from tfemde.serving.embeddings import Embeddings
+from tfemde.serving.embeddings import Embeddings, max_element_norm as _max_norm
 
 # |log| of every intermediate kept below this: float32 is normal between exp(-87.3) and exp(88.7).
 _LOG_RANGE = 85.0
@@ -38,7 +42,36 @@ _LOG_RANGE = 85.0
 _CHUNK_ROW_ELEMENTS = 2048
 _CHUNK_COL_ELEMENTS = 4096
 
+# Threads for the element-wise part of a chunk, and the least cosines worth a thread.
+_THREADS = max(1, min(os.cpu_count() or 1, 8))
+_MIN_WORK_PER_THREAD = 1 << 18
+# Cosines finished per step of a thread (float32: 2 MiB, about a core's L2 cache).
+_CACHE_COSINES = 1 << 19
+
 ChunkSize = Union[None, int, Tuple[int, int]]
+
+_pool = None
+_pool_pid = None
+
+
+def _parallel_rows(fn, n_rows: int, work: int) -> None:
+    """Run `fn(r0, r1)` over `[0, n_rows)` cut into one range per core (one call when `work` is small).
+
+    NumPy's element-wise functions use one core and release the GIL, while the matrix multiply already uses
+    every core: running the exp and reductions of a chunk's row ranges in threads keeps all cores busy.
+    """
+    global _pool, _pool_pid
+    parts = min(_THREADS, n_rows, max(1, work // _MIN_WORK_PER_THREAD))
+    if parts <= 1:
+        fn(0, n_rows)
+        return
+    if _pool is None or _pool_pid != os.getpid():  # a forked child cannot use its parent's threads
+        _pool = concurrent.futures.ThreadPoolExecutor(_THREADS, thread_name_prefix="tfemde-similarity")
+        _pool_pid = os.getpid()
+    bounds = np.linspace(0, n_rows, parts + 1).astype(int)
+    futures = [_pool.submit(fn, int(r0), int(r1)) for r0, r1 in zip(bounds[:-1], bounds[1:])]
+    for f in futures:
+        f.result()
 
 
 def _check_sets(x, name: str) -> np.ndarray:
@@ -64,6 +97,16 @@ def _check_mask(mask, sets: np.ndarray, name: str, sets_name: str) -> Optional[n
     return None if mask.all() else mask
 
 
+def _check_alpha(alpha) -> float:
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a positive finite number; got {alpha!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"alpha must be a positive finite number; got {alpha!r}")
+    return value
+
+
 def _chunks(chunk_size: ChunkSize, k_a: int, k_b: int) -> Tuple[int, int]:
     if chunk_size is None:
         return max(1, _CHUNK_ROW_ELEMENTS // k_a), max(1, _CHUNK_COL_ELEMENTS // k_b)
@@ -79,29 +122,12 @@ def _chunks(chunk_size: ChunkSize, k_a: int, k_b: int) -> Tuple[int, int]:
     return rows, cols
 
 
-def _max_norm(sets: np.ndarray, mask: Optional[np.ndarray]) -> float:
-    if sets.size == 0:
-        return 0.0
-    sq = np.einsum("nkd,nkd->nk", sets, sets, dtype=np.float64)
-    if mask is not None:
-        sq = np.where(mask, sq, 0.0)
-    if not np.isfinite(sq).all():
-        raise ValueError("set elements must be finite (where the mask is True)")
-    return float(np.sqrt(sq.max()))
-
-
-def _element_major(sets: np.ndarray, scale: float, mask: Optional[np.ndarray], extra: Optional[np.ndarray]):
-    """`[n, K, D]` -> `[K·n, D + E]`: element k of item i at row k·n + i, times `scale`, padded rows zeroed,
-    then the `E` extra columns `extra[k, i, :]` appended."""
+def _element_major(sets: np.ndarray, scale: float) -> np.ndarray:
+    """`[n, K, D]` -> `[K·n, D]` float32 copy times `scale`: element k of item i at row k·n + i."""
     n, k, d = sets.shape
-    width = d + (0 if extra is None else extra.shape[-1])
-    out = np.empty((k, n, width), dtype=np.float32)
-    np.multiply(sets.transpose(1, 0, 2), np.float32(scale), out=out[:, :, :d])
-    if mask is not None:
-        out[:, :, :d][~mask.T] = 0.0
-    if extra is not None:
-        out[:, :, d:] = extra
-    return out.reshape(k * n, width)
+    out = np.empty((k, n, d), dtype=np.float32)
+    np.multiply(sets.transpose(1, 0, 2), np.float32(scale), out=out)
+    return out.reshape(k * n, d)
 
 
 def _sum_logs(factors, count: int, group: int, out: np.ndarray) -> np.ndarray:
@@ -117,43 +143,56 @@ def _sum_logs(factors, count: int, group: int, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def _chamfer_block(c, k_a, n_a, k_b, n_b, fast, group_row, group_col, a_pad, b_pad, out):
-    """Smooth-Chamfer sums of one chunk from its α·c matrix.
+def _chamfer_rows(e, fast, group_row, group_col, a_pad, b_pad, a_weight, b_weight, a_empty, b_empty):
+    """Finish the Smooth-Chamfer scores of a group of items of one chunk from their α·cosines.
 
     Args:
-        c: `[K_a·n_a, K_b·n_b]` float32 α·cosines (element-major on both sides); overwritten.
+        e: `[K_a, n_a, K_b, n_b]` float32 view of α·c(x_k of item i, y_l of item j); overwritten.
+        fast: exp without shift (all α·c in range, see the module docstring); else max-shifted LogSumExp.
+        group_row, group_col: factors multiplied per log in the fast path.
         a_pad, b_pad: `[K_a, n_a]`, `[K_b, n_b]` bool, True at padded elements, or None.
-        out: `[2, n_a, n_b]` float32, receives Σ_x log Σ_y exp and Σ_y log Σ_x exp.
+        a_weight, b_weight: `[n_a]`, `[n_b]` float32 1/(2α|X|), 1/(2α|Y|).
+        a_empty, b_empty: `[n_a]`, `[n_b]` bool, sets without a valid element (score 0), or None.
+
+    Returns:
+        `[n_a, n_b]` float32 scores.
     """
-    e = c.reshape(k_a, n_a, k_b, n_b)
+    k_a, n_a, k_b, n_b = e.shape
     if fast:
-        np.exp(c, out=c)  # in range by construction: no shift needed
+        np.exp(e, out=e)  # in range by construction: no shift needed
         row = np.add.reduce(e, axis=2)  # [K_a, n_a, n_b]: Σ_y exp(α c(x, y)) for each x
         col = np.add.reduce(e, axis=0)  # [n_a, K_b, n_b]: Σ_x exp(α c(x, y)) for each y
         if a_pad is not None:
             row[a_pad] = 1.0  # log 1 = 0: padded x add nothing
         if b_pad is not None:
             col[:, b_pad] = 1.0
-        _sum_logs(lambda k: row[k], k_a, group_row, out[0])
-        _sum_logs(lambda k: col[:, k], k_b, group_col, out[1])
-        return out
-    # Stable path: shift each LogSumExp by its own maximum.
-    for axis, red, pad, k_red in ((2, 0, a_pad, k_b), (0, 1, b_pad, k_a)):
-        m = e.max(axis=axis, keepdims=True)
-        t = np.subtract(e, m)
-        np.exp(t, out=t)
-        lse = np.add.reduce(t, axis=axis)
-        np.log(lse, out=lse)
-        lse += np.squeeze(m, axis=axis)
-        if red == 0:  # lse [K_a, n_a, n_b]
-            if pad is not None:
-                lse[pad] = 0.0
-            np.add.reduce(lse, axis=0, out=out[0])
-        else:  # lse [n_a, K_b, n_b]
-            if pad is not None:
-                lse[:, pad] = 0.0
-            np.add.reduce(lse, axis=1, out=out[1])
-    return out
+        row_sum = _sum_logs(lambda k: row[k], k_a, group_row, np.empty((n_a, n_b), np.float32))
+        col_sum = _sum_logs(lambda k: col[:, k], k_b, group_col, np.empty((n_a, n_b), np.float32))
+    else:  # stable path: shift each LogSumExp by its own maximum
+        sums = []
+        for axis, pad in ((2, a_pad), (0, b_pad)):
+            m = e.max(axis=axis, keepdims=True)
+            t = np.subtract(e, m)
+            np.exp(t, out=t)
+            lse = np.add.reduce(t, axis=axis)
+            np.log(lse, out=lse)
+            lse += np.squeeze(m, axis=axis)
+            if axis == 2:  # lse [K_a, n_a, n_b]
+                if pad is not None:
+                    lse[pad] = 0.0
+                sums.append(np.add.reduce(lse, axis=0))
+            else:  # lse [n_a, K_b, n_b]
+                if pad is not None:
+                    lse[:, pad] = 0.0
+                sums.append(np.add.reduce(lse, axis=1))
+        row_sum, col_sum = sums
+    row_sum *= a_weight[:, None]
+    col_sum *= b_weight[None, :]
+    row_sum += col_sum
+    if a_empty is not None:
+        row_sum[a_empty] = 0.0
+        row_sum[:, b_empty] = 0.0
+    return row_sum
 
 
 def smooth_chamfer(
@@ -201,9 +240,7 @@ def smooth_chamfer(
     if a.shape[2] != b.shape[2]:
         raise ValueError(f"a_sets and b_sets must have the same element dimension D; got shapes {a.shape} and "
                          f"{b.shape}")
-    alpha = float(alpha)
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a positive finite number; got {alpha}")
+    alpha = _check_alpha(alpha)
     a_mask = _check_mask(a_mask, a, "a_mask", "a_sets")
     b_mask = _check_mask(b_mask, b, "b_mask", "b_sets")
     (n_a, k_a, d), (n_b, k_b, _) = a.shape, b.shape
@@ -214,67 +251,74 @@ def smooth_chamfer(
     elif out.shape != (n_a, n_b) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape [N_a, N_b] = {(n_a, n_b)}; got "
                          f"shape {out.shape} dtype {out.dtype}")
+    return _smooth_chamfer(a, b, alpha, a_mask, b_mask, None, None, chunk_size, progress, out, accumulate)
+
+
+def _smooth_chamfer(a, b, alpha, a_mask, b_mask, a_norm, b_norm, chunk_size, progress, out, accumulate):
+    """`smooth_chamfer` on checked arrays; `a_norm`/`b_norm` are the max valid element norms (None: compute)."""
+    (n_a, k_a, d), (n_b, k_b, _) = a.shape, b.shape
     if n_a == 0 or n_b == 0:
         return out
     rows, cols = _chunks(chunk_size, k_a, k_b)
 
-    bound = alpha * _max_norm(a, a_mask) * _max_norm(b, b_mask)
+    a_norm = _max_norm(a, a_mask, "a_sets") if a_norm is None else a_norm
+    b_norm = _max_norm(b, b_mask, "b_sets") if b_norm is None else b_norm
+    bound = alpha * a_norm * b_norm
     fast = bound + math.log(max(k_a, k_b)) <= _LOG_RANGE
     # Factors per log: a block sum lies in [exp(-B), K·exp(B)], so `g` of them multiply inside float32's range.
     group_row = max(1, int(_LOG_RANGE // (bound + math.log(k_b)))) if bound + math.log(k_b) > 0 else k_a
     group_col = max(1, int(_LOG_RANGE // (bound + math.log(k_a)))) if bound + math.log(k_a) > 0 else k_b
 
-    # Padding: two extra columns add -big to every logit that involves a padded element, so exp gives exactly 0
-    # (and the stable path's maxima come from valid elements), while 0 is added to every valid logit.
+    # Padded elements: their logits are overwritten with -big after the matrix multiply, so exp gives exactly 0
+    # and they never hold a maximum (whatever values, even NaN, the padded elements held).
     big = np.float32(2.0 * bound + 300.0)
-    a_extra = b_extra = None
-    if a_mask is not None or b_mask is not None:
-        a_extra = np.zeros((k_a, n_a, 2), dtype=np.float32)
-        b_extra = np.zeros((k_b, n_b, 2), dtype=np.float32)
-        a_extra[:, :, 1] = 1.0
-        b_extra[:, :, 0] = 1.0
-        if a_mask is not None:
-            a_extra[:, :, 0] = np.where(a_mask.T, 0.0, -big)
-        if b_mask is not None:
-            b_extra[:, :, 1] = np.where(b_mask.T, 0.0, -big)
     a_count = np.full(n_a, k_a, np.int64) if a_mask is None else a_mask.sum(axis=1)
     b_count = np.full(n_b, k_b, np.int64) if b_mask is None else b_mask.sum(axis=1)
     a_weight = (0.5 / alpha / np.maximum(a_count, 1)).astype(np.float32)
     b_weight = (0.5 / alpha / np.maximum(b_count, 1)).astype(np.float32)
+    masked = a_mask is not None or b_mask is not None
     a_empty, b_empty = a_count == 0, b_count == 0
 
-    buf = np.empty(min(rows, n_a) * k_a * min(cols, n_b) * k_b, dtype=np.float32)
-    sums = np.empty(2 * min(rows, n_a) * min(cols, n_b), dtype=np.float32)
-    total = -(-n_a // rows) * -(-n_b // cols)
-    done = 0
+    a_ranges = [(i, min(i + rows, n_a)) for i in range(0, n_a, rows)]
+    b_ranges = [(j, min(j + cols, n_b)) for j in range(0, n_b, cols)]
+    buf = np.empty((a_ranges[0][1] * k_a) * (b_ranges[0][1] * k_b), dtype=np.float32)
+
+    def score(i0, i1, a_elems, j0, j1):
+        na, nb = i1 - i0, j1 - j0
+        c = buf[: na * k_a * nb * k_b].reshape(na * k_a, nb * k_b)
+        for l in range(k_b):  # b's element l of every item is a strided view: BLAS reads it without a copy
+            np.matmul(a_elems, b[j0:j1, l, :].T, out=c[:, l * nb:(l + 1) * nb])
+        if a_mask is not None:
+            c[np.flatnonzero(~a_mask[i0:i1].T)] = -big
+        if b_mask is not None:
+            c[:, np.flatnonzero(~b_mask[j0:j1].T)] = -big
+        e = c.reshape(k_a, na, k_b, nb)
+        a_pad = None if a_mask is None else ~a_mask[i0:i1].T
+        b_pad = None if b_mask is None else ~b_mask[j0:j1].T
+
+        def rows_part(r0, r1):
+            # In pieces of about 2 MiB of cosines, so that exp and both reductions run in the core's cache.
+            step = max(1, _CACHE_COSINES // (k_a * k_b * nb))
+            with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):  # per thread
+                for s0 in range(r0, r1, step):
+                    s1 = min(s0 + step, r1)
+                    part = _chamfer_rows(
+                        e[:, s0:s1], fast, group_row, group_col, None if a_pad is None else a_pad[:, s0:s1], b_pad,
+                        a_weight[i0 + s0:i0 + s1], b_weight[j0:j1],
+                        a_empty[i0 + s0:i0 + s1] if masked else None, b_empty[j0:j1] if masked else None)
+                    if accumulate:
+                        out[i0 + s0:i0 + s1, j0:j1] += part
+                    else:
+                        out[i0 + s0:i0 + s1, j0:j1] = part
+
+        _parallel_rows(rows_part, na, c.size)
+
+    total, done = len(a_ranges) * len(b_ranges), 0
     with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
-        for i0 in range(0, n_a, rows):
-            i1 = min(i0 + rows, n_a)
-            na = i1 - i0
-            a_block = _element_major(a[i0:i1], alpha, None if a_mask is None else a_mask[i0:i1],
-                                     None if a_extra is None else a_extra[:, i0:i1])
-            a_pad = None if a_mask is None else ~a_mask[i0:i1].T
-            for j0 in range(0, n_b, cols):
-                j1 = min(j0 + cols, n_b)
-                nb = j1 - j0
-                b_block = _element_major(b[j0:j1], 1.0, None if b_mask is None else b_mask[j0:j1],
-                                         None if b_extra is None else b_extra[:, j0:j1])
-                c = buf[: na * k_a * nb * k_b].reshape(na * k_a, nb * k_b)
-                np.matmul(a_block, b_block.T, out=c)
-                s = sums[: 2 * na * nb].reshape(2, na, nb)
-                b_pad = None if b_mask is None else ~b_mask[j0:j1].T
-                _chamfer_block(c, k_a, na, k_b, nb, fast, group_row, group_col, a_pad, b_pad, s)
-                score = s[0]
-                score *= a_weight[i0:i1, None]
-                s[1] *= b_weight[None, j0:j1]
-                score += s[1]
-                if a_mask is not None or b_mask is not None:
-                    score[a_empty[i0:i1]] = 0.0
-                    score[:, b_empty[j0:j1]] = 0.0
-                if accumulate:
-                    out[i0:i1, j0:j1] += score
-                else:
-                    out[i0:i1, j0:j1] = score
+        for i0, i1 in a_ranges:
+            a_elems = _element_major(a[i0:i1], alpha)  # α folded into the (copied) query side
+            for j0, j1 in b_ranges:
+                score(i0, i1, a_elems, j0, j1)
                 done += 1
                 if progress is not None:
                     progress(done, total)
@@ -386,5 +430,8 @@ def similarity(
                              f"{(a.sketch_dim, a.sketch_depth)} and {(b.sketch_dim, b.sketch_depth)}")
         sketch_similarity(a.sketches, b.sketches, a.sketch_depth, weight=sketch_weight, out=out)
         accumulate = True
-    return smooth_chamfer(a.sets, b.sets, alpha=alpha, a_mask=a.set_mask, b_mask=b.set_mask,
-                          chunk_size=chunk_size, progress=progress, out=out, accumulate=accumulate)
+    alpha = _check_alpha(alpha)
+    a_mask = _check_mask(a.set_mask, a.sets, "a.set_mask", "a.sets")
+    b_mask = _check_mask(b.set_mask, b.sets, "b.set_mask", "b.sets")
+    return _smooth_chamfer(a.sets, b.sets, alpha, a_mask, b_mask, a.max_norm, b.max_norm, chunk_size, progress,
+                           out, accumulate)

@@ -1,0 +1,144 @@
+"""Throughput of the training input pipelines (`tfemde.data.train_dataset`), in batches per second.
+
+Three sources at batch 128, default augmentations on:
+  * emoji in memory: the built-in data set (`tfemde.data.load("emoji")`), or synthetic 64 px images of the same
+    size if the reader is not available;
+  * image files: the same images written as PNG files to a temporary folder, decoded in tf.data (cached after the
+    first pass, and streamed with cache=False);
+  * precomp regions: a temporary .npy memory map of 36 x 2048 float32 regions per item (just written, so mostly in
+    the OS page cache: this measures the pipeline, not the disk).
+
+Target: the pipeline must outrun training by a wide margin, >= 5x the training step rate of the default model.
+Pass the measured step rate with --step-rate to print the target in batches/s.
+
+Usage: .venv/bin/python benchmarks/pipeline.py [--batches 60] [--step-rate STEPS_PER_S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tfemde.data import Dataset, train_dataset  # noqa: E402
+from tfemde.text import Tokenizer  # noqa: E402
+
+BATCH = 128
+
+
+def emoji_or_synthetic():
+    try:
+        from tfemde.data import load
+
+        return load("emoji").split("train"), "built-in emoji (train split)"
+    except Exception as err:  # the reader is written by another helper; fall back to data of the same size
+        rng = np.random.default_rng(0)
+        n = 3000
+        words = [f"w{i}" for i in range(3000)]
+        captions, caption_item = [], []
+        for item in range(n):
+            for _ in range(2):
+                captions.append(" ".join(rng.choice(words, size=rng.integers(2, 8))))
+                caption_item.append(item)
+        images = rng.integers(0, 256, size=(n, 64, 64, 3), dtype=np.uint8)
+        ds = Dataset("synthetic", captions=captions, caption_item=caption_item, item_split=["train"] * n,
+                     item_group=np.arange(n), images=images)
+        return ds, f"synthetic 64 px ({type(err).__name__}: emoji reader unavailable)"
+
+
+def measure(ds, batches):
+    """(seconds to the first batch, batches per second over the next `batches`)."""
+    start = time.perf_counter()
+    it = iter(ds)
+    next(it)
+    first = time.perf_counter() - start
+    for _ in range(3):  # let autotuning settle
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+    _ = batch["caption_ids"].numpy()
+    return first, batches / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=60)
+    parser.add_argument("--step-rate", type=float, default=None,
+                        help="training steps/s of the default model at batch 128 (prints the 5x target)")
+    parser.add_argument("--region-items", type=int, default=1000)
+    args = parser.parse_args()
+
+    emoji, emoji_note = emoji_or_synthetic()
+    tokenizer = Tokenizer.train(emoji.captions, vocab_size=2000)
+    rows = []
+
+    def run(name, ds, note, **kwargs):
+        pipeline = train_dataset(ds, tokenizer, BATCH, repeat=True, **kwargs)
+        first, rate = measure(pipeline, args.batches)
+        rows.append((name, rate, rate * BATCH, first, note))
+        print(f"  done: {name}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run("emoji in memory", emoji, emoji_note)
+
+        images = emoji.images if emoji.images is not None else None
+        if images is None:
+            raise SystemExit("the emoji data set is not in memory; cannot write the image-file source")
+        paths = []
+        for i, pixels in enumerate(images):
+            path = os.path.join(tmp, f"{i:05d}.png")
+            Image.fromarray(pixels).save(path)
+            paths.append(path)
+        files = Dataset("files", captions=emoji.captions, caption_item=emoji.caption_item,
+                        item_split=emoji.item_split, item_group=emoji.item_group, image_paths=paths)
+        size = images.shape[1]
+        run("image files, cached", files, f"{len(paths)} PNG {size} px, decoded once", image_size=size)
+        run("image files, streamed", files, f"{len(paths)} PNG {size} px, cache=False", image_size=size, cache=False)
+
+        n = args.region_items
+        region_path = os.path.join(tmp, "train_ims.npy")
+        writer = np.lib.format.open_memmap(region_path, mode="w+", dtype=np.float32, shape=(n, 36, 2048))
+        rng = np.random.default_rng(0)
+        for start in range(0, n, 100):
+            writer[start:start + 100] = rng.random((min(100, n - start), 36, 2048), dtype=np.float32)
+        writer.flush()
+        del writer
+        regions = np.load(region_path, mmap_mode="r")
+        per_item = 5
+        captions = [emoji.captions[i % emoji.num_captions] for i in range(n * per_item)]
+        precomp = Dataset("precomp", captions=captions, caption_item=np.repeat(np.arange(n), per_item),
+                          item_split=["train"] * n, item_group=np.arange(n), regions=regions)
+        run("precomp regions", precomp, f"memmap {n} x 36 x 2048 f32 ({regions.nbytes / 2**20:.0f} MiB)")
+
+    cpu = platform.processor() or platform.machine()
+    print()
+    print(f"tfemde input pipeline throughput, batch {BATCH}, default augmentations, {args.batches} batches timed")
+    print(f"machine: {platform.node()} ({cpu}, {os.cpu_count()} cores), Python {platform.python_version()}, "
+          f"TF {tf.__version__}; date: {datetime.datetime.now().isoformat(timespec='seconds')}; "
+          f"load average {os.getloadavg()[0]:.1f} (other processes share the cores)")
+    print()
+    print(f"| {'source':<22} | {'batches/s':>9} | {'pairs/s':>8} | {'1st batch s':>11} | notes")
+    print(f"|{'-' * 24}|{'-' * 11}|{'-' * 10}|{'-' * 13}|------")
+    for name, rate, pairs, first, note in rows:
+        print(f"| {name:<22} | {rate:>9.1f} | {pairs:>8.0f} | {first:>11.2f} | {note}")
+    print()
+    if args.step_rate:
+        target = 5 * args.step_rate
+        verdict = ", ".join(f"{name}: {'OK' if rate >= target else 'BELOW'}" for name, rate, *_ in rows)
+        print(f"target: >= 5 x {args.step_rate:g} steps/s = {target:.1f} batches/s  ->  {verdict}")
+    else:
+        print("target: >= 5 x the training step rate of the default model (pass --step-rate to compare)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,465 @@
+"""Tests of tfemde.data.pipelines: batch contents, augmentations, determinism, epochs, evaluation order, laziness."""
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from PIL import Image
+
+from tfemde.data import Dataset, EvalData, eval_dataset, train_dataset
+from tfemde.text import MASK_ID, Tokenizer
+
+WORDS = "a the red blue green small big dog cat bird tree car house on in near with running sitting".split()
+N_ITEMS, SIZE, R, F = 12, 8, 6, 5
+
+
+def _captions(num_items, rng, per_item=(1, 4)):
+    captions, caption_item = [], []
+    for item in range(num_items):
+        for _ in range(rng.integers(*per_item)):
+            captions.append(" ".join(rng.choice(WORDS, size=rng.integers(2, 14))))
+            caption_item.append(item)
+    return captions, np.array(caption_item)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    rng = np.random.default_rng(7)
+    captions, caption_item = _captions(N_ITEMS, rng)
+    return dict(
+        captions=captions, caption_item=caption_item,
+        item_split=np.array(["train"] * 8 + ["val"] * 2 + ["test"] * 2),
+        item_group=np.arange(N_ITEMS) // 2 + 100,
+        images=rng.integers(0, 256, size=(N_ITEMS, SIZE, SIZE, 3), dtype=np.uint8),
+        regions=rng.normal(size=(N_ITEMS, R, F)).astype(np.float32),
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer(parts):
+    return Tokenizer.train(parts["captions"] * 3, vocab_size=36)
+
+
+@pytest.fixture(scope="module")
+def image_files(parts, tmp_path_factory):
+    """PNG files (RGB, and RGBA with transparency for every third item) holding the same pixels as `images`."""
+    folder = tmp_path_factory.mktemp("images")
+    paths, expected = [], []
+    rng = np.random.default_rng(3)
+    for i, pixels in enumerate(parts["images"]):
+        path = folder / f"{i:03d}.png"
+        if i % 3 == 0:
+            alpha = rng.integers(0, 256, size=pixels.shape[:2] + (1,), dtype=np.uint8)
+            Image.fromarray(np.concatenate([pixels, alpha], axis=-1), "RGBA").save(path)
+            a = alpha.astype(np.float64) / 255.0
+            expected.append(np.clip(np.round(pixels * a + 255.0 * (1.0 - a)), 0, 255).astype(np.uint8))
+        else:
+            Image.fromarray(pixels).save(path)
+            expected.append(pixels)
+        paths.append(str(path))
+    return np.array(paths), np.stack(expected)
+
+
+@pytest.fixture(scope="module")
+def region_file(parts, tmp_path_factory):
+    path = tmp_path_factory.mktemp("regions") / "train_ims.npy"
+    np.save(path, parts["regions"])
+    return path
+
+
+def _make(parts, kind, image_files=None, region_file=None, **extra):
+    common = {k: parts[k] for k in ("captions", "caption_item", "item_split", "item_group")}
+    common.update(extra)
+    if kind == "images":
+        return Dataset("mem", images=parts["images"], **common)
+    if kind == "image_files":
+        return Dataset("files", image_paths=image_files[0], **common)
+    return Dataset("precomp", regions=np.load(region_file, mmap_mode="r"), **common)
+
+
+@pytest.fixture(params=["images", "image_files", "regions"])
+def kind_dataset(request, parts, image_files, region_file):
+    return request.param, _make(parts, request.param, image_files, region_file)
+
+
+def _epoch(ds):
+    return [{k: v.numpy() for k, v in b.items()} for b in ds]
+
+
+def _reference_ids(tokenizer, texts, max_length):
+    """Independent encoding: the sentencepiece library, truncated and padded in Python."""
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer.model_proto)
+    ids = np.zeros((len(texts), max_length), np.int32)
+    for row, text in enumerate(texts):
+        pieces = sp.encode(text)[:max_length]
+        ids[row, :len(pieces)] = pieces
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------- contents
+def test_batch_shapes_dtypes_and_contents(kind_dataset, parts, tokenizer, image_files):
+    kind, ds = kind_dataset
+    train = train_dataset(ds, tokenizer, batch_size=5, max_length=9, image_size=SIZE, caption_augment=0.0,
+                          image_augment=False, region_drop=0.0)
+    spec = train.element_spec
+    want_keys = {"caption_ids", "caption_mask", "image_id", "group_id", "caption_id"}
+    want_keys |= {"image"} if kind != "regions" else {"regions", "region_mask"}
+    assert set(spec) == want_keys
+    assert spec["caption_ids"].shape == (5, 9) and spec["caption_ids"].dtype.name == "int32"
+    assert spec["caption_mask"].shape == (5, 9) and spec["caption_mask"].dtype.name == "bool"
+    for key in ("image_id", "group_id", "caption_id"):
+        assert spec[key].shape == (5,) and spec[key].dtype.name == "int64"
+    if kind == "regions":
+        assert spec["regions"].shape == (5, R, F) and spec["regions"].dtype.name == "float32"
+        assert spec["region_mask"].shape == (5, R) and spec["region_mask"].dtype.name == "bool"
+    else:
+        assert spec["image"].shape == (5, SIZE, SIZE, 3) and spec["image"].dtype.name == "float32"
+
+    pixels = parts["images"] if kind == "images" else image_files[1]
+    for batch in _epoch(train):
+        c, i = batch["caption_id"], batch["image_id"]
+        np.testing.assert_array_equal(i, parts["caption_item"][c])
+        np.testing.assert_array_equal(batch["group_id"], parts["item_group"][i])
+        np.testing.assert_array_equal(batch["caption_ids"],
+                                      _reference_ids(tokenizer, [parts["captions"][k] for k in c], 9))
+        np.testing.assert_array_equal(batch["caption_mask"], batch["caption_ids"] > 0)
+        if kind == "regions":
+            np.testing.assert_array_equal(batch["regions"], parts["regions"][i])
+            assert batch["region_mask"].all()
+        else:
+            np.testing.assert_allclose(batch["image"], pixels[i].astype(np.float32) / 255.0, atol=1e-7)
+
+
+def test_masks_match_caption_lengths(parts, tokenizer):
+    ds = _make(parts, "images")
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer.model_proto)
+    for max_length in (3, 40):
+        for batch in _epoch(train_dataset(ds, tokenizer, 4, max_length=max_length, caption_augment=0.0)):
+            lengths = [min(len(sp.encode(parts["captions"][c])), max_length) for c in batch["caption_id"]]
+            want = np.arange(max_length)[None, :] < np.array(lengths)[:, None]
+            np.testing.assert_array_equal(batch["caption_mask"], want)
+
+
+def test_every_pair_once_per_epoch_and_reshuffled(parts, tokenizer):
+    ds = _make(parts, "images")
+    m = ds.num_captions
+    batch_size = 4
+    train = train_dataset(ds, tokenizer, batch_size=batch_size, seed=3)
+    epochs = [np.concatenate([b["caption_id"] for b in _epoch(train)]) for _ in range(2)]
+    full = m - m % batch_size
+    for seen in epochs:
+        assert len(seen) == full and len(np.unique(seen)) == full
+    if m % batch_size == 0:
+        np.testing.assert_array_equal(np.sort(epochs[0]), np.arange(m))
+    assert not np.array_equal(epochs[0], epochs[1])
+
+    whole = train_dataset(ds, tokenizer, batch_size=1, shuffle=False, caption_augment=0.0)
+    ordered = np.concatenate([b["caption_id"] for b in _epoch(whole)])
+    np.testing.assert_array_equal(ordered, np.arange(m))
+
+    endless = train_dataset(ds, tokenizer, batch_size=batch_size, repeat=True)
+    seen = np.concatenate([b["caption_id"] for b in _epoch(endless.take(3 * m))])
+    assert np.array_equal(np.bincount(seen, minlength=m), np.full(m, 3 * batch_size))
+
+
+def _all_equal(a, b):
+    return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_deterministic_given_seed(kind_dataset, tokenizer):
+    kind, ds = kind_dataset
+
+    def run(seed, epochs=2, **kwargs):
+        train = train_dataset(ds, tokenizer, batch_size=5, seed=seed, image_size=SIZE, region_drop=0.5,
+                              caption_augment=0.5, **kwargs)
+        return [batch for _ in range(epochs) for batch in _epoch(train)]
+
+    first, second, other = run(1), run(1), run(2, epochs=1)
+    assert _all_equal(first, second)
+    half = len(first) // 2
+    assert not _all_equal(first[:half], other)
+    assert not _all_equal(first[:half], first[half:])  # the second epoch is reshuffled and re-augmented
+    if kind == "images":  # the augmentation streams differ across seeds too, not only the order
+        no_shuffle = [run(s, epochs=1, shuffle=False) for s in (1, 2)]
+        assert [b["caption_id"].tolist() for b in no_shuffle[0]] == [b["caption_id"].tolist() for b in no_shuffle[1]]
+        assert not _all_equal(*no_shuffle)
+
+
+# ---------------------------------------------------------------------------------------------- augmentations
+def _regions_dataset(num_items, num_regions, captions_per_item=2):
+    rng = np.random.default_rng(0)
+    return Dataset("drop", captions=["a red dog"] * (num_items * captions_per_item),
+                   caption_item=np.repeat(np.arange(num_items), captions_per_item),
+                   item_split=["train"] * num_items, item_group=np.arange(num_items),
+                   regions=rng.normal(size=(num_items, num_regions, 2)).astype(np.float32))
+
+
+def test_region_drop_rate_and_never_all_dropped(tokenizer):
+    ds = _regions_dataset(100, 36)
+    masks = np.concatenate([b["region_mask"] for b in _epoch(train_dataset(ds, tokenizer, 50, repeat=True,
+                                                                           caption_augment=0.0).take(8))])
+    # 400 rows x 36 regions; std of the drop rate is sqrt(0.16 / 14400) = 0.0033
+    assert abs(1.0 - masks.mean() - 0.2) < 0.015
+    assert masks.any(axis=1).all()
+
+    heavy = np.concatenate([b["region_mask"] for b in _epoch(train_dataset(ds, tokenizer, 50, region_drop=0.97,
+                                                                           caption_augment=0.0))])
+    kept = heavy.sum(axis=1)
+    assert kept.min() == 1 and (kept == 1).mean() > 0.2  # 0.97^36 = 0.33 of the rows needed the keep-one rule
+    total = np.concatenate([b["region_mask"] for b in _epoch(train_dataset(ds, tokenizer, 50, region_drop=1.0))])
+    np.testing.assert_array_equal(total.sum(axis=1), 1)
+    none = np.concatenate([b["region_mask"] for b in _epoch(train_dataset(ds, tokenizer, 50, region_drop=0.0))])
+    assert none.all()
+
+
+def test_caption_augmentation_rates(tokenizer):
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer.model_proto)
+    rng = np.random.default_rng(1)
+    captions = [" ".join(rng.choice(WORDS, size=6)) for _ in range(400)]
+    ds = Dataset("caps", captions=captions, caption_item=np.arange(400), item_split=["train"] * 400,
+                 item_group=np.arange(400), images=np.zeros((400, 2, 2, 3), np.uint8))
+    max_length = 64
+    p = 0.5
+    n_tokens = n_kept = n_mask = 0
+    normal = set(tokenizer.normal_ids.tolist())
+    for batch in _epoch(train_dataset(ds, tokenizer, 100, max_length=max_length, caption_augment=p,
+                                      image_augment=False)):
+        np.testing.assert_array_equal(batch["caption_mask"], batch["caption_ids"] > 0)
+        for c, ids, mask in zip(batch["caption_id"], batch["caption_ids"], batch["caption_mask"]):
+            original = sp.encode(captions[c])
+            assert len(original) < max_length  # nothing truncated, so counts are exact
+            got = ids[mask]
+            n_tokens += len(original)
+            n_kept += len(got)
+            n_mask += int((got == MASK_ID).sum())
+            assert set(got.tolist()) <= normal | {MASK_ID}
+    # selected with p; of those 50% masked, 10% replaced, 40% deleted
+    assert abs(n_mask / n_tokens - 0.5 * p) < 0.03
+    assert abs(1.0 - n_kept / n_tokens - 0.4 * p) < 0.03
+
+
+def test_caption_augmentation_keeps_tokens_order_and_never_empties(tokenizer):
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer.model_proto)
+    captions = ["dog", "cat", "a", "red"] * 50
+    ds = Dataset("short", captions=captions, caption_item=np.arange(200), item_split=["train"] * 200,
+                 item_group=np.arange(200), images=np.zeros((200, 2, 2, 3), np.uint8))
+    for batch in _epoch(train_dataset(ds, tokenizer, 50, max_length=4, caption_augment=1.0, image_augment=False)):
+        assert batch["caption_mask"].any(axis=1).all()
+
+
+def test_caption_augmentation_keeps_order_of_unchanged_tokens():
+    import tensorflow as tf
+
+    from tfemde.data.pipelines import _augment_captions
+
+    rng = np.random.default_rng(2)
+    rows = [list(rng.integers(3, 30, size=rng.integers(0, 12))) for _ in range(300)]
+    tokens = tf.ragged.constant(rows, dtype=tf.int32)
+    sentinel = 999  # the only "random token", so replacements are recognisable
+    out = _augment_captions(tokens, tf.constant([4, 2], tf.int64), 0.5, MASK_ID, tf.constant([sentinel]))
+    n = n_mask = n_replaced = n_kept = 0
+    for original, got in zip(rows, out.to_list()):
+        assert len(got) <= len(original) and (len(got) > 0) == (len(original) > 0)
+        unchanged = [t for t in got if t not in (MASK_ID, sentinel)]
+        it = iter(original)
+        assert all(any(t == o for o in it) for t in unchanged)  # a subsequence of the original
+        n += len(original)
+        n_mask += got.count(MASK_ID)
+        n_replaced += got.count(sentinel)
+        n_kept += len(got)
+    assert abs(n_mask / n - 0.25) < 0.04 and abs(n_replaced / n - 0.05) < 0.02 and abs(1 - n_kept / n - 0.2) < 0.04
+
+
+def test_image_augmentation(parts, tokenizer):
+    ds = _make(parts, "images")
+    pixels = parts["images"].astype(np.float32) / 255.0
+
+    flip_only = _epoch(train_dataset(ds, tokenizer, 4, crop_scale=1.0, flip=True, repeat=True).take(10))
+    flipped = []
+    for batch in flip_only:
+        for image, item in zip(batch["image"], batch["image_id"]):
+            same = np.allclose(image, pixels[item], atol=1e-6)
+            mirror = np.allclose(image, pixels[item][:, ::-1], atol=1e-6)
+            assert same or mirror
+            flipped.append(mirror and not same)
+    assert 0.2 < np.mean(flipped) < 0.8
+
+    for batch in _epoch(train_dataset(ds, tokenizer, 4, crop_scale=1.0, flip=False)):
+        np.testing.assert_allclose(batch["image"], pixels[batch["image_id"]], atol=1e-6)
+
+    cropped = _epoch(train_dataset(ds, tokenizer, 4, crop_scale=0.5, flip=False))
+    changed = 0
+    for batch in cropped:
+        assert batch["image"].shape == (4, SIZE, SIZE, 3)
+        assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
+        changed += sum(not np.allclose(x, pixels[i], atol=1e-3) for x, i in zip(batch["image"], batch["image_id"]))
+    assert changed > 0
+
+
+def test_in_memory_images_resized_once(parts, tokenizer):
+    ds = _make(parts, "images")
+    batch = _epoch(train_dataset(ds, tokenizer, 4, image_size=(4, 6), image_augment=False))[0]
+    assert batch["image"].shape == (4, 4, 6, 3)
+    # an 8x8 -> 4x6 antialiased bilinear resize: row pairs averaged; compare with Pillow's box-like filter loosely
+    for image, item in zip(batch["image"], batch["image_id"]):
+        ref = np.asarray(Image.fromarray(parts["images"][item]).resize((6, 4), Image.BILINEAR), np.float32) / 255.0
+        assert np.abs(image - ref).mean() < 0.06
+
+
+# ---------------------------------------------------------------------------------------------- image files
+def test_image_files_decoded_in_tf_data_cached_or_streamed(parts, tokenizer, image_files):
+    ds = _make(parts, "image_files", image_files)
+    kwargs = dict(batch_size=4, image_size=SIZE, seed=5)
+    cached = train_dataset(ds, tokenizer, cache=True, **kwargs)
+    streamed = train_dataset(ds, tokenizer, cache=False, **kwargs)
+    over_budget = train_dataset(ds, tokenizer, cache=True, cache_max_bytes=10, **kwargs)
+    a, b, c = (_epoch(x) + _epoch(x) for x in (cached, streamed, over_budget))
+    assert _all_equal(a, b) and _all_equal(a, c)
+    # composite over white of the RGBA files (independent NumPy derivation in the fixture)
+    plain = train_dataset(ds, tokenizer, batch_size=4, image_size=SIZE, image_augment=False)
+    for batch in _epoch(plain):
+        np.testing.assert_allclose(batch["image"], image_files[1][batch["image_id"]] / 255.0, atol=1e-6)
+
+
+def test_jpeg_and_resized_files(parts, tokenizer, tmp_path):
+    paths = []
+    for i, pixels in enumerate(parts["images"]):
+        big = Image.fromarray(pixels).resize((24, 16), Image.NEAREST)
+        path = tmp_path / f"{i}.jpg"
+        big.save(path, quality=95)
+        paths.append(str(path))
+    ds = Dataset("jpeg", image_paths=paths, **{k: parts[k] for k in ("captions", "caption_item", "item_split",
+                                                                     "item_group")})
+    ev = eval_dataset(ds, tokenizer, batch_size=5, image_size=(8, 12))
+    images = np.concatenate([b["image"] for b in ev.items])
+    assert images.shape == (N_ITEMS, 8, 12, 3)
+    for image, path in zip(images, paths):
+        ref = np.asarray(Image.open(path).convert("RGB").resize((12, 8), Image.BILINEAR), np.float32) / 255.0
+        assert np.abs(image - ref).mean() < 0.03
+
+
+# ---------------------------------------------------------------------------------------------- regions
+class _SpyRegions:
+    """An array-like over a NumPy array that records every row read and refuses to be converted whole."""
+
+    def __init__(self, data):
+        self._data = data
+        self.shape = data.shape
+        self.dtype = data.dtype
+        self.reads = []
+
+    def __len__(self):
+        return len(self._data)
+
+    def __getitem__(self, index):
+        rows = np.atleast_1d(np.arange(len(self._data))[index])
+        self.reads.append(rows)
+        return self._data[index]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole region array was read")
+
+
+def test_regions_read_lazily_per_batch(parts, tokenizer):
+    spy = _SpyRegions(parts["regions"])
+    ds = Dataset("spy", regions=spy, **{k: parts[k] for k in ("captions", "caption_item", "item_split",
+                                                              "item_group")})
+    train = train_dataset(ds, tokenizer, batch_size=3)
+    assert spy.reads == []  # building the pipeline reads nothing
+    batch = next(iter(train))
+    assert spy.reads and all(len(rows) <= 3 for rows in spy.reads)
+    np.testing.assert_array_equal(batch["regions"].numpy(), parts["regions"][batch["image_id"].numpy()])
+    spy.reads.clear()
+    ev = eval_dataset(ds, tokenizer, batch_size=5)
+    assert spy.reads == []
+    got = np.concatenate([b["regions"] for b in ev.items])
+    np.testing.assert_array_equal(got, parts["regions"])
+    assert all(len(rows) <= 5 for rows in spy.reads)
+
+
+def test_region_rows_shared_memmap(parts, tokenizer, region_file):
+    memmap = np.load(region_file, mmap_mode="r")
+    full = _make(parts, "regions", region_file=region_file)
+    test_split = full.split("test")  # shares the memmap through region_rows
+    assert test_split.regions is full.regions
+    ev = eval_dataset(test_split, tokenizer, batch_size=4)
+    got = np.concatenate([b["regions"] for b in ev.items])
+    np.testing.assert_array_equal(got, np.asarray(memmap)[np.flatnonzero(parts["item_split"] == "test")])
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def test_eval_dataset_every_item_and_caption_once_in_order(kind_dataset, parts, tokenizer, image_files):
+    kind, ds = kind_dataset
+    ev = eval_dataset(ds, tokenizer, batch_size=5, max_length=7, image_size=SIZE)
+    assert isinstance(ev, EvalData)
+    assert ev.num_items == N_ITEMS and ev.num_captions == len(parts["captions"])
+    np.testing.assert_array_equal(ev.caption_item, parts["caption_item"])
+    np.testing.assert_array_equal(ev.item_group, parts["item_group"])
+    for _ in range(2):  # a second pass (the image-file cache) gives the same
+        items = _epoch(ev.items)
+        assert [len(b["image_id"]) for b in items] == [5, 5, 2]
+        np.testing.assert_array_equal(np.concatenate([b["image_id"] for b in items]), np.arange(N_ITEMS))
+        np.testing.assert_array_equal(np.concatenate([b["group_id"] for b in items]), parts["item_group"])
+        if kind == "regions":
+            np.testing.assert_array_equal(np.concatenate([b["regions"] for b in items]), parts["regions"])
+            assert all(b["region_mask"].all() and b["region_mask"].shape == b["regions"].shape[:2] for b in items)
+        else:
+            want = (parts["images"] if kind == "images" else image_files[1]) / 255.0
+            np.testing.assert_allclose(np.concatenate([b["image"] for b in items]), want, atol=1e-6)
+    caps = _epoch(ev.captions)
+    np.testing.assert_array_equal(np.concatenate([b["caption_id"] for b in caps]), np.arange(ev.num_captions))
+    np.testing.assert_array_equal(np.concatenate([b["image_id"] for b in caps]), parts["caption_item"])
+    ids = np.concatenate([b["caption_ids"] for b in caps])
+    np.testing.assert_array_equal(ids, _reference_ids(tokenizer, parts["captions"], 7))
+    np.testing.assert_array_equal(np.concatenate([b["caption_mask"] for b in caps]), ids > 0)
+
+
+def test_split_argument(parts, tokenizer):
+    ds = _make(parts, "images")
+    ev = eval_dataset(ds, tokenizer, batch_size=4, split="val")
+    assert ev.num_items == 2
+    np.testing.assert_array_equal(ev.item_group, parts["item_group"][8:10])
+    train = train_dataset(ds, tokenizer, batch_size=2, split="train", shuffle=False)
+    want = np.flatnonzero(parts["caption_item"] < 8)
+    got = np.concatenate([b["caption_id"] for b in _epoch(train)])
+    assert len(got) == len(want) - len(want) % 2
+    groups = np.concatenate([b["group_id"] for b in _epoch(train)])
+    assert set(groups) <= set(parts["item_group"][:8])
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_errors(parts, tokenizer, image_files):
+    ds = _make(parts, "images")
+    m = ds.num_captions
+    with pytest.raises(ValueError, match=rf"batch_size must be at most the number of captions \({m}\).*got {m + 1}"):
+        train_dataset(ds, tokenizer, batch_size=m + 1)
+    with pytest.raises(TypeError, match="tokenizer must be a tfemde.text.Tokenizer; got str"):
+        train_dataset(ds, "tok.model", batch_size=2)
+    with pytest.raises(TypeError, match="tokenizer must be a tfemde.text.Tokenizer"):
+        eval_dataset(ds, None, batch_size=2)
+    with pytest.raises(TypeError, match="dataset must be a tfemde.data.Dataset; got dict"):
+        train_dataset({"images": 1}, tokenizer, batch_size=2)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1; got 0"):
+        train_dataset(ds, tokenizer, batch_size=0)
+    with pytest.raises(ValueError, match="max_length must be an int >= 1"):
+        eval_dataset(ds, tokenizer, batch_size=2, max_length=0)
+    with pytest.raises(ValueError, match=r"region_drop must be a probability in \[0, 1\]; got 1.5"):
+        train_dataset(ds, tokenizer, batch_size=2, region_drop=1.5)
+    with pytest.raises(ValueError, match="caption_augment must be a probability"):
+        train_dataset(ds, tokenizer, batch_size=2, caption_augment=-0.1)
+    with pytest.raises(ValueError, match="crop_scale must be in"):
+        train_dataset(ds, tokenizer, batch_size=2, crop_scale=0.0)
+    with pytest.raises(ValueError, match="split must be None or one of"):
+        train_dataset(ds, tokenizer, batch_size=2, split="restval")
+    with pytest.raises(ValueError, match="image_size must be None, a positive int or"):
+        train_dataset(ds, tokenizer, batch_size=2, image_size=(8, 0))
+    files = _make(parts, "image_files", image_files)
+    with pytest.raises(ValueError, match="image_size is required for a dataset of image files"):
+        eval_dataset(files, tokenizer, batch_size=2)
+    floats = Dataset("f", images=parts["images"].astype(np.float32) / 255, **{
+        k: parts[k] for k in ("captions", "caption_item", "item_split", "item_group")})
+    with pytest.raises(ValueError, match=r"dataset.images must be uint8 with shape \[N, H, W, 3\]; got dtype float32"):
+        train_dataset(floats, tokenizer, batch_size=2)
+    empty = Dataset("empty", captions=[], caption_item=[], item_split=["train"], item_group=[0],
+                    images=np.zeros((1, 2, 2, 3), np.uint8))
+    with pytest.raises(ValueError, match="has no captions"):
+        train_dataset(empty, tokenizer, batch_size=1)

@@ -1,0 +1,167 @@
+"""The built-in emoji data set: Noto Color Emoji artwork with CLDR and `emoji`-package names as captions.
+
+The file (`tfemde/data/builtin/emoji.npz`, made by `tfemde.data.build_emoji`) is a plain `.npz` without pickles:
+
+| key            | dtype / shape          | what                                                                  |
+| -------------- | ---------------------- | --------------------------------------------------------------------- |
+| `format`       | str scalar             | `"tfemde-emoji-v1"`                                                   |
+| `size`         | int scalar             | image side S in pixels                                                |
+| `names`        | str `[N]`              | the emoji characters                                                  |
+| `group_keys`   | str `[N]`              | the emoji with skin-tone modifiers and U+FE0F removed                 |
+| `indices`      | uint8 `[N, S, S]`      | palette index per pixel (palette images; the shipped file)            |
+| `palettes`     | uint8 `[N, P, 3]`      | each image's RGB palette, P <= 256 (image i = `palettes[i][indices[i]]`) |
+| `pixels`       | uint8 `[N, S, S, 3]`   | RGB pixels (lossless files, instead of `indices` and `palettes`)      |
+| `captions`     | str `[M]`              | captions                                                              |
+| `caption_item` | int32 `[M]`            | the image of each caption                                             |
+| `langs`, `sources` | str `[L]`, str `[K]` | caption languages; provenance (font, CLDR and `emoji` versions)       |
+
+The arrays are deflate-compressed (`np.savez_compressed`); a palette image is what an 8-bit palette PNG holds, kept
+as arrays so that loading is one inflate and one gather (no per-image decoder calls).
+
+Groups and splits are not stored: they are derived from `group_keys` by `group_ids` / `group_splits`, so skin-tone
+variants of one emoji share a group and never cross splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from tfemde.data.dataset import Dataset
+
+FORMAT = "tfemde-emoji-v1"
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+EMOJI_PATH = BUILTIN_DIR / "emoji.npz"
+SPLIT_PERCENT = {"train": 80, "val": 10, "test": 10}
+_KEYS = ("format", "size", "names", "group_keys", "captions", "caption_item")
+
+_SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
+_cache = {}
+_cache_lock = threading.Lock()
+
+
+def group_key(emoji_text: str) -> str:
+    """The concept an emoji belongs to: the emoji without skin-tone modifiers (U+1F3FB..U+1F3FF) and U+FE0F."""
+    key = "".join(ch for ch in emoji_text if ch not in _SKIN_TONES and ch != "\ufe0f")
+    return key or emoji_text
+
+
+def _hash64(text: str, person: bytes) -> int:
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=person).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def group_ids(keys) -> np.ndarray:
+    """`[N]` int64 stable group ids (a 63-bit BLAKE2b hash of each group key)."""
+    return np.array([_hash64(k, b"tfemde-group") for k in keys], dtype=np.int64)
+
+
+def group_splits(keys) -> np.ndarray:
+    """`[N]` str split per key, 80/10/10 train/val/test by a hash of the key (same key, same split)."""
+    bucket = np.array([_hash64(k, b"tfemde-split") % 100 for k in keys], dtype=np.int64)
+    train, val = SPLIT_PERCENT["train"], SPLIT_PERCENT["train"] + SPLIT_PERCENT["val"]
+    return np.where(bucket < train, "train", np.where(bucket < val, "val", "test"))
+
+
+def is_emoji_file(path) -> bool:
+    """Whether `path` is an `.npz` in the emoji format (reads only the `format` entry)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return "format" in z.files and str(z["format"]) == FORMAT
+    except Exception:
+        return False
+
+
+def _images(path, z, n, size) -> np.ndarray:
+    """`[N, S, S, 3]` uint8 RGB from `pixels`, or from `indices` and `palettes` (gathered in chunks)."""
+    if "pixels" in z.files:
+        images = z["pixels"]
+        if images.dtype != np.uint8 or images.shape != (n, size, size, 3):
+            raise ValueError(f"{path}: pixels must be uint8 with shape {(n, size, size, 3)}; "
+                             f"got {images.dtype} with shape {images.shape}")
+        return images
+    if "indices" not in z.files or "palettes" not in z.files:
+        raise ValueError(f"{path}: not an emoji data file; it needs 'pixels' or 'indices' and 'palettes'")
+    indices, palettes = z["indices"], z["palettes"]
+    if indices.dtype != np.uint8 or indices.shape != (n, size, size):
+        raise ValueError(f"{path}: indices must be uint8 with shape {(n, size, size)}; "
+                         f"got {indices.dtype} with shape {indices.shape}")
+    if palettes.dtype != np.uint8 or palettes.ndim != 3 or palettes.shape[0] != n or palettes.shape[2] != 3 \
+            or not 1 <= palettes.shape[1] <= 256:
+        raise ValueError(f"{path}: palettes must be uint8 with shape [{n}, <=256, 3]; "
+                         f"got {palettes.dtype} with shape {palettes.shape}")
+    if indices.max(initial=0) >= palettes.shape[1]:
+        raise ValueError(f"{path}: indices must be < {palettes.shape[1]} (the palette size); "
+                         f"got {int(indices.max())}")
+    # One uint32 per palette entry makes the gather move whole pixels; chunks keep the temporaries in cache.
+    rgba = np.zeros(palettes.shape[:2] + (4,), dtype=np.uint8)
+    rgba[..., :3] = palettes
+    words = rgba.view(np.uint32).reshape(-1)
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    chunk = max(1, 2**20 // (size * size))
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        flat = indices[start:stop].astype(np.intp)
+        flat += (np.arange(start, stop, dtype=np.intp) * palettes.shape[1])[:, None, None]
+        images[start:stop] = np.take(words, flat).view(np.uint8).reshape(stop - start, size, size, 4)[..., :3]
+    return images
+
+
+def read_emoji_file(path=None, name: str = "emoji") -> Dataset:
+    """Read an emoji `.npz` (the shipped one by default) into a `Dataset` with images `[N, S, S, 3]` uint8.
+
+    Decoded files are cached per process (the image array is shared and read-only).
+
+    Args:
+        path: the `.npz` file; None for the shipped `tfemde/data/builtin/emoji.npz`.
+        name: the `Dataset` name.
+
+    Returns:
+        A `Dataset` with all three splits.
+
+    Example:
+        >>> ds = read_emoji_file()
+        >>> ds.images.shape[1:]
+        (64, 64, 3)
+    """
+    path = Path(path) if path is not None else EMOJI_PATH
+    if not path.is_file():
+        hint = " (the shipped data file is missing: rebuild it with `tfemde data build-emoji`)" \
+            if path == EMOJI_PATH else ""
+        raise FileNotFoundError(f"emoji data file {path} not found{hint}")
+    stat = path.stat()
+    cache_key = (str(path), stat.st_mtime_ns, stat.st_size)
+    with _cache_lock:
+        cached = _cache.get(cache_key)
+    if cached is None:
+        try:
+            z = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+        with z:
+            missing = [k for k in _KEYS if k not in z.files]
+            if missing:
+                raise ValueError(f"{path}: not an emoji data file; missing entries {missing}")
+            if str(z["format"]) != FORMAT:
+                raise ValueError(f"{path}: format must be {FORMAT!r}; got {str(z['format'])!r}")
+            arrays = {k: z[k] for k in _KEYS}
+            size, n = int(arrays["size"]), len(arrays["names"])
+            if len(arrays["group_keys"]) != n:
+                raise ValueError(f"{path}: group_keys must have length {n} like names; "
+                                 f"got {len(arrays['group_keys'])}")
+            images = _images(path, z, n, size)
+        keys = [str(k) for k in arrays["group_keys"]]
+        cached = dict(images=images, names=arrays["names"].astype(str), captions=arrays["captions"].tolist(),
+                      caption_item=arrays["caption_item"].astype(np.int64), item_group=group_ids(keys),
+                      item_split=group_splits(keys))
+        for value in cached.values():
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+        with _cache_lock:
+            _cache[cache_key] = cached
+    return Dataset(name=name, captions=list(cached["captions"]), caption_item=cached["caption_item"],
+                   item_split=cached["item_split"], item_group=cached["item_group"], images=cached["images"],
+                   item_names=cached["names"])

@@ -1,0 +1,304 @@
+"""`load`: one entry point for every data source (built-in emoji, Karpathy JSON, precomp regions, JSONL).
+
+Every reader returns a `tfemde.data.Dataset`. Bad input raises an error that names the file and what is wrong;
+nothing is dropped silently: the only items a reader skips are those whose image file is missing or unreadable, and
+those are counted in one `DataWarning` (or raise with `strict=True`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from tfemde.data.dataset import SPLITS, Dataset
+
+# Split names found in files, mapped to Dataset splits (Karpathy's `restval` is training data).
+SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "test": "test"}
+# Formats tf.io.decode_image reads; others would fail later inside tf.data.
+DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+
+
+class DataWarning(UserWarning):
+    """Something in the input data was skipped or reinterpreted (missing images, repeated region rows)."""
+
+
+def stable_ids(keys, person: bytes = b"tfemde-item") -> np.ndarray:
+    """`[N]` int64 ids that depend only on each key string (63-bit BLAKE2b), equal keys giving equal ids."""
+    return np.array([int.from_bytes(hashlib.blake2b(str(k).encode("utf-8"), digest_size=8, person=person).digest(),
+                                    "little") & 0x7FFF_FFFF_FFFF_FFFF for k in keys], dtype=np.int64)
+
+
+def read_text(path, what: str) -> str:
+    """The UTF-8 text of `path` (a leading BOM is dropped); errors name the file, line and byte."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: {what} must be UTF-8 text; line {line} has invalid byte "
+                         f"0x{data[e.start]:02x} at offset {e.start}") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def check_split(split, allowed=()) -> Optional[str]:
+    """Validates the `split` argument: None, a Dataset split, or one of `allowed` (file-specific names)."""
+    if split is None or split in SPLITS or split in allowed:
+        return split
+    names = ", ".join(repr(s) for s in tuple(SPLITS) + tuple(allowed))
+    raise ValueError(f"split must be None or one of {names}; got {split!r}")
+
+
+def _image_problem(path: str, check: bool) -> Optional[str]:
+    if not os.path.isfile(path):
+        return "missing"
+    if not check:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # reads the header only
+            fmt = im.format
+    except Exception as e:
+        return f"not a readable image ({type(e).__name__}: {e})"
+    if fmt not in DECODABLE_FORMATS:
+        return f"in format {fmt}, which tf.data cannot decode (use one of {', '.join(DECODABLE_FORMATS)})"
+    return None
+
+
+def filter_images(paths, source, strict: bool, check: bool = True) -> np.ndarray:
+    """`[N]` bool: which image files exist and (with `check`) open as a decodable image.
+
+    Missing or unreadable files are counted in one `DataWarning`; with `strict` the first one raises
+    (`FileNotFoundError` for a missing file, `ValueError` otherwise), naming the file.
+    """
+    paths = list(paths)
+    if len(paths) > 64:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            problems = list(pool.map(lambda p: _image_problem(p, check), paths, chunksize=64))
+    else:
+        problems = [_image_problem(p, check) for p in paths]
+    bad = [(p, why) for p, why in zip(paths, problems) if why is not None]
+    if bad and strict:
+        path, why = bad[0]
+        error = FileNotFoundError if why == "missing" else ValueError
+        raise error(f"{source}: image {path} is {why} ({len(bad)} of {len(paths)} images have problems; "
+                    f"strict=False skips them)")
+    if bad:
+        examples = "; ".join(f"{p} ({why})" for p, why in bad[:3])
+        warnings.warn(f"{source}: skipped {len(bad)} of {len(paths)} items whose image is missing or unreadable, "
+                      f"e.g. {examples}", DataWarning, stacklevel=3)
+    return np.array([why is None for why in problems], dtype=bool)
+
+
+def _image_dataset(name, source, records, split, strict, check) -> Dataset:
+    """A Dataset of image files from `records`: dicts with path, captions, split, group key and display name."""
+    if split is not None:
+        records = [r for r in records if r["split"] == split]
+    keep = filter_images([r["path"] for r in records], source, strict, check)
+    records = [r for r, ok in zip(records, keep) if ok]
+    captions, caption_item = [], []
+    for i, r in enumerate(records):
+        captions.extend(r["captions"])
+        caption_item.extend([i] * len(r["captions"]))
+    return Dataset(name=name, captions=captions, caption_item=np.array(caption_item, dtype=np.int64),
+                   item_split=np.array([r["split"] for r in records], dtype=str),
+                   item_group=stable_ids([r["group"] for r in records], b"tfemde-group"),
+                   image_paths=np.array([r["path"] for r in records], dtype=str),
+                   item_names=np.array([r["name"] for r in records], dtype=str))
+
+
+def _captions(path, where, value) -> list:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{path}: {where}: captions must be a non-empty list of strings; got {value!r:.80}")
+    for c in value:
+        if not isinstance(c, str) or not c.strip():
+            raise ValueError(f"{path}: {where}: every caption must be a non-empty string; got {c!r:.80}")
+    return [" ".join(c.split()) for c in value]
+
+
+def read_karpathy(path, split=None, strict: bool = False, image_root=None, check_images: bool = True) -> Dataset:
+    """Read a Karpathy split JSON (`dataset_coco.json`, `dataset_flickr30k.json`, ...) and its image folder.
+
+    Captions are `sentences[].raw` (whitespace normalised; the joined `tokens` where `raw` is absent), `restval`
+    counts as train, and an image's path is `image_root / filepath / filename`. Images stay files (`image_paths`),
+    decoded later in tf.data; items with the same path share a group.
+
+    Args:
+        path: the JSON file.
+        split: None for all splits, or `"train"` (with restval), `"val"`, `"test"`.
+        strict: raise on the first missing or unreadable image instead of skipping it with a warning.
+        image_root: the image folder; default the JSON file's folder.
+        check_images: open each image's header (in threads) to catch unreadable files; False checks existence only.
+
+    Returns:
+        A `Dataset` of kind `"image_files"`.
+
+    Example:
+        >>> ds = read_karpathy("data/dataset_flickr30k.json", image_root="data/flickr30k-images")  # doctest: +SKIP
+    """
+    path = Path(path)
+    split = check_split(split)
+    try:
+        data = json.loads(read_text(path, "Karpathy split JSON"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{path}: a Karpathy split JSON must be an object with an 'images' list; "
+                         f"got {type(data).__name__}" + (f" with keys {sorted(data)[:8]}" if isinstance(data, dict)
+                                                          else ""))
+    root = Path(image_root) if image_root is not None else path.parent
+    records = []
+    for j, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or not isinstance(image.get("filename"), str) or not image["filename"]:
+            raise ValueError(f"{path}: images[{j}] must be an object with a 'filename' string; got {image!r:.80}")
+        relative = os.path.join(str(image.get("filepath") or ""), image["filename"])
+        where = f"images[{j}] ({relative})"
+        if image.get("split") not in ("train", "restval", "val", "test"):
+            raise ValueError(f"{path}: {where}: split must be one of 'train', 'restval', 'val', 'test'; "
+                             f"got {image.get('split')!r}")
+        sentences = image.get("sentences")
+        if not isinstance(sentences, list) or not sentences:
+            raise ValueError(f"{path}: {where}: sentences must be a non-empty list; got {sentences!r:.80}")
+        raw = []
+        for k, s in enumerate(sentences):
+            text = s.get("raw") if isinstance(s, dict) else None
+            if text is None and isinstance(s, dict) and isinstance(s.get("tokens"), list):
+                text = " ".join(map(str, s["tokens"]))
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: {where}: sentences[{k}] needs a 'raw' string; got {s!r:.80}")
+            raw.append(text)
+        records.append(dict(path=str(root / relative), name=relative, split=SPLIT_NAMES[image["split"]],
+                            group="path:" + os.path.normpath(relative),
+                            captions=_captions(path, f"{where} sentences", raw)))
+    return _image_dataset(path.stem, path, records, split, strict, check_images)
+
+
+def read_jsonl(path, split=None, strict: bool = False, image_root=None, check_images: bool = True) -> Dataset:
+    """Read a JSONL file of `{"image": path, "captions": [...], "split": ..., "group"?: ...}`, one image a line.
+
+    Image paths are relative to the file's folder (or `image_root`); `split` is train, val or test (`restval` and
+    `dev` are accepted for train and val); items with equal `group` (any JSON value) are matches in evaluation,
+    and without `group` items with the same image path share one. Blank lines are ignored.
+
+    Args:
+        path: the `.jsonl` file.
+        split: None for all splits, or `"train"`, `"val"`, `"test"`.
+        strict: raise on the first missing or unreadable image instead of skipping it with a warning.
+        image_root: the folder image paths are relative to; default the file's folder.
+        check_images: open each image's header to catch unreadable files; False checks existence only.
+
+    Returns:
+        A `Dataset` of kind `"image_files"`.
+
+    Example:
+        >>> ds = read_jsonl("my_pairs.jsonl", split="train")  # doctest: +SKIP
+    """
+    path = Path(path)
+    split = check_split(split)
+    root = Path(image_root) if image_root is not None else path.parent
+    records = []
+    for number, line in enumerate(read_text(path, "JSONL file").split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"line {number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: {where} is not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: {where} must be a JSON object; got {type(obj).__name__}")
+        unknown = sorted(set(obj) - {"image", "captions", "split", "group"})
+        if unknown:
+            raise ValueError(f"{path}: {where}: unknown keys {unknown}; expected image, captions, split, group")
+        if not isinstance(obj.get("image"), str) or not obj["image"]:
+            raise ValueError(f"{path}: {where}: 'image' must be a non-empty path string; got {obj.get('image')!r}")
+        if obj.get("split") not in SPLIT_NAMES:
+            raise ValueError(f"{path}: {where}: split must be one of 'train', 'val', 'test' (or 'restval', 'dev'); "
+                             f"got {obj.get('split')!r}")
+        group = obj.get("group")
+        if isinstance(group, (dict, list)):
+            raise ValueError(f"{path}: {where}: group must be a string or number; got {group!r:.80}")
+        records.append(dict(path=str(root / obj["image"]), name=obj["image"], split=SPLIT_NAMES[obj["split"]],
+                            group=("path:" + os.path.normpath(obj["image"])) if group is None
+                            else "group:" + json.dumps(group),
+                            captions=_captions(path, where, obj.get("captions"))))
+    if not records:
+        raise ValueError(f"{path}: no items; expected one JSON object per line")
+    return _image_dataset(path.stem, path, records, split, strict, check_images)
+
+
+def load(source, split=None, strict: bool = False, image_root=None, check_images: bool = True,
+         captions_per_image: int = 5) -> Dataset:
+    """Load a data set of images (or region features) and captions as a `tfemde.data.Dataset`.
+
+    `source` is one of:
+    - `"emoji"`: the built-in emoji set (Noto Color Emoji art, CLDR and `emoji`-package names; 64x64 RGB on white,
+      ~2.3 captions per image, skin-tone variants grouped, 80/10/10 by group), or an `.npz` made by `build_emoji`;
+    - a Karpathy split JSON (`dataset_coco.json`, ...) with its images under `image_root` (default: its folder);
+    - a SCAN/VSE precomp folder (`{split}_ims.npy` `[N, R, F]`, `{split}_caps.txt`, optional `{split}_ids.txt`),
+      read through memory maps (see `tfemde.data.precomp.read_precomp`);
+    - a `.jsonl` file of `{"image", "captions", "split", "group"?}` objects.
+
+    Args:
+        source: `"emoji"` or a path (see above).
+        split: None for all splits, or `"train"`, `"val"`, `"test"` (precomp folders also take the file names
+            `"dev"` and `"testall"`).
+        strict: raise on the first missing or unreadable image instead of skipping it with a `DataWarning`.
+        image_root: the image folder of a Karpathy JSON or JSONL file.
+        check_images: open each image file's header (Karpathy, JSONL); False only checks that the files exist.
+        captions_per_image: captions per image in precomp folders.
+
+    Returns:
+        A `Dataset`: kind `"images"` (emoji), `"image_files"` (Karpathy, JSONL) or `"regions"` (precomp).
+
+    Example:
+        >>> ds = load("emoji", split="val")
+        >>> ds.images.dtype, ds.images.shape[1:]
+        (dtype('uint8'), (64, 64, 3))
+    """
+    path = Path(source)
+    if source == "emoji" and not path.exists():
+        from tfemde.data.builtin import read_emoji_file
+
+        check_split(split)
+        _no_image_root(image_root, "the built-in emoji set")
+        ds = read_emoji_file()
+        return ds if split is None else ds.split(split)
+    if not path.exists():
+        raise FileNotFoundError(f"data source {str(source)!r} not found; expected 'emoji', a Karpathy split JSON "
+                                f"file, a precomp folder ({{split}}_ims.npy + {{split}}_caps.txt) or a .jsonl file")
+    if path.is_dir():
+        from tfemde.data.precomp import read_precomp
+
+        _no_image_root(image_root, "precomp region features")
+        return read_precomp(path, split=split, captions_per_image=captions_per_image)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return read_jsonl(path, split=split, strict=strict, image_root=image_root, check_images=check_images)
+    if suffix == ".json":
+        return read_karpathy(path, split=split, strict=strict, image_root=image_root, check_images=check_images)
+    if suffix == ".npz":
+        from tfemde.data.builtin import read_emoji_file
+
+        check_split(split)
+        _no_image_root(image_root, "emoji .npz files")
+        ds = read_emoji_file(path, name=path.stem)
+        return ds if split is None else ds.split(split)
+    raise ValueError(f"{path}: unknown data source type {suffix or '(no suffix)'!r}; expected a Karpathy .json, "
+                     f"a .jsonl, an emoji .npz or a precomp folder")
+
+
+def _no_image_root(image_root, what):
+    if image_root is not None:
+        raise ValueError(f"image_root applies to Karpathy JSON and JSONL sources only, not {what}; "
+                         f"got image_root={str(image_root)!r}")
