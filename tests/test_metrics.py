@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tfemde.evaluation import (METRIC_KEYS, coco1k, format_metrics, full, protocol_metrics, retrieval_metrics,
+from tfemde.evaluation import (METRIC_KEYS, coco1k, full, metrics_line, protocol_metrics, retrieval_metrics,
                                retrieval_ranks)
 from tfemde.serving import Embeddings
 
@@ -154,8 +154,8 @@ def test_coco1k_averages_five_folds(rng, with_groups):
                   fold_size=fold_size) == pytest.approx(mean)
 
 
-def test_format_metrics():
-    line = format_metrics(retrieval_metrics(SIM, CAPTION_ITEM))
+def test_metrics_line():
+    line = metrics_line(retrieval_metrics(SIM, CAPTION_ITEM))
     assert line.startswith("i2t R@1 0.0 R@5 100.0") and "rsum 400.0" in line
 
 

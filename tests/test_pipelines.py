@@ -463,3 +463,25 @@ def test_errors(parts, tokenizer, image_files):
                     images=np.zeros((1, 2, 2, 3), np.uint8))
     with pytest.raises(ValueError, match="has no captions"):
         train_dataset(empty, tokenizer, batch_size=1)
+
+
+# ---------------------------------------------------------------------------------------------- shipped data
+def test_builtin_emoji_through_both_pipelines():
+    from tfemde.data import load
+
+    emoji = load("emoji")
+    train, val = emoji.split("train"), emoji.split("val")
+    tokenizer = Tokenizer.train(train.captions, vocab_size=1000)
+    batch = next(iter(train_dataset(train, tokenizer, batch_size=64, max_length=16)))
+    assert batch["image"].shape == (64, 64, 64, 3) and batch["caption_ids"].shape == (64, 16)
+    image = batch["image"].numpy()
+    assert 0.0 <= image.min() and image.max() <= 1.0 and image.mean() > 0.5  # drawn on white
+    np.testing.assert_array_equal(batch["caption_mask"].numpy(), batch["caption_ids"].numpy() > 0)
+    assert batch["caption_mask"].numpy().any(axis=1).all()
+    ids = batch["image_id"].numpy()
+    np.testing.assert_array_equal(batch["group_id"].numpy(), train.item_group[ids])
+    ev = eval_dataset(val, tokenizer, batch_size=256, max_length=16)
+    caps = _epoch(ev.captions)
+    np.testing.assert_array_equal(np.concatenate([b["caption_ids"] for b in caps]),
+                                  _reference_ids(tokenizer, val.captions, 16))
+    assert sum(len(b["image_id"]) for b in ev.items) == val.num_items

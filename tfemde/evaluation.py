@@ -28,8 +28,8 @@ RECALL_AT = (1, 5, 10)
 # Scores compared per ranking step (rows x candidates), about 64 MiB of float32.
 _RANK_BLOCK = 1 << 24
 
-__all__ = ["METRIC_KEYS", "PROTOCOLS", "coco1k", "format_metrics", "full", "metrics_from_ranks",
-           "protocol_metrics", "retrieval_metrics", "retrieval_ranks"]
+__all__ = ["METRIC_KEYS", "PROTOCOLS", "coco1k", "full", "metrics_from_ranks", "metrics_line", "protocol_metrics",
+           "retrieval_metrics", "retrieval_ranks"]
 
 
 def _progress_bar(enabled: bool, total: int, desc: str):
@@ -283,7 +283,7 @@ def protocol_metrics(protocol: str, images: Embeddings, captions: Embeddings, ca
     return PROTOCOLS[protocol](images, captions, caption_item, **kwargs)
 
 
-def format_metrics(metrics: Dict[str, float]) -> str:
+def metrics_line(metrics: Dict[str, float]) -> str:
     """One line: `i2t R@1/5/10 | t2i R@1/5/10 | rsum | medr | meanr`."""
     m = metrics
     return (f"i2t R@1 {m['i2t_r1']:.1f} R@5 {m['i2t_r5']:.1f} R@10 {m['i2t_r10']:.1f} | "

@@ -267,7 +267,7 @@ def build_emoji(out_path, size: int = 64, langs=("en",), palette: int = 256, emo
 
 
 def main(argv=None) -> int:
-    """`tfemde data build-emoji OUT [--size 64] [--langs en,de] [--palette 256] [--font ...] [--cldr ...]`."""
+    """`tfemde data build-emoji OUT [--size 64] [--langs en,de] [--palette 256] [--only EMOJI ...] [--quiet]`."""
     parser = argparse.ArgumentParser(prog="tfemde data build-emoji", description=__doc__.split("\n")[0])
     parser.add_argument("out", help="the .npz file to write")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
@@ -276,11 +276,12 @@ def main(argv=None) -> int:
                         help="colours per image PNG palette, 0 for lossless RGB (default 256)")
     parser.add_argument("--font", default=FONT_PATH, help=f"Noto Color Emoji TTF (default {FONT_PATH})")
     parser.add_argument("--cldr", default=CLDR_DIR, help=f"CLDR common folder (default {CLDR_DIR})")
+    parser.add_argument("--only", nargs="+", metavar="EMOJI", help="build only these emoji (a quick check)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
-    stats = build_emoji(args.out, size=args.size, langs=langs, palette=args.palette, font_path=args.font,
-                        cldr_dir=args.cldr, progress=not args.quiet)
+    stats = build_emoji(args.out, size=args.size, langs=langs, palette=args.palette, emoji_subset=args.only,
+                        font_path=args.font, cldr_dir=args.cldr, progress=not args.quiet)
     print(f"wrote {args.out}: {stats['images']} images ({stats['train']} train, {stats['val']} val, "
           f"{stats['test']} test), {stats['groups']} groups, {stats['captions']} captions, "
           f"{stats['bytes'] / 2**20:.1f} MiB; skipped {stats['skipped_missing']} missing from the font, "

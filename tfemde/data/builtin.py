@@ -66,15 +66,6 @@ def group_splits(keys) -> np.ndarray:
     return np.where(bucket < train, "train", np.where(bucket < val, "val", "test"))
 
 
-def is_emoji_file(path) -> bool:
-    """Whether `path` is an `.npz` in the emoji format (reads only the `format` entry)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return "format" in z.files and str(z["format"]) == FORMAT
-    except Exception:
-        return False
-
-
 def _images(path, z, n, size) -> np.ndarray:
     """`[N, S, S, 3]` uint8 RGB from `pixels`, or from `indices` and `palettes` (gathered in chunks)."""
     if "pixels" in z.files:

@@ -152,8 +152,20 @@ def _region_mask(batch, num_regions, seed, p):
 
 
 def _read_regions(dataset, items, num_regions, num_features):
-    """`[B, R, F]` float32 features of `items`, read from the (memory-mapped) array only for these rows."""
-    regions = tf.numpy_function(lambda i: dataset.region_features(i), [items], tf.float32, stateful=False)
+    """`[B, R, F]` float32 features of `items`, read from the (memory-mapped) array only for these rows.
+
+    NumPy reads each distinct row once, in ascending row order (one sequential copy out of the memory map); the
+    batch order is restored by a gather in TensorFlow, outside the GIL.
+    """
+
+    def read(items):
+        rows = items if dataset.region_rows is None else dataset.region_rows[items]
+        unique, inverse = np.unique(rows, return_inverse=True)
+        return np.asarray(dataset.regions[unique], dtype=np.float32), inverse.astype(np.int64).reshape(-1)
+
+    block, inverse = tf.numpy_function(read, [items], (tf.float32, tf.int64), stateful=False)
+    block.set_shape([None, num_regions, num_features])
+    regions = tf.gather(block, inverse)
     regions.set_shape([items.shape[0], num_regions, num_features])
     return regions
 
@@ -440,8 +452,7 @@ def eval_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_le
         num_regions, num_features = (int(s) for s in dataset.regions.shape[1:])
 
         def region_batch(i):
-            regions = tf.numpy_function(lambda j: dataset.region_features(j), [i], tf.float32, stateful=False)
-            regions.set_shape([None, num_regions, num_features])
+            regions = _read_regions(dataset, i, num_regions, num_features)
             return {"regions": regions, "region_mask": tf.ones(tf.shape(regions)[:2], tf.bool), "image_id": i,
                     "group_id": tf.gather(item_group, i)}
 

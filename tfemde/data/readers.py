@@ -79,7 +79,8 @@ def filter_images(paths, source, strict: bool, check: bool = True) -> np.ndarray
     """`[N]` bool: which image files exist and (with `check`) open as a decodable image.
 
     Missing or unreadable files are counted in one `DataWarning`; with `strict` the first one raises
-    (`FileNotFoundError` for a missing file, `ValueError` otherwise), naming the file.
+    (`FileNotFoundError` for a missing file, `ValueError` otherwise), naming the file, and so does a list in which
+    no image is usable (a wrong image root, most likely).
     """
     paths = list(paths)
     if len(paths) > 64:
@@ -93,6 +94,10 @@ def filter_images(paths, source, strict: bool, check: bool = True) -> np.ndarray
         error = FileNotFoundError if why == "missing" else ValueError
         raise error(f"{source}: image {path} is {why} ({len(bad)} of {len(paths)} images have problems; "
                     f"strict=False skips them)")
+    if bad and len(bad) == len(paths):
+        path, why = bad[0]
+        error, hint = (FileNotFoundError, "; is image_root right?") if why == "missing" else (ValueError, "")
+        raise error(f"{source}: all {len(paths)} images are missing or unreadable, e.g. {path} ({why}){hint}")
     if bad:
         examples = "; ".join(f"{p} ({why})" for p, why in bad[:3])
         warnings.warn(f"{source}: skipped {len(bad)} of {len(paths)} items whose image is missing or unreadable, "
@@ -103,7 +108,10 @@ def filter_images(paths, source, strict: bool, check: bool = True) -> np.ndarray
 def _image_dataset(name, source, records, split, strict, check) -> Dataset:
     """A Dataset of image files from `records`: dicts with path, captions, split, group key and display name."""
     if split is not None:
+        present = sorted({r["split"] for r in records})
         records = [r for r in records if r["split"] == split]
+        if not records:
+            raise ValueError(f"{source}: no items in split {split!r}; the file has splits {present}")
     keep = filter_images([r["path"] for r in records], source, strict, check)
     records = [r for r, ok in zip(records, keep) if ok]
     captions, caption_item = [], []
