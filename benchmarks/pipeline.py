@@ -11,7 +11,7 @@ Three sources at batch 128, default augmentations on:
 Target: the pipeline must outrun training by a wide margin, >= 5x the training step rate of the default model.
 Pass the measured step rate with --step-rate to print the target in batches/s.
 
-Usage: .venv/bin/python benchmarks/pipeline.py [--batches 60] [--step-rate STEPS_PER_S]
+Usage: .venv/bin/python benchmarks/pipeline.py [--batches 40] [--step-rate STEPS_PER_S]
 """
 
 from __future__ import annotations
@@ -55,24 +55,27 @@ def emoji_or_synthetic():
         return ds, f"synthetic 64 px ({type(err).__name__}: emoji reader unavailable)"
 
 
-def measure(ds, batches):
-    """(seconds to the first batch, batches per second over the next `batches`)."""
+def measure(ds, batches, windows=3):
+    """(seconds to the first batch, median batches per second over `windows` runs of `batches` batches)."""
     start = time.perf_counter()
     it = iter(ds)
     next(it)
     first = time.perf_counter() - start
     for _ in range(3):  # let autotuning settle
         next(it)
-    start = time.perf_counter()
-    for _ in range(batches):
-        batch = next(it)
-    _ = batch["caption_ids"].numpy()
-    return first, batches / (time.perf_counter() - start)
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(batches):
+            batch = next(it)
+        _ = batch["caption_ids"].numpy()
+        rates.append(batches / (time.perf_counter() - start))
+    return first, float(np.median(rates))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=60)
+    parser.add_argument("--batches", type=int, default=40, help="batches per timed window (median of 3)")
     parser.add_argument("--step-rate", type=float, default=None,
                         help="training steps/s of the default model at batch 128 (prints the 5x target)")
     parser.add_argument("--region-items", type=int, default=1000)
@@ -122,7 +125,8 @@ def main():
 
     cpu = platform.processor() or platform.machine()
     print()
-    print(f"tfemde input pipeline throughput, batch {BATCH}, default augmentations, {args.batches} batches timed")
+    print(f"tfemde input pipeline throughput, batch {BATCH}, default augmentations, median of 3 windows of "
+          f"{args.batches} batches")
     print(f"machine: {platform.node()} ({cpu}, {os.cpu_count()} cores), Python {platform.python_version()}, "
           f"TF {tf.__version__}; date: {datetime.datetime.now().isoformat(timespec='seconds')}; "
           f"load average {os.getloadavg()[0]:.1f} (other processes share the cores)")

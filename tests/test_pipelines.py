@@ -157,8 +157,8 @@ def test_every_pair_once_per_epoch_and_reshuffled(parts, tokenizer):
     np.testing.assert_array_equal(ordered, np.arange(m))
 
     endless = train_dataset(ds, tokenizer, batch_size=batch_size, repeat=True)
-    seen = np.concatenate([b["caption_id"] for b in _epoch(endless.take(3 * m))])
-    assert np.array_equal(np.bincount(seen, minlength=m), np.full(m, 3 * batch_size))
+    seen = np.concatenate([b["caption_id"] for b in _epoch(endless.take(m))])  # m batches = batch_size epochs
+    assert np.array_equal(np.bincount(seen, minlength=m), np.full(m, batch_size))
 
 
 def _all_equal(a, b):

@@ -5,7 +5,6 @@ import pickle
 import subprocess
 import sys
 import unicodedata
-import warnings
 
 import numpy as np
 import pytest

@@ -26,7 +26,7 @@ import io
 import os
 import re
 import warnings
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm

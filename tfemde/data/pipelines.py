@@ -185,7 +185,9 @@ def decode_image_file(path, image_size):
 
     image = tf.cond(tf.strings.substr(data, 0, 4) == b"\x89PNG", png, other)
     image.set_shape([None, None, 3])
-    image = tf.image.resize(image, image_size, method="bilinear", antialias=True)
+    same_size = tf.reduce_all(tf.shape(image)[:2] == tf.constant(image_size))
+    image = tf.cond(same_size, lambda: tf.reshape(image, list(image_size) + [3]),
+                    lambda: tf.image.resize(image, image_size, method="bilinear", antialias=True))
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
