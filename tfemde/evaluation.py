@@ -16,6 +16,7 @@ only needs its embeddings.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -28,8 +29,8 @@ RECALL_AT = (1, 5, 10)
 # Scores compared per ranking step (rows x candidates), about 64 MiB of float32.
 _RANK_BLOCK = 1 << 24
 
-__all__ = ["METRIC_KEYS", "PROTOCOLS", "coco1k", "full", "metrics_from_ranks", "metrics_line", "protocol_metrics",
-           "retrieval_metrics", "retrieval_ranks"]
+__all__ = ["METRIC_KEYS", "PROTOCOLS", "coco1k", "encode_dataset", "evaluate", "evaluate_encoded", "full",
+           "metrics_from_ranks", "metrics_line", "protocol_metrics", "retrieval_metrics", "retrieval_ranks"]
 
 
 def _progress_bar(enabled: bool, total: int, desc: str):
@@ -293,3 +294,112 @@ def metrics_line(metrics: Dict[str, float]) -> str:
 
 # -- Model evaluation and Keras callbacks (training side) go below; they import keras inside functions so that
 # -- this module stays importable without TensorFlow.
+
+
+def embeddings_from_outputs(outputs, config) -> Embeddings:
+    """`Embeddings` from an encoder's `{"set", "sketch"}` outputs (NumPy arrays), using the config's sketch depth."""
+    sketches = outputs.get("sketch") if config.sketch else None
+    return Embeddings(np.asarray(outputs["set"], dtype=np.float32),
+                      sketches=None if sketches is None else np.asarray(sketches, dtype=np.float32),
+                      sketch_depth=config.sketch_depth if sketches is not None else None)
+
+
+def _compiled(encoder):
+    """One `tf.function` per encoder, kept on it, tolerant of the smaller last batch (no retracing per call)."""
+    compiled = getattr(encoder, "_tfemde_inference_fn", None)
+    if compiled is None:
+        import tensorflow as tf
+
+        compiled = tf.function(lambda inputs: encoder(inputs, training=False), reduce_retracing=True)
+        object.__setattr__(encoder, "_tfemde_inference_fn", compiled)
+    return compiled
+
+
+def _predict(encoder, data, config, progress, desc="encoding"):
+    """Run a Keras encoder over a tf.data dataset of dict batches and return its `Embeddings`."""
+    names = [tensor.name for tensor in encoder.inputs]
+    run = _compiled(encoder)
+    outputs = {}
+    batches = data.map(lambda batch: {name: batch[name] for name in names})
+    bar = _progress_bar(progress, int(batches.cardinality()) if int(batches.cardinality()) > 0 else None, desc)
+    for batch in batches:
+        for key, value in run(batch).items():
+            outputs.setdefault(key, []).append(value.numpy())
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return embeddings_from_outputs({key: np.concatenate(parts) for key, parts in outputs.items()}, config)
+
+
+def encode_dataset(model, dataset, tokenizer=None, max_length=None, batch_size=256, progress=False):
+    """Embeddings of every item and every caption, in order.
+
+    Args:
+        model: a `DualEncoder`.
+        dataset: a `tfemde.data.Dataset` (tokenised here with `tokenizer`) or an `EvalData` from `eval_dataset`.
+        tokenizer: the run's `Tokenizer` (needed for a `Dataset`).
+        max_length: caption length in tokens (default: the model config's).
+        batch_size: encoder batch size.
+        progress: show Keras progress bars.
+
+    Returns:
+        `(items, captions)`: two `tfemde.serving.Embeddings`.
+    """
+    from tfemde.data import EvalData, eval_dataset
+
+    config = model.config
+    if not isinstance(dataset, EvalData):
+        if tokenizer is None:
+            raise ValueError("encode_dataset needs tokenizer= (the run's Tokenizer) to encode a Dataset's captions")
+        image_size = config.image_size if dataset.kind == "image_files" else None
+        dataset = eval_dataset(dataset, tokenizer, batch_size, max_length=max_length or config.max_length,
+                               image_size=image_size)
+    return (_predict(model.image_encoder, dataset.items, config, progress, "encoding items"),
+            _predict(model.text_encoder, dataset.captions, config, progress, "encoding captions"))
+
+
+def _similarity_kwargs(config):
+    return {"alpha": config.alpha, "sketch_weight": config.sketch_weight if config.sketch else 0.0}
+
+
+def evaluate_encoded(model, eval_data, protocol="full", progress=False, **protocol_kwargs) -> Dict[str, float]:
+    """Metrics of `model` on an `EvalData` (what the validation callback uses)."""
+    items, captions = encode_dataset(model, eval_data, progress=progress)
+    return protocol_metrics(protocol, items, captions, eval_data.caption_item, groups=eval_data.item_group,
+                            progress=progress, **_similarity_kwargs(model.config), **protocol_kwargs)
+
+
+def evaluate(model, dataset, split=None, protocol="full", tokenizer=None, max_length=None, batch_size=256,
+             progress=True, **protocol_kwargs) -> Dict[str, float]:
+    """Retrieval metrics of a trained model on a data set: embeddings once, the similarity in chunks.
+
+    Args:
+        model: a `DualEncoder`, a `tfemde.runs.Run`, or the path of a run folder (which also gives the tokenizer).
+        dataset: a `Dataset`, or a name/path for `tfemde.data.load` (e.g. `"emoji"`).
+        split: evaluate this split of `dataset` (`"val"`, `"test"`); None uses all of `dataset`.
+        protocol: `"full"` (all items against all captions) or `"coco1k"` (mean over five folds of 1,000 items).
+        tokenizer: the run's `Tokenizer` (not needed when `model` is a run).
+        max_length, batch_size: encoding settings (default max_length: the model config's).
+        progress: progress bars while encoding and scoring.
+        **protocol_kwargs: passed to the protocol (e.g. `fold_size`, `chunk_size`).
+
+    Returns:
+        the metric dict of `retrieval_metrics` (recalls in percent, `rsum`, median and mean ranks).
+
+    Example:
+        >>> # metrics = evaluate("runs/quickstart/dive_temde", "emoji", split="test")
+    """
+    from tfemde.runs import Run, open_run, resolve_dataset
+
+    if isinstance(model, (str, os.PathLike)):
+        model = open_run(model)
+    if isinstance(model, Run):
+        tokenizer = tokenizer or model.tokenizer
+        model = model.model
+    dataset = resolve_dataset(dataset)
+    if split is not None:
+        dataset = dataset.split(split)
+    items, captions = encode_dataset(model, dataset, tokenizer, max_length, batch_size, progress)
+    return protocol_metrics(protocol, items, captions, dataset.caption_item, groups=dataset.item_group,
+                            progress=progress, **_similarity_kwargs(model.config), **protocol_kwargs)

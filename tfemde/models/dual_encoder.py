@@ -245,11 +245,13 @@ class DualEncoder(keras.Model):
         if config.loss == "info_nce":
             loss = losses.info_nce_loss(score, positives, temperature=config.info_nce_temperature)
         else:
-            hardest = losses.triplet_loss(score, positives, margin=config.margin, hardest=True,
-                                          reduction=config.reduction)
-            every = losses.triplet_loss(score, positives, margin=config.margin, hardest=False,
-                                        reduction=config.reduction)
-            loss = ops.where(self._hardest_negatives > 0.5, hardest, every)
+            loss = ops.cond(
+                self._hardest_negatives > 0.5,
+                lambda: losses.triplet_loss(score, positives, margin=config.margin, hardest=True,
+                                            reduction=config.reduction),
+                lambda: losses.triplet_loss(score, positives, margin=config.margin, hardest=False,
+                                            reduction=config.reduction),
+            )
         if config.head == "set":
             if config.mmd_weight:
                 loss = loss + config.mmd_weight * losses.mmd_loss(y_pred["image_set"], y_pred["text_set"],

@@ -5,7 +5,13 @@ never tensorflow or keras, so applications can serve exported models without Ten
 """
 
 from tfemde.serving.embeddings import Embeddings
+from tfemde.serving.encoder import Encoder
+from tfemde.serving.images import load_image, load_images
 from tfemde.serving.index import SetIndex
+from tfemde.serving.manifest import ExportFileError, read_manifest, verify_files
+from tfemde.serving.providers import choose_providers
 from tfemde.serving.similarity import similarity, sketch_similarity, smooth_chamfer
 
-__all__ = ["Embeddings", "SetIndex", "similarity", "sketch_similarity", "smooth_chamfer"]
+__all__ = ["Embeddings", "SetIndex", "similarity", "sketch_similarity", "smooth_chamfer",
+           "Encoder", "ExportFileError", "choose_providers", "load_image", "load_images", "read_manifest",
+           "verify_files"]

@@ -1,0 +1,125 @@
+"""The export folder's `manifest.json`: reading it, and checking every file against its recorded sha256.
+
+An export folder (written by `tfemde.export.export_run`) holds `image.onnx`, `text.onnx`, `text_e2e.onnx`,
+`tokenizer.model`, `saved_model/` and `manifest.json`. The manifest records, for every other file, its size and
+sha256, so that a reader can tell a complete, unchanged export from a damaged one before using it. NumPy-free and
+TensorFlow-free: the standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "tfemde.export"
+FORMAT_VERSION = 1
+
+IMAGE_ONNX = "image.onnx"
+TEXT_ONNX = "text.onnx"
+TEXT_E2E_ONNX = "text_e2e.onnx"
+TOKENIZER_FILE = "tokenizer.model"
+SAVED_MODEL_DIR = "saved_model"
+
+
+class ExportFileError(ValueError):
+    """An export folder or one of its files is missing, corrupt or changed since export (the message names it)."""
+
+
+def sha256_file(path, chunk_size: int = 1 << 20) -> str:
+    """The hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_records(folder, exclude: Iterable[str] = (MANIFEST_NAME,)) -> dict:
+    """`{relative POSIX path: {"sha256", "bytes"}}` of every file under `folder`, sorted by path."""
+    folder = Path(folder)
+    exclude = set(exclude)
+    records = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name not in exclude:
+            records[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return records
+
+
+def read_manifest(export_dir) -> dict:
+    """Read and check the `manifest.json` of an export folder.
+
+    Args:
+        export_dir: a folder written by `tfemde.export.export_run`.
+
+    Returns:
+        The manifest as a dict.
+
+    Raises:
+        ExportFileError: the folder or its manifest is missing, unreadable, or of another format or version.
+    """
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise ExportFileError(f"export folder {str(export_dir)!r} does not exist (expected a folder written by "
+                              "`tfemde export`)")
+    path = export_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ExportFileError(f"{str(export_dir)!r} is not a tfemde export: {MANIFEST_NAME} is missing")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ExportFileError(f"export file {MANIFEST_NAME!r} in {str(export_dir)!r} is corrupt: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ExportFileError(f"export file {MANIFEST_NAME!r} in {str(export_dir)!r} is not a {FORMAT_NAME} "
+                              "manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ExportFileError(f"export {str(export_dir)!r} has format version {manifest.get('version')!r}; this "
+                              f"tfemde reads version {FORMAT_VERSION}. Re-export it with this tfemde.")
+    if not isinstance(manifest.get("files"), dict):
+        raise ExportFileError(f"export file {MANIFEST_NAME!r} in {str(export_dir)!r} has no 'files' checksums")
+    return manifest
+
+
+def verify_files(export_dir, manifest: dict, names: Optional[Iterable[str]] = None) -> None:
+    """Check files of an export against the sizes and sha256 checksums in its manifest.
+
+    Args:
+        export_dir: the export folder.
+        manifest: its manifest (`read_manifest`).
+        names: the relative paths to check (e.g. `["image.onnx"]`); None checks every file the manifest lists.
+            A name under a folder listed in the manifest (`"saved_model"`) checks every file below it.
+
+    Raises:
+        ExportFileError: naming the first file that is missing, not listed, or whose checksum does not match.
+    """
+    export_dir = Path(export_dir)
+    records = manifest["files"]
+    if names is None:
+        wanted = list(records)
+    else:
+        wanted = []
+        for name in names:
+            below = [n for n in records if n.startswith(name.rstrip("/") + "/")]
+            if name not in records and not below:
+                raise ExportFileError(f"export file {name!r} is not listed in the {MANIFEST_NAME} of "
+                                      f"{str(export_dir)!r}")
+            wanted.extend([name] if name in records else below)
+    for name in wanted:
+        record = records[name]
+        path = export_dir / name
+        if not path.is_file():
+            raise ExportFileError(f"export file {name!r} is missing from {str(export_dir)!r} (the manifest lists "
+                                  "it); re-export the model")
+        size = os.path.getsize(path)
+        actual = sha256_file(path)
+        if actual != record.get("sha256"):
+            detail = f"{size} bytes, expected {record.get('bytes')}" if size != record.get("bytes") else \
+                "same size, different content"
+            raise ExportFileError(f"export file {name!r} in {str(export_dir)!r} is corrupt or was changed: its "
+                                  f"sha256 checksum does not match the manifest (expected "
+                                  f"{str(record.get('sha256'))[:16]}…, got {actual[:16]}…; {detail}). "
+                                  "Re-export the model.")

@@ -1,0 +1,111 @@
+"""onnxruntime execution providers and sessions for the serving runtime (no TensorFlow).
+
+`choose_providers` is a pure function of the provider list onnxruntime reports, so that the choice (CUDA when it
+is there, the CPU otherwise) is testable on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def choose_providers(available: Sequence[str], requested=None) -> list:
+    """The execution providers to create sessions with, in priority order.
+
+    Args:
+        available: the provider names onnxruntime offers (`onnxruntime.get_available_providers()`).
+        requested: None to choose automatically (CUDA then CPU when CUDA is available, else CPU alone); or a
+            provider name, or a list of names or `(name, options)` pairs, used as given after checking that
+            each one is available. The CPU provider is appended when missing, as the fallback for ops the
+            others cannot run.
+
+    Returns:
+        A list of provider names (or `(name, options)` pairs) for `onnxruntime.InferenceSession(providers=...)`.
+
+    Example:
+        >>> choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"])
+        ['CUDAExecutionProvider', 'CPUExecutionProvider']
+        >>> choose_providers(["AzureExecutionProvider", "CPUExecutionProvider"])
+        ['CPUExecutionProvider']
+    """
+    available = list(available)
+    if requested is None:
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    if isinstance(requested, str) or (isinstance(requested, tuple) and len(requested) == 2
+                                      and isinstance(requested[1], dict)):
+        requested = [requested]
+    chosen = []
+    for entry in requested:
+        name = entry[0] if isinstance(entry, (tuple, list)) else entry
+        if not isinstance(name, str):
+            raise ValueError(f"providers must be provider names or (name, options) pairs; got {entry!r}")
+        if name not in available:
+            raise ValueError(f"execution provider {name!r} is not available in this onnxruntime; available: "
+                             f"{', '.join(available) or 'none'}")
+        chosen.append(tuple(entry) if isinstance(entry, (tuple, list)) else entry)
+    if not chosen:
+        raise ValueError("providers must name at least one execution provider; got an empty list")
+    if CPU not in [c[0] if isinstance(c, tuple) else c for c in chosen]:
+        chosen.append(CPU)
+    return chosen
+
+
+def extensions_library_path() -> str:
+    """The onnxruntime-extensions custom-op library, found without importing the package.
+
+    `import onnxruntime_extensions` also imports `onnx` when it is installed (only its graph-building helpers
+    need it); the serving runtime needs nothing but the shared library's path.
+    """
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime_extensions")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("text_e2e.onnx needs onnxruntime-extensions: pip install onnxruntime-extensions==0.15.2")
+    for folder in spec.submodule_search_locations:
+        found = sorted(glob.glob(os.path.join(folder, "_extensions_pydll.*")))
+        if found:
+            return found[0]
+    import onnxruntime_extensions  # an unusual layout: ask the package
+
+    return onnxruntime_extensions.get_library_path()
+
+
+def _tensorflow_loaded() -> bool:
+    return sys.modules.get("tensorflow") is not None
+
+
+def make_session(path, providers=None, custom_ops: bool = False, threads: Optional[int] = None):
+    """An `onnxruntime.InferenceSession` for one ONNX file.
+
+    Args:
+        path: the `.onnx` file.
+        providers: as for `choose_providers` (None: CUDA when available, else CPU).
+        custom_ops: register the onnxruntime-extensions op library (needed by `text_e2e.onnx`).
+        threads: intra-op threads (None: onnxruntime's default, one per core).
+
+    Raises:
+        RuntimeError: `custom_ops` in a process that has imported TensorFlow. Registering the
+            onnxruntime-extensions library there crashes the process (onnxruntime 1.32, extensions 0.15.2,
+            TensorFlow 2.21), so this refuses instead.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    if custom_ops:
+        if _tensorflow_loaded():
+            raise RuntimeError(
+                f"cannot load {path}: it needs the onnxruntime-extensions op library, and registering that library "
+                "in a process that has imported TensorFlow crashes it. Use the sentencepiece text route "
+                "(Encoder.load(..., text_route='sentencepiece')) or a process without TensorFlow.")
+        options.register_custom_ops_library(extensions_library_path())
+    chosen = choose_providers(ort.get_available_providers(), providers)
+    return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
