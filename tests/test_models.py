@@ -113,6 +113,26 @@ def test_compute_loss_equals_numpy_triplet_with_all_positives_masked(rng):
     assert loss == pytest.approx(expected, rel=1e-4)
 
 
+def test_separately_batched_images_and_captions(rng):
+    """DivE batching: 3 images once each, 6 captions (two per image) with caption_image_id; loss vs NumPy."""
+    model = build_dual_encoder("vse", **TINY, **REGIONS, warmup_epochs=0, reduction="mean")
+    pairs = region_batch(rng, batch=6, num_images=3)
+    batch = {"regions": pairs["regions"][:3], "region_mask": pairs["region_mask"][:3], "image_id": np.arange(3),
+             "caption_ids": pairs["caption_ids"], "caption_mask": pairs["caption_mask"],
+             "caption_image_id": pairs["image_id"]}
+    out = encode(model, {k: v for k, v in batch.items() if k != "caption_image_id"})
+    assert out["image_set"].shape[0] == 3 and out["text_set"].shape[0] == 6
+    loss = float(model.compute_loss(x=batch, y_pred={k: tf.constant(v) for k, v in out.items()}))
+    s = out["image_set"][:, 0] @ out["text_set"][:, 0].T
+    positive = np.arange(3)[:, None] == batch["caption_image_id"][None, :]
+    i2t = [max(0.0, (0.2 + s[i][~positive[i]] - s[i, c]).max()) for i, c in zip(*np.nonzero(positive))]
+    t2i = [max(0.0, (0.2 + s[:, c][~positive[:, c]] - s[i, c]).max()) for i, c in zip(*np.nonzero(positive))]
+    assert loss == pytest.approx(np.mean(i2t) + np.mean(t2i), rel=1e-4)
+    model.compile()
+    history = model.fit(tf.data.Dataset.from_tensors(batch).repeat(3), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
 def test_negatives_warmup_switches_after_the_first_epoch(rng):
     model = build_dual_encoder("vse", **TINY, **REGIONS, warmup_epochs=1)
     model.compile()

@@ -72,6 +72,128 @@ def cmd_build_emoji(args):
     return build_main(argv)
 
 
+def cmd_export(args):
+    from tfemde.export import ExportError, export_run
+
+    try:
+        out = export_run(args.run_dir, args.out, opset=args.opset)
+    except ExportError as error:
+        raise UserError(f"export failed its checks, nothing written: {error}") from error
+    manifest = json.loads((Path(out) / "manifest.json").read_text(encoding="utf-8"))
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in manifest["verification"]["max_abs_diff"].items())
+    print(f"exported {manifest['preset']} to {out} (K={manifest['embedding']['set_size']}, "
+          f"D={manifest['embedding']['dim']}); max |ONNX/SavedModel - TF|: {diffs}")
+
+
+def _serving_encoder(args):
+    from tfemde.serving import Encoder
+
+    return Encoder.load(args.export_dir, text_route=args.text_route, batch_size=args.batch_size)
+
+
+def _read_lines(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"texts file not found: {path}")
+    texts = path.read_text(encoding="utf-8").splitlines()
+    if not texts:
+        raise UserError(f"texts file {path} is empty; it needs one text per line")
+    return texts
+
+
+def cmd_embed(args):
+    import numpy as np
+
+    from tfemde.serving.images import list_images
+
+    encoder = _serving_encoder(args)
+    if args.texts:
+        ids = _read_lines(args.texts)
+        embeddings = encoder.encode_texts(ids)
+    else:
+        paths = list_images(args.images)
+        ids = [os.path.basename(p) for p in paths]
+        embeddings = encoder.encode_images(paths)
+    arrays = {"ids": np.asarray(ids, dtype=str), "sets": embeddings.sets}
+    if embeddings.sketches is not None:
+        arrays.update(sketches=embeddings.sketches, sketch_depth=np.int64(embeddings.sketch_depth))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as f:  # a file object: np.savez would append .npz to another suffix
+        np.savez(f, **arrays)
+    sketch = f", sketches [{len(embeddings)}, {embeddings.sketch_dim}]" if embeddings.sketches is not None else ""
+    print(f"embedded {len(embeddings)} {'texts' if args.texts else 'images'}: sets {list(embeddings.sets.shape)}"
+          f"{sketch} -> {out}")
+
+
+def _dataset_items(name, split):
+    """`(ids, kind, items)` of a data set for `tfemde index --data`: pixels, file paths or region features."""
+    import numpy as np
+
+    from tfemde.data import load
+
+    dataset = load(name)
+    if split != "all":
+        dataset = dataset.split(split)
+    if dataset.num_items == 0:
+        raise UserError(f"data set {dataset.name!r} has no items in split {split!r}")
+    names = dataset.item_names
+    if names is not None and len(np.unique(names)) == len(names):
+        ids = [str(n) for n in names]
+    else:
+        ids = [f"{i}" if names is None else f"{i}:{names[i]}" for i in range(dataset.num_items)]
+    if dataset.kind == "images":
+        return ids, "images", dataset.images
+    if dataset.kind == "image_files":
+        return ids, "paths", [str(p) for p in dataset.image_paths]
+    return ids, "regions", dataset
+
+
+def cmd_index(args):
+    import numpy as np
+
+    from tfemde.serving import Embeddings, SetIndex
+    from tfemde.serving.images import list_images
+
+    encoder = _serving_encoder(args)
+    if args.images:
+        paths = list_images(args.images)
+        ids, embeddings = [os.path.basename(p) for p in paths], encoder.encode_images(paths)
+    else:
+        ids, kind, items = _dataset_items(args.data, args.split)
+        if kind == "regions":
+            step = 1024  # region features are read from their memory map a chunk at a time
+            embeddings = Embeddings.concat([
+                encoder.encode_regions(items.region_features(np.arange(i, min(i + step, len(ids)))))
+                for i in range(0, len(ids), step)])
+        else:
+            embeddings = encoder.encode_images(items)
+    index = SetIndex(**encoder.similarity_kwargs)
+    index.add(embeddings, ids=ids)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    index.save(out)
+    print(f"indexed {len(index)} items (alpha={index.alpha}, sketch_weight={index.sketch_weight}) -> {out}")
+
+
+def cmd_search(args):
+    from tfemde.serving import SetIndex
+
+    index = SetIndex.load(args.index)
+    encoder = _serving_encoder(args)
+    if (index.alpha, index.sketch_weight) != (encoder.alpha, encoder.sketch_weight):
+        print(f"tfemde search: warning: the index scores with alpha={index.alpha}, sketch_weight="
+              f"{index.sketch_weight}; the export's model uses alpha={encoder.alpha}, sketch_weight="
+              f"{encoder.sketch_weight}", file=sys.stderr)
+    if args.k < 1:
+        raise UserError(f"-k must be >= 1; got {args.k}")
+    ids, scores = index.search(encoder.encode_texts(args.query), k=args.k)
+    for query, row_ids, row_scores in zip(args.query, ids, scores):
+        print(f"{query!r}:")
+        for rank, (item, score) in enumerate(zip(row_ids, row_scores), 1):
+            print(f"  {rank:>3}. {score:8.4f}  {item}")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="tfemde", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="command", required=True)
@@ -100,6 +222,42 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--protocol", default="full", choices=("full", "coco1k"))
     ev.add_argument("--out", help="the JSON to write (default RUN_DIR/metrics_SPLIT_PROTOCOL.json)")
     ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser("export", help="export a run's encoders to ONNX + SavedModel, checked against TensorFlow")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True, help="the export folder to write (an earlier export there is replaced)")
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-18 (default 17)")
+    ex.set_defaults(func=cmd_export)
+
+    def serving_options(p):
+        p.add_argument("export_dir", help="a folder written by `tfemde export`")
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--text-route", default="sentencepiece", choices=("sentencepiece", "e2e"),
+                       help="tokenize with the sentencepiece library + text.onnx, or run text_e2e.onnx on strings")
+
+    em = sub.add_parser("embed", help="embed texts or images with an export (onnxruntime, no TensorFlow)")
+    serving_options(em)
+    what = em.add_mutually_exclusive_group(required=True)
+    what.add_argument("--texts", help="a UTF-8 file with one text per line")
+    what.add_argument("--images", help="a folder of image files")
+    em.add_argument("--out", required=True, help="the .npz to write (ids, sets, sketches, sketch_depth)")
+    em.set_defaults(func=cmd_embed)
+
+    ix = sub.add_parser("index", help="build a SetIndex file of images with an export")
+    serving_options(ix)
+    source = ix.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="a folder of image files (ids are the file names)")
+    source.add_argument("--data", help="a data set: 'emoji' or a path tfemde.data.load reads")
+    ix.add_argument("--split", default="all", choices=("all", "train", "val", "test"), help="with --data")
+    ix.add_argument("--out", required=True, help="the index file to write")
+    ix.set_defaults(func=cmd_index)
+
+    se = sub.add_parser("search", help="search an index with text queries")
+    serving_options(se)
+    se.add_argument("--index", required=True, help="an index file written by `tfemde index`")
+    se.add_argument("--query", required=True, action="append", help="a text query (repeat for several)")
+    se.add_argument("-k", type=int, default=5, help="results per query")
+    se.set_defaults(func=cmd_search)
 
     data = sub.add_parser("data", help="data-set tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -167,10 +167,11 @@ def _build_graph(config):
 class DualEncoder(keras.Model):
     """A functional image/text dual encoder scored by Smooth-Chamfer (+ λ·sketch cosine) and trained with `fit`.
 
-    Inputs (a dict): `image [B,H,W,3]` float in [0, 1] or `regions [B,R,F]` + `region_mask [B,R]`;
-    `caption_ids [B,T]` int32 + `caption_mask [B,T]`; for training also `image_id [B]` (and `group_id [B]`):
-    captions and images with the same id (or group) are positives, so several captions of one image in a batch are
-    all masked out of each other's negatives.
+    Inputs (a dict): `image [Bi,H,W,3]` float in [0, 1] or `regions [Bi,R,F]` + `region_mask [Bi,R]`;
+    `caption_ids [Bc,T]` int32 + `caption_mask [Bc,T]`; for training also the keys of `positive_keys`:
+    `image_id [B]` (and `group_id [B]`) for paired batches (Bi = Bc), or `image_id [Bi]` + `caption_image_id [Bc]`
+    for separately batched items and captions. Captions and images with the same id (or group) are positives, so
+    several captions of one image in a batch are all masked out of each other's negatives.
 
     Outputs (a dict): `image_set`, `text_set` `[B, K, D]` unit elements; `image_sketch`, `text_sketch`
     `[B, depth * 2**bits]` when the sketch is on; `image_residual`, `text_residual` for set heads.
@@ -240,8 +241,8 @@ class DualEncoder(keras.Model):
                              f"got {type(x).__name__} with keys {sorted(x) if isinstance(x, dict) else None}")
         score = self.similarity({"set": y_pred["image_set"], "sketch": y_pred.get("image_sketch")},
                                 {"set": y_pred["text_set"], "sketch": y_pred.get("text_sketch")})
-        key = x["group_id"] if "group_id" in x else x["image_id"]
-        positives = ops.equal(ops.expand_dims(key, 1), ops.expand_dims(key, 0))
+        image_key, caption_key = positive_keys(x)
+        positives = ops.equal(ops.expand_dims(image_key, 1), ops.expand_dims(caption_key, 0))
         if config.loss == "info_nce":
             loss = losses.info_nce_loss(score, positives, temperature=config.info_nce_temperature)
         else:
@@ -281,6 +282,22 @@ class DualEncoder(keras.Model):
         callbacks = list(callbacks or []) + [NegativesWarmup(self.config.warmup_epochs)]
         return super().fit(x, *args, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
                            initial_epoch=initial_epoch, **kwargs)
+
+
+def positive_keys(batch):
+    """The keys whose equality marks positive (image, caption) pairs: `([Bi], [Bc])`.
+
+    Paired batches (caption i belongs with image i, what `tfemde.data.train_dataset` yields) carry `image_id` and
+    optionally `group_id`, both `[B]`. Separately batched items and captions (DivE's B images with their 5B
+    captions, each image encoded once) carry `image_id [Bi]` and `caption_image_id [Bc]`, and optionally
+    `group_id [Bi]` with `caption_group_id [Bc]`. Groups, when given, widen the positives to the whole group.
+    """
+    if "caption_image_id" in batch:
+        if "group_id" in batch and "caption_group_id" in batch:
+            return batch["group_id"], batch["caption_group_id"]
+        return batch["image_id"], batch["caption_image_id"]
+    key = batch["group_id"] if "group_id" in batch else batch["image_id"]
+    return key, key
 
 
 def _cardinality(data):
