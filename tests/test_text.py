@@ -91,12 +91,48 @@ def _encode_tensorflow_text(tokenizer, texts, max_length):
     return ids.numpy(), mask.numpy()
 
 
-# Every implementation that must give the training ids. The onnxruntime-extensions SentencepieceTokenizer op belongs
-# here too (the export tests add it); note that registering its custom-op library in a process that has already
-# imported TensorFlow segfaults (onnxruntime 1.32, ortx 0.15.2, TF 2.21), so that encoder must run in a subprocess.
+def _encode_onnxruntime_extensions(tokenizer, texts, max_length):
+    """The front of the exported `text_e2e.onnx` (onnxruntime-extensions SentencepieceTokenizer op + padding).
+
+    Registering the extensions' custom-op library in a process that has already imported TensorFlow segfaults
+    (onnxruntime 1.32, ortx 0.15.2, TF 2.21), so the graph runs in a subprocess without TensorFlow. It pads to the
+    longest caption; the columns up to max_length are padding.
+    """
+    import json
+    import tempfile
+
+    import onnx
+
+    from tfemde.export import tokenizer_model
+
+    code = ("import sys, json, numpy as np\n"
+            "sys.modules['tensorflow'] = None\n"
+            "from tfemde.serving.providers import make_session\n"
+            "session = make_session(sys.argv[1], providers=['CPUExecutionProvider'], custom_ops=True)\n"
+            "texts = json.loads(open(sys.argv[2], encoding='utf-8').read())\n"
+            "ids, mask = session.run(['ids', 'mask'], {'text': np.array(texts, dtype=object)})\n"
+            "np.savez(sys.argv[3], ids=ids, mask=mask)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+        graph, strings, out = (os.path.join(tmp, name) for name in ("tok.onnx", "texts.json", "out.npz"))
+        onnx.save_model(tokenizer_model(tokenizer.model_proto, max_length), graph)
+        with open(strings, "w", encoding="utf-8") as f:
+            json.dump(texts, f)
+        done = subprocess.run([sys.executable, "-c", code, graph, strings, out], capture_output=True, text=True,
+                              cwd=root, timeout=60)
+        assert done.returncode == 0, done.stderr
+        with np.load(out) as z:
+            ids, mask = z["ids"], z["mask"]
+    width = ids.shape[1]
+    assert width == max(1, min(max_length, max(len(p) for p in tokenizer.tokenize(texts))))
+    return (np.pad(ids, [(0, 0), (0, max_length - width)]), np.pad(mask, [(0, 0), (0, max_length - width)]))
+
+
+# Every implementation that must give the training ids, the onnxruntime-extensions op of text_e2e.onnx included.
 ENCODERS = {
     "sentencepiece": _encode_numpy,
     "tensorflow_text": _encode_tensorflow_text,
+    "onnxruntime_extensions": _encode_onnxruntime_extensions,
 }
 
 

@@ -38,6 +38,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -341,6 +342,10 @@ def text_e2e_model(text_proto, model_proto: bytes, max_length: int, opset: int =
         pre, text_proto,
         io_map=[(_TOKENIZER_PREFIX + "ids", "caption_ids"), (_TOKENIZER_PREFIX + "mask", "caption_mask")],
         outputs=encoder_outputs + ["token_ids", "token_mask"], name="text_e2e", producer_name="tfemde")
+    order = encoder_outputs + ["token_ids", "token_mask"]
+    outputs = sorted(merged.graph.output, key=lambda o: order.index(o.name))
+    del merged.graph.output[:]
+    merged.graph.output.extend(outputs)
     try:
         onnx.checker.check_model(merged)
     except Exception as error:  # noqa: BLE001
@@ -500,6 +505,13 @@ def _normalization(model_proto: bytes) -> str:
     return m.normalizer_spec.name
 
 
+def _dumps(manifest: dict) -> str:
+    """Indented JSON with the short lists of scalars (shapes, sizes) kept on one line."""
+    text = json.dumps(manifest, indent=2, ensure_ascii=False)
+    return re.sub(r"\[\s*\n\s*([^\[\]{}]*?)\s*\n\s*\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]",
+                  text) + "\n"
+
+
 def _manifest(config, tokenizer, opset, verification, source) -> dict:
     k, d = config.set_size, config.embed_dim
     outputs = [_io("set", "float32", ["batch", k, d])]
@@ -623,6 +635,9 @@ def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=
     model, config, tokenizer, source = _resolve(run_dir_or_model, tokenizer)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
     try:
         import onnx
 
@@ -641,8 +656,7 @@ def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=
         verification = _verify(tmp, image_fn, text_fn, config, tokenizer)
         manifest = _manifest(config, tokenizer, opset, verification, source)
         manifest["files"] = mf.file_records(tmp)
-        (tmp / mf.MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
-                                            encoding="utf-8")
+        (tmp / mf.MANIFEST_NAME).write_text(_dumps(manifest), encoding="utf-8")
         _move_into_place(tmp, out_dir)
     finally:
         if tmp.exists():

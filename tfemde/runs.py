@@ -81,7 +81,7 @@ def config_for(dataset, tokenizer, preset_name, max_length, **overrides):
 
 
 def train(data="emoji", preset="dive_temde", epochs=10, batch_size=128, out="runs/run", vocab_size=2000,
-          max_length=DEFAULT_MAX_LENGTH, seed=0, verbose=1, validate_every=1, **overrides) -> Run:
+          max_length=DEFAULT_MAX_LENGTH, seed=0, verbose=1, validate_every=1, callbacks=(), **overrides) -> Run:
     """Train a dual encoder with `model.fit` and write a complete run folder.
 
     Args:
@@ -94,6 +94,7 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=128, out="run
         seed: seeds Keras, the pipeline's shuffling and augmentation.
         verbose: 0 silent, 1 progress bars and a line per epoch.
         validate_every: validation R@K/RSUM every this many epochs.
+        callbacks: more Keras callbacks for `fit`.
         **overrides: any `DualEncoderConfig` field.
 
     Returns:
@@ -128,14 +129,16 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=128, out="run
 
     model = build_dual_encoder(config)
     model.compile()
+    image_size = config.image_size if dataset.kind == "image_files" else None
     train_data = train_dataset(splits["train"], tokenizer, batch_size=min(batch_size, splits["train"].num_captions),
-                               max_length=max_length, seed=seed)
-    val_data = eval_dataset(splits["val"], tokenizer, batch_size=256, max_length=max_length)
+                               max_length=max_length, seed=seed, image_size=image_size)
+    val_data = eval_dataset(splits["val"], tokenizer, batch_size=256, max_length=max_length, image_size=image_size)
     callbacks = [
         RetrievalValidation(val_data, every=validate_every, verbose=verbose),
         BestCheckpoint(out / "best.keras", verbose=verbose),
         keras.callbacks.BackupAndRestore(str(out / "backup"), delete_checkpoint=True),
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=(out / "backup").is_dir()),
+        *callbacks,
     ]
     started = time.time()
     model.fit(train_data, epochs=epochs, callbacks=callbacks, verbose=verbose)

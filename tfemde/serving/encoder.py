@@ -268,19 +268,23 @@ class Encoder:
         return self._run(mf.TEXT_ONNX, batches())
 
     # ------------------------------------------------------------------------------------------ images
-    def _image_array(self, images) -> np.ndarray:
-        """Check `[n, H, W, 3]` uint8 or float in [0, 1] and return it as float32 in [0, 1]."""
+    def _check_image_array(self, images: np.ndarray) -> None:
+        """Raise naming the expected shape and type unless `images` is `[N, H, W, 3]` uint8 or float."""
         height, width = self.image_size
         expected = f"[N, {height}, {width}, 3] uint8 (0-255) or float in [0, 1]"
         if images.ndim != 4 or images.shape[1:] != (height, width, 3):
             hint = " (one image: add a batch axis, images[None])" if images.shape == (height, width, 3) else ""
             raise ValueError(f"images must have shape {expected}; got shape {images.shape}{hint}. Pass file paths "
                              "to have them resized.")
-        if images.dtype == np.uint8:
-            return images.astype(np.float32) / np.float32(255.0)  # exactly the training pipeline's cast / 255
-        if not np.issubdtype(images.dtype, np.floating):
+        if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
             raise ValueError(f"images must be uint8 (0-255) or float in [0, 1] with shape {expected}; got dtype "
                              f"{images.dtype}")
+
+    def _image_array(self, images) -> np.ndarray:
+        """Check `[n, H, W, 3]` uint8 or float in [0, 1] and return it as float32 in [0, 1]."""
+        self._check_image_array(images)
+        if images.dtype == np.uint8:
+            return images.astype(np.float32) / np.float32(255.0)  # exactly the training pipeline's cast / 255
         images = images.astype(np.float32, copy=False)
         if images.size and not (np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0):
             raise ValueError(f"float images must lie in [0, 1] (uint8 / 255); got values in [{images.min()}, "
@@ -328,7 +332,7 @@ class Encoder:
         if array.dtype == object:
             raise ValueError("images must be an array [N, H, W, 3] or a list of paths (str or os.PathLike); got a "
                              f"{type(images).__name__} of mixed or unsupported items")
-        self._image_array(array[:0] if array.ndim == 4 else array)  # shape and dtype errors before any work
+        self._check_image_array(array)  # shape and dtype errors before any work
         if len(array) == 0:
             return self._empty()
         batches = ({"image": self._image_array(array[i:i + batch_size])} for i in range(0, len(array), batch_size))

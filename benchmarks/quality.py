@@ -1,0 +1,75 @@
+"""Retrieval quality of every preset on the built-in emoji data, same budget, several seeds.
+
+Prints test R@1/5/10 both ways and RSUM as mean ± std over seeds, and whether `dive_temde` beats `vse` and
+`vse_infty` in RSUM beyond the spread (its mean minus its std above their mean plus their std).
+
+    python benchmarks/quality.py                 # all presets, 3 seeds, the quickstart budget
+    python benchmarks/quality.py --quick         # 2 presets, 1 seed, 1 epoch: checks the script runs
+    python benchmarks/quality.py --presets vse dive_temde --seeds 0 1 2 --epochs 8
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+
+from tfemde.models import PRESETS
+from tfemde.quickstart import BUDGET
+from tfemde.runs import format_metrics, mean_std, train
+
+KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="*", default=sorted(PRESETS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=BUDGET["epochs"])
+    parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary folder)")
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.presets, args.seeds, args.epochs = ["vse", "dive_temde"], [0], 1
+    budget = {**BUDGET, "epochs": args.epochs}
+    out = Path(args.out or tempfile.mkdtemp(prefix="tfemde-quality-"))
+
+    print(f"tfemde quality benchmark — {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.node()}, "
+          f"{os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"data: emoji (built-in), test split, group-aware; budget per run: {budget}; seeds {args.seeds}\n")
+    raw = {}
+    for name in args.presets:
+        for seed in args.seeds:
+            started = time.time()
+            run = train(data="emoji", preset=name, seed=seed, out=out / f"{name}-seed{seed}", verbose=0, **budget)
+            raw.setdefault(name, []).append(run.metrics)
+            print(f"  {name:<11} seed {seed}: RSUM {run.metrics['rsum']:6.1f}  ({time.time() - started:.0f} s)",
+                  flush=True)
+
+    table = {name: {k: mean_std([m[k] for m in runs]) for k in KEYS} for name, runs in raw.items()}
+    print("\nTest retrieval, mean ± std over seeds (recalls in %, RSUM max 600):")
+    print(format_metrics(table))
+    if "dive_temde" in raw:
+        best = np.array([m["rsum"] for m in raw["dive_temde"]])
+        for baseline in ("vse", "vse_infty"):
+            if baseline in raw:
+                other = np.array([m["rsum"] for m in raw[baseline]])
+                margin = (best.mean() - best.std()) - (other.mean() + other.std())
+                verdict = "beats" if margin > 0 else "does NOT beat"
+                print(f"dive_temde {verdict} {baseline} beyond the spread (margin {margin:+.1f} RSUM)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"budget": budget, "seeds": args.seeds, "results": raw}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""How fast does the exported model serve? onnxruntime vs the TensorFlow SavedModel, and the retrieval scoring.
+
+The DivE configuration (preset `dive`: 36 x 2048 region features, 12-token captions, K = 4 slots of D = 1024;
+untrained weights, which cost the same as trained ones) is exported with `tfemde.export.export_run`, then:
+
+* per-call latency (median over repeated calls after warm-up) and items/s of `image.onnx` / `text.onnx` in
+  onnxruntime (a TensorFlow-free subprocess, as an application runs it) and of the SavedModel's `encode_image` /
+  `encode_text` signatures (a TensorFlow subprocess; inputs already tensors), at batch 1, 8 and 128;
+* single-caption latency of the whole text path: `Encoder.encode_texts` (sentencepiece + text.onnx) and
+  `text_e2e.onnx` on a string;
+* the time to score 5,000 image sets against 25,000 caption sets with `tfemde.serving.similarity`, next to the
+  bare matrix multiply it needs (benchmarks/scoring.py measures this in more detail).
+
+Targets (issue 5): onnxruntime >= 4x faster per single item than the official PyTorch code on this kind of machine
+(41 ms image, 34 ms text) and >= 2x faster than the SavedModel at batch 1; the scoring <= 30 s and <= 1.3x the
+matrix multiply (PyTorch: 61 s).
+
+    python benchmarks/serving.py            # everything (several minutes on 2 cores)
+    python benchmarks/serving.py --quick    # fewer repeats, 1,000 x 5,000 scoring
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+BATCHES = (1, 8, 128)
+TOKENS = 12
+REGIONS, REGION_DIM = 36, 2048
+PYTORCH_MS = {"image": 41.0, "text": 34.0}
+PYTORCH_SCORING_S = 61.0
+
+
+def _timed(fn, batch, quick):
+    """Median seconds per call of `fn()` after warm-up: enough calls for about 2 s (fewer with --quick)."""
+    for _ in range(3):
+        fn()
+    budget, calls, times = (0.5 if quick else 2.0), 0, []
+    started = time.perf_counter()
+    while calls < 5 or (time.perf_counter() - started < budget and calls < 300):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        calls += 1
+    return statistics.median(times)
+
+
+def _inputs(batch, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    regions = rng.normal(size=(batch, REGIONS, REGION_DIM)).astype(np.float32)
+    region_mask = np.ones((batch, REGIONS), bool)
+    ids = rng.integers(3, 400, size=(batch, TOKENS)).astype(np.int32)
+    return {"regions": regions, "region_mask": region_mask}, {"caption_ids": ids,
+                                                              "caption_mask": np.ones((batch, TOKENS), bool)}
+
+
+# ---------------------------------------------------------------------------------------------- parts
+def part_export(out_dir):
+    """Build the untrained DivE model and export it (TensorFlow)."""
+    import numpy as np
+
+    from tfemde.export import export_run
+    from tfemde.models import build_dual_encoder
+    from tfemde.text import Tokenizer
+
+    rng = np.random.default_rng(0)
+    words = ("a man woman child dog cat horse red blue green small large standing sitting riding playing with on in "
+             "the of near street beach field table plate pizza train bus car tennis ball frisbee kite").split()
+    tokenizer = Tokenizer.train([" ".join(rng.choice(words, size=rng.integers(5, 15))) for _ in range(3000)],
+                                vocab_size=400)
+    model = build_dual_encoder("dive", image_input="regions", num_regions=REGIONS, region_dim=REGION_DIM,
+                               embed_dim=1024, num_slots=4, vocab_size=10000, max_length=32)
+    started = time.perf_counter()
+    export_run(model, out_dir, tokenizer=tokenizer)
+    return {"export_seconds": time.perf_counter() - started, "params": int(model.count_params())}
+
+
+def part_ort(export_dir, quick):
+    """onnxruntime latencies, TensorFlow-free (as an application serves)."""
+    import numpy as np
+
+    from tfemde.serving import Encoder
+
+    assert "tensorflow" not in sys.modules
+    encoder = Encoder.load(export_dir)
+    image, text = encoder._session("image.onnx"), encoder._session("text.onnx")
+    out = {"providers": encoder.providers}
+    for batch in BATCHES:
+        image_feeds, text_feeds = _inputs(batch)
+        out[f"image/{batch}"] = _timed(lambda: image.run(["set"], image_feeds), batch, quick)
+        out[f"text/{batch}"] = _timed(lambda: text.run(["set"], text_feeds), batch, quick)
+    caption = ["a man riding a red horse on the beach near a small dog"]
+    out["encode_texts/1"] = _timed(lambda: encoder.encode_texts(caption), 1, quick)
+    e2e = Encoder.load(export_dir, text_route="e2e")
+    out["text_e2e/1"] = _timed(lambda: e2e.encode_texts(caption), 1, quick)
+    out["tokens_in_caption"] = int(encoder.tokenize(caption)[1].sum())
+    return out
+
+
+def part_tf(export_dir, quick):
+    """SavedModel latencies (TensorFlow, signatures called with tensors)."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(os.path.join(export_dir, "saved_model"))
+    image, text = loaded.signatures["encode_image"], loaded.signatures["encode_text"]
+    out = {"tensorflow": tf.__version__}
+    for batch in BATCHES:
+        image_feeds, text_feeds = _inputs(batch)
+        image_feeds = {k: tf.constant(v) for k, v in image_feeds.items()}
+        text_feeds = {k: tf.constant(v) for k, v in text_feeds.items()}
+        out[f"image/{batch}"] = _timed(lambda: image(**image_feeds)["set"].numpy(), batch, quick)
+        out[f"text/{batch}"] = _timed(lambda: text(**text_feeds)["set"].numpy(), batch, quick)
+    return out
+
+
+def part_scoring(quick):
+    """5,000 x 25,000 (1,000 x 5,000 with --quick) Smooth-Chamfer scoring vs its bare matrix multiply."""
+    import numpy as np
+
+    sys.path.insert(0, HERE)
+    from scoring import matmul_reference, timed_similarity, unit_sets  # benchmarks/scoring.py
+
+    from tfemde.serving import Embeddings
+
+    n_images = 1000 if quick else 5000
+    rng = np.random.default_rng(0)
+    images = Embeddings(unit_sets(rng, n_images, 4, 1024))
+    captions = Embeddings(unit_sets(rng, 5 * n_images, 4, 1024))
+    matmul, _ = matmul_reference(images.sets, captions.sets)
+    _, seconds, _, _ = timed_similarity(images, captions, 0.0)
+    return {"images": n_images, "captions": 5 * n_images, "score_seconds": seconds, "matmul_seconds": matmul}
+
+
+def _run_part(name, *args):
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--part", name, *args], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"part {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- report
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter timings, 1,000 x 5,000 scoring")
+    parser.add_argument("--export", help="reuse this export folder (default: export into a temporary folder)")
+    parser.add_argument("--skip-scoring", action="store_true")
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.part:
+        fn = {"export": lambda: part_export(args.args[0]),
+              "ort": lambda: part_ort(args.args[0], args.quick),
+              "tf": lambda: part_tf(args.args[0], args.quick)}[args.part]
+        print(json.dumps(fn()))
+        return
+    quick = ["--quick"] if args.quick else []
+    print(f"tfemde serving benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {os.cpu_count()} "
+          f"cores, {platform.system()} {platform.release()}, Python {platform.python_version()}; load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    with tempfile.TemporaryDirectory(prefix="tfemde-bench-") as tmp:
+        export_dir = args.export or os.path.join(tmp, "export")
+        if not args.export:
+            info = _run_part("export", export_dir)
+            print(f"DivE (untrained, {info['params'] / 1e6:.1f} M parameters; regions {REGIONS}x{REGION_DIM}, "
+                  f"{TOKENS}-token captions, K=4, D=1024) exported and checked in {info['export_seconds']:.0f} s")
+        ort = _run_part("ort", export_dir, *quick)
+        tf = _run_part("tf", export_dir, *quick)
+    print(f"onnxruntime providers {ort['providers']}; SavedModel on TensorFlow {tf['tensorflow']}; median of "
+          "repeated calls after warm-up")
+    print()
+    header = (f"{'encoder':<8}{'batch':>6}{'ORT ms/call':>13}{'ORT items/s':>13}{'TF ms/call':>12}"
+              f"{'TF items/s':>12}{'TF/ORT':>8}")
+    print(header)
+    print("-" * len(header))
+    for what in ("image", "text"):
+        for batch in BATCHES:
+            o, t = ort[f"{what}/{batch}"], tf[f"{what}/{batch}"]
+            print(f"{what:<8}{batch:>6}{1000 * o:>13.2f}{batch / o:>13.0f}{1000 * t:>12.2f}{batch / t:>12.0f}"
+                  f"{t / o:>8.2f}")
+    print("-" * len(header))
+    print(f"one caption end to end ({ort['tokens_in_caption']} tokens): Encoder.encode_texts (sentencepiece + "
+          f"text.onnx) {1000 * ort['encode_texts/1']:.2f} ms; text_e2e.onnx {1000 * ort['text_e2e/1']:.2f} ms")
+    print()
+    checks = []
+    for what in ("image", "text"):
+        ms = 1000 * ort[f"{what}/1"]
+        checks.append((f"{what}: ORT per single item <= {PYTORCH_MS[what] / 4:.2f} ms (4x faster than PyTorch's "
+                       f"{PYTORCH_MS[what]:.0f} ms)", ms <= PYTORCH_MS[what] / 4, f"{ms:.2f} ms, "
+                       f"{PYTORCH_MS[what] / ms:.1f}x"))
+        ratio = tf[f"{what}/1"] / ort[f"{what}/1"]
+        checks.append((f"{what}: ORT >= 2x faster than the SavedModel at batch 1", ratio >= 2.0, f"{ratio:.2f}x"))
+    if not args.skip_scoring:
+        score = part_scoring(args.quick)
+        ratio = score["score_seconds"] / score["matmul_seconds"]
+        print(f"scoring {score['images']} image sets x {score['captions']} caption sets (K=4, D=1024, "
+              f"alpha=16): similarity {score['score_seconds']:.1f} s, bare matmul {score['matmul_seconds']:.1f} s, "
+              f"ratio {ratio:.2f} (PyTorch DivE: {PYTORCH_SCORING_S:.0f} s for 5,000 x 25,000)")
+        if not args.quick:
+            checks.append(("scoring 5,000 x 25,000 <= 30 s", score["score_seconds"] <= 30,
+                           f"{score['score_seconds']:.1f} s"))
+            checks.append(("scoring <= 1.3x its matrix multiply", ratio <= 1.3, f"{ratio:.2f}x"))
+        print()
+    for text, ok, value in checks:
+        print(f"[{'met' if ok else 'MISSED'}] {text}: {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The run folder and the `tfemde` command: train, evaluate, resume after a kill, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tfemde.cli import main
+from tfemde.runs import open_run, train
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
+           "black": (10, 10, 10), "white": (250, 250, 250)}
+SHAPES = ("square", "circle", "stripe")
+TINY = ["embed_dim=16", "word_dim=8", "num_slots=2", "set_depth=1", "sketch_depth=2", "sketch_bits=2",
+        "cnn_filters=[4,8]", "image_size=16"]
+TINY_KWARGS = dict(embed_dim=16, word_dim=8, num_slots=2, set_depth=1, sketch_depth=2, sketch_bits=2,
+                   cnn_filters=(4, 8), image_size=16)
+
+
+def draw(colour, shape, size=16):
+    image = np.full((size, size, 3), 128, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    region = {"square": (abs(yy - 8) < 5) & (abs(xx - 8) < 5),
+              "circle": (yy - 8) ** 2 + (xx - 8) ** 2 < 30,
+              "stripe": abs(yy - xx) < 3}[shape]
+    image[region] = COLOURS[colour]
+    return image
+
+
+@pytest.fixture(scope="module")
+def jsonl_data(tmp_path_factory):
+    """36 image files with 2 captions each, in train/val/test, as a JSONL file."""
+    folder = tmp_path_factory.mktemp("tiny")
+    lines = []
+    for i, (colour, shape) in enumerate((c, s) for c in COLOURS for s in SHAPES):
+        for copy in range(2):
+            name = f"{colour}_{shape}_{copy}.png"
+            Image.fromarray(draw(colour, shape)).save(folder / name)
+            split = ("train", "train", "val", "test")[(i + copy) % 4]
+            lines.append(json.dumps({"image": name, "captions": [f"a {colour} {shape}", f"{shape} in {colour}"],
+                                     "split": split}))
+    path = folder / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_train_writes_a_complete_run_and_evaluate_reads_it(jsonl_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["train", "--data", str(jsonl_data), "--preset", "dive_temde", "--epochs", "2", "--batch-size", "16",
+                 "--vocab-size", "40", "--out", str(run_dir), "--set", *TINY])
+    assert code == 0
+    for name in ("config.json", "tokenizer.model", "best.keras", "history.csv", "metrics.json", "curves.png"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "backup").exists()
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert history[0].split(",")[0] == "epoch" and len(history) == 3 and "val_rsum" in history[0]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0 <= metrics["rsum"] <= 600 and metrics["split"] == "test"
+    assert json.loads((run_dir / "config.json").read_text())["embed_dim"] == 16
+    assert "rsum" in capsys.readouterr().out
+
+    code = main(["evaluate", str(run_dir), "--data", str(jsonl_data), "--split", "test"])
+    assert code == 0
+    evaluated = json.loads((run_dir / "metrics_test_full.json").read_text())
+    # the best checkpoint evaluated again gives the numbers train recorded
+    assert evaluated["rsum"] == pytest.approx(metrics["rsum"], abs=1e-6)
+
+
+class KillAfter:
+    """Raises in the middle of a run, as a kill would."""
+
+    def __init__(self, epochs):
+        import keras
+
+        class _Kill(keras.callbacks.Callback):
+            def on_epoch_end(inner, epoch, logs=None):
+                if epoch + 1 == epochs:
+                    raise KeyboardInterrupt
+
+        self.callback = _Kill()
+
+
+def test_a_killed_run_resumes_where_it_stopped(jsonl_data, tmp_path):
+    out = tmp_path / "run"
+    kwargs = dict(data=str(jsonl_data), preset="vse", epochs=3, batch_size=16, vocab_size=40, out=out, verbose=0,
+                  **TINY_KWARGS)
+    with pytest.raises(KeyboardInterrupt):
+        train(callbacks=[KillAfter(2).callback], **kwargs)
+    assert (out / "backup").is_dir()
+    tokenizer_before = (out / "tokenizer.model").read_bytes()
+    run = train(**kwargs)
+    epochs = [int(line.split(",")[0]) for line in (out / "history.csv").read_text().splitlines()[1:]]
+    assert epochs == [0, 1, 2], "the resumed run repeats or skips epochs"
+    assert (out / "tokenizer.model").read_bytes() == tokenizer_before
+    assert not (out / "backup").exists() and run.metrics["epochs"] == 3
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tfemde.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "/nonexistent/data.jsonl", "--out", "x"], "/nonexistent/data.jsonl"),
+    (["train", "--preset", "nope", "--out", "x"], "unknown preset 'nope'"),
+    (["evaluate", "/nonexistent/run"], "run folder not found: /nonexistent/run"),
+])
+def test_user_errors_are_one_line_not_a_traceback(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tfemde")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_non_utf8_captions_are_one_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"image": "a.png", "captions": ["caf\xe9"], "split": "train"}\n')
+    result = run_cli("train", "--data", str(path), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(path) in result.stderr
+
+
+def test_open_run_names_the_missing_file(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="tokenizer.model is missing"):
+        open_run(tmp_path)

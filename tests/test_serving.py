@@ -1,0 +1,459 @@
+"""The TF-free serving runtime: Encoder against TensorFlow, both text routes, dynamic shapes, damaged exports,
+provider choice, image files, the index round trip, the CLI commands and the example app.
+
+One tiny `dive_temde` model (64x64 pixels, K = 2, D = 16, a sketch) is exported once per module.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tfemde.serving import Embeddings, Encoder, ExportFileError, SetIndex, choose_providers
+from tfemde.serving.images import load_image
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "a red blue green dog cat heart face smiling rocket car on the with small big two three happy sad".split()
+TEXTS = ["a red heart", "", "Café ÉCOLE ﬁne", "cat 😀", "   ",
+         " ".join(["two big green rocket cars with a happy dog"] * 4)]  # longer than max_length
+
+
+def _tiny_run(tmp, preset="dive_temde", **overrides):
+    """A small untrained model and a tokenizer trained on a few captions (what a run folder holds)."""
+    from tfemde.models import build_dual_encoder
+    from tfemde.text import Tokenizer
+
+    rng = np.random.default_rng(0)
+    captions = [" ".join(rng.choice(WORDS, size=rng.integers(2, 9))) for _ in range(300)]
+    tokenizer = Tokenizer.train(captions, vocab_size=40)
+    sizes = dict(embed_dim=16, word_dim=8, vocab_size=tokenizer.vocab_size, num_slots=2, set_depth=1, set_heads=2,
+                 sketch_depth=2, sketch_bits=3, image_size=64, cnn_filters=(4, 8), max_length=12)
+    sizes.update(overrides)
+    return build_dual_encoder(preset, **sizes), tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tfemde.export import export_run
+
+    tmp = tmp_path_factory.mktemp("serving")
+    model, tokenizer = _tiny_run(tmp)
+    export_dir = export_run(model, tmp / "export", tokenizer=tokenizer)
+    return {"model": model, "tokenizer": tokenizer, "export": export_dir, "tmp": tmp}
+
+
+def _tf_text(setup, texts):
+    """TensorFlow (Keras) embeddings of texts as training computes them: fixed max_length padding."""
+    model, tokenizer = setup["model"], setup["tokenizer"]
+    ids, mask = tokenizer.encode(texts, model.config.max_length)
+    out = model.text_encoder({"caption_ids": ids, "caption_mask": mask}, training=False)
+    return out["set"].numpy(), out["sketch"].numpy()
+
+
+def _tf_images(setup, images_uint8):
+    import tensorflow as tf
+
+    x = tf.cast(images_uint8, tf.float32) / 255.0  # the training pipeline's conversion
+    out = setup["model"].image_encoder({"image": x}, training=False)
+    return out["set"].numpy(), out["sketch"].numpy()
+
+
+def _smooth_chamfer_reference(q_sets, q_sketch, i_sets, i_sketch, alpha, weight, depth):
+    """The similarity re-derived in float64, one pair at a time."""
+    out = np.zeros((len(q_sets), len(i_sets)))
+    for a in range(len(q_sets)):
+        for b in range(len(i_sets)):
+            c = alpha * q_sets[a].astype(np.float64) @ i_sets[b].astype(np.float64).T
+            rows = np.log(np.exp(c).sum(axis=1)).mean() / (2 * alpha)
+            cols = np.log(np.exp(c).sum(axis=0)).mean() / (2 * alpha)
+            sk = np.mean([x @ y for x, y in zip(q_sketch[a].reshape(depth, -1), i_sketch[b].reshape(depth, -1))])
+            out[a, b] = rows + cols + weight * sk
+    return out
+
+
+def _write_png(path, pixels):
+    from PIL import Image
+
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------- providers
+def test_choose_providers_with_fake_lists():
+    cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
+    assert choose_providers([cpu]) == [cpu]
+    assert choose_providers(["AzureExecutionProvider", cpu]) == [cpu]
+    assert choose_providers([cuda, cpu]) == [cuda, cpu]
+    assert choose_providers(["TensorrtExecutionProvider", cuda, cpu]) == [cuda, cpu]
+    assert choose_providers([cuda, cpu], requested=[cpu]) == [cpu]
+    assert choose_providers([cuda, cpu], requested=cuda) == [cuda, cpu]  # CPU appended as the fallback
+    assert choose_providers([cuda, cpu], requested=[(cuda, {"device_id": 1})]) == [(cuda, {"device_id": 1}), cpu]
+    with pytest.raises(ValueError, match="'CUDAExecutionProvider' is not available.*available: CPUExecutionProvider"):
+        choose_providers([cpu], requested=[cuda])
+    with pytest.raises(ValueError, match="at least one"):
+        choose_providers([cpu], requested=[])
+
+
+def test_encoder_uses_the_chosen_providers(setup):
+    import onnxruntime as ort
+
+    encoder = Encoder.load(setup["export"])
+    assert encoder.providers == choose_providers(ort.get_available_providers())
+    encoder.encode_texts(["a red car"])
+    assert encoder._session("text.onnx").get_providers()[-1] == "CPUExecutionProvider"
+    with pytest.raises(ValueError, match="not available"):
+        Encoder.load(setup["export"], providers=["NoSuchExecutionProvider"])
+
+
+# ---------------------------------------------------------------------------------------------- end to end, no TF
+_NO_TF_SCRIPT = textwrap.dedent("""
+    import json, sys
+    BLOCKED = ("tensorflow", "keras", "tf2onnx", "tensorflow_text", "onnx")
+    attempts = []
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                attempts.append(name)
+                raise ImportError(f"{name} is blocked in this test")
+
+    sys.meta_path.insert(0, Block())
+    import numpy as np
+    from tfemde.serving import Encoder, SetIndex
+
+    job = json.loads(sys.argv[1])
+    out = {}
+    for route in ("sentencepiece", "e2e"):
+        encoder = Encoder.load(job["export"], text_route=route)
+        texts = encoder.encode_texts(job["texts"], batch_size=4)
+        out[f"{route}_sets"], out[f"{route}_sketches"] = texts.sets, texts.sketches
+    images = encoder.encode_images(np.load(job["images"]), batch_size=3)
+    from_files = encoder.encode_images(job["paths"], batch_size=2)
+    index = SetIndex(**encoder.similarity_kwargs)
+    index.add(from_files, ids=[f"item{i}" for i in range(len(job["paths"]))])
+    ids, scores = index.search(texts, k=3)
+    index.save(job["index"])
+    ids2, scores2 = SetIndex.load(job["index"]).search(texts, k=3)
+    np.savez(job["out"], image_sets=images.sets, image_sketches=images.sketches, file_sets=from_files.sets,
+             file_sketches=from_files.sketches, ids=ids, scores=scores, ids2=ids2, scores2=scores2, **out)
+    loaded = sorted({m.split(".")[0] for m in sys.modules} & set(BLOCKED))
+    print(json.dumps({"attempts": attempts, "loaded": loaded}))
+""")
+
+
+def test_serving_end_to_end_without_tensorflow(setup, tmp_path):
+    """Load, encode strings (both routes) and images (array and files), index, save, reload, search: no TF."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(5, 64, 64, 3), dtype=np.uint8)
+    paths = [_write_png(tmp_path / f"img{i}.png", images[i]) for i in range(5)]
+    np.save(tmp_path / "images.npy", images)
+    job = {"export": str(setup["export"]), "texts": TEXTS, "images": str(tmp_path / "images.npy"), "paths": paths,
+           "index": str(tmp_path / "index.npz"), "out": str(tmp_path / "out.npz")}
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", _NO_TF_SCRIPT, json.dumps(job)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"attempts": [], "loaded": []}  # nothing even tried to import TF, Keras or onnx
+
+    got = np.load(tmp_path / "out.npz")
+    want_sets, want_sketches = _tf_text(setup, TEXTS)
+    for route in ("sentencepiece", "e2e"):
+        np.testing.assert_allclose(got[f"{route}_sets"], want_sets, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got[f"{route}_sketches"], want_sketches, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got["e2e_sets"], got["sentencepiece_sets"], atol=1e-6, rtol=0)  # routes agree
+    image_sets, image_sketches = _tf_images(setup, images)
+    for prefix in ("image", "file"):  # PNG files at the model size decode to exactly the array
+        np.testing.assert_allclose(got[f"{prefix}_sets"], image_sets, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got[f"{prefix}_sketches"], image_sketches, atol=1e-4, rtol=0)
+
+    config = setup["model"].config
+    scores = _smooth_chamfer_reference(want_sets, want_sketches, image_sets, image_sketches, config.alpha,
+                                       config.sketch_weight, config.sketch_depth)
+    np.testing.assert_allclose(got["scores"], -np.sort(-scores, axis=1)[:, :3], atol=1e-4)
+    top = got["ids"]
+    for row in range(len(TEXTS)):  # the returned items hold the returned scores (ties make ids ambiguous)
+        picked = [int(i[4:]) for i in top[row]]
+        np.testing.assert_allclose(scores[row, picked], got["scores"][row], atol=1e-4)
+    np.testing.assert_array_equal(got["ids2"], got["ids"])  # saved, reloaded, searched: identical
+    np.testing.assert_array_equal(got["scores2"], got["scores"])
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_dynamic_batch_and_caption_lengths(setup, batch):
+    encoder = Encoder.load(setup["export"], batch_size=32)
+    rng = np.random.default_rng(batch)
+    lengths = rng.integers(1, 3 * setup["model"].config.max_length, size=batch)  # short and long captions
+    texts = [" ".join(rng.choice(WORDS, size=n)) for n in lengths]
+    got = encoder.encode_texts(texts)
+    assert got.sets.shape == (batch, 2, 16) and got.sketches.shape == (batch, 16) and got.sketch_depth == 2
+    want_sets, want_sketches = _tf_text(setup, texts)
+    np.testing.assert_allclose(got.sets, want_sets, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got.sketches, want_sketches, atol=1e-4, rtol=0)
+
+    images = rng.integers(0, 256, size=(batch, 64, 64, 3), dtype=np.uint8)
+    got = encoder.encode_images(images)
+    want_sets, want_sketches = _tf_images(setup, images)
+    np.testing.assert_allclose(got.sets, want_sets, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got.sketches, want_sketches, atol=1e-4, rtol=0)
+    as_float = encoder.encode_images(images.astype(np.float32) / 255.0, batch_size=5)
+    np.testing.assert_allclose(as_float.sets, got.sets, atol=1e-6, rtol=0)
+
+
+def test_tokenize_truncates_and_pads_to_the_longest(setup):
+    encoder = Encoder.load(setup["export"])
+    ids, mask = encoder.tokenize(["a red car", "", TEXTS[-1]])
+    want, want_mask = setup["tokenizer"].encode(["a red car", "", TEXTS[-1]], 12)
+    assert ids.shape == (3, 12) and ids.dtype == np.int32 and mask.dtype == bool
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_array_equal(mask, want_mask)
+    ids, mask = encoder.tokenize(["a dog", ""])
+    assert ids.shape == (2, len(setup["tokenizer"].tokenize(["a dog"])[0]))
+    ids, _ = encoder.tokenize(["", " "])
+    assert ids.shape == (2, 1) and not ids.any()
+    empty = encoder.encode_texts([])
+    assert empty.sets.shape == (0, 2, 16) and empty.sketches.shape == (0, 16)
+
+
+def test_encode_token_ids_matches_encode_texts(setup):
+    encoder = Encoder.load(setup["export"])
+    ids, mask = setup["tokenizer"].encode(TEXTS, 12)
+    a = encoder.encode_token_ids(ids)  # mask defaults to ids > 0
+    b = encoder.encode_texts(TEXTS)
+    np.testing.assert_allclose(a.sets, b.sets, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"caption_ids must be integer ids of shape \[N, T\]; got shape \(12,\)"):
+        encoder.encode_token_ids(ids[0])
+    with pytest.raises(ValueError, match=r"caption_mask must have the shape of caption_ids \(6, 12\)"):
+        encoder.encode_token_ids(ids, mask[:, :3])
+
+
+def test_input_errors_name_the_expected_shape_or_type(setup, tmp_path):
+    encoder = Encoder.load(setup["export"])
+    with pytest.raises(ValueError, match="not one string; wrap it in a list"):
+        encoder.encode_texts("a red car")
+    with pytest.raises(ValueError, match="item 1 is int"):
+        encoder.encode_texts(["a red car", 7])
+    with pytest.raises(ValueError, match=r"images must have shape \[N, 64, 64, 3\].*got shape \(64, 64, 3\).*"
+                                         r"add a batch axis"):
+        encoder.encode_images(np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"\[N, 64, 64, 3\].*got shape \(2, 32, 32, 3\)"):
+        encoder.encode_images(np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="got dtype int32"):
+        encoder.encode_images(np.zeros((2, 64, 64, 3), np.int32))
+    with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\].*got values in \[255.0, 255.0\]"):
+        encoder.encode_images(np.full((2, 64, 64, 3), 255.0, np.float32))
+    with pytest.raises(ValueError, match="not one path; wrap it in a list"):
+        encoder.encode_images(str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match="does not exist"):
+        encoder.encode_images([str(tmp_path / "missing.png")])
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="not an image Pillow can read"):
+        encoder.encode_images([str(tmp_path / "notes.png")])
+    with pytest.raises(ValueError, match=r"takes images \[N, 64, 64, 3\], not region features"):
+        encoder.encode_regions(np.zeros((1, 3, 8), np.float32))
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        encoder.encode_texts(["a"], batch_size=-1)
+    with pytest.raises(ValueError, match="text_route must be one of"):
+        Encoder.load(setup["export"], text_route="tf")
+
+
+def test_e2e_route_refuses_a_process_with_tensorflow(setup):
+    import tensorflow  # noqa: F401 - this pytest process has TensorFlow (the fixture built a Keras model)
+
+    with pytest.raises(RuntimeError, match="crashes a process that has imported TensorFlow"):
+        Encoder.load(setup["export"], text_route="e2e")
+
+
+# ---------------------------------------------------------------------------------------------- damaged exports
+def _copy(setup, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(setup["export"], target)
+    return target
+
+
+@pytest.mark.parametrize("name", ["image.onnx", "text.onnx", "tokenizer.model"])
+def test_corrupt_file_names_the_checksum_mismatch(setup, tmp_path, name):
+    export = _copy(setup, tmp_path)
+    data = bytearray((export / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (export / name).write_bytes(bytes(data))
+    with pytest.raises(ExportFileError, match=rf"export file '{name}' .* corrupt or was changed: its sha256 checksum "
+                                              r"does not match .*same size, different content"):
+        Encoder.load(export)
+    (export / name).write_bytes(bytes(data[:100]))
+    with pytest.raises(ExportFileError, match=rf"'{name}' .*checksum does not match.*100 bytes, expected"):
+        Encoder.load(export)
+
+
+def test_missing_files_and_bad_manifests(setup, tmp_path):
+    export = _copy(setup, tmp_path)
+    (export / "text.onnx").unlink()
+    with pytest.raises(ExportFileError, match="export file 'text.onnx' is missing from"):
+        Encoder.load(export)
+    Encoder.load(export, verify=False)  # opening without the check is possible (sessions start on first use)
+
+    manifest = json.loads((export / "manifest.json").read_text())
+    (export / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(ExportFileError, match="format version 99; this tfemde reads version 1"):
+        Encoder.load(export)
+    (export / "manifest.json").write_text("{not json")
+    with pytest.raises(ExportFileError, match="'manifest.json' in .* is corrupt"):
+        Encoder.load(export)
+    (export / "manifest.json").unlink()
+    with pytest.raises(ExportFileError, match="is not a tfemde export: manifest.json is missing"):
+        Encoder.load(export)
+    with pytest.raises(ExportFileError, match="does not exist"):
+        Encoder.load(tmp_path / "nowhere")
+
+
+def test_verify_files_checks_the_saved_model_too(setup, tmp_path):
+    from tfemde.serving import read_manifest, verify_files
+
+    export = _copy(setup, tmp_path)
+    manifest = read_manifest(export)
+    verify_files(export, manifest)  # every listed file, the SavedModel included
+    assert any(name.startswith("saved_model/variables/") for name in manifest["files"])
+    variables = next(export.glob("saved_model/variables/variables.data-*"))
+    variables.write_bytes(variables.read_bytes() + b"\0")
+    with pytest.raises(ExportFileError, match=r"'saved_model/variables/variables.data-.*checksum does not match"):
+        verify_files(export, manifest, ["saved_model"])
+    Encoder.load(export)  # the serving runtime does not need the SavedModel
+
+
+# ---------------------------------------------------------------------------------------------- index
+def test_index_save_reload_search_identical(setup, tmp_path):
+    encoder = Encoder.load(setup["export"])
+    rng = np.random.default_rng(2)
+    items = encoder.encode_images(rng.integers(0, 256, size=(9, 64, 64, 3), dtype=np.uint8))
+    queries = encoder.encode_texts(TEXTS)
+    index = SetIndex(**encoder.similarity_kwargs)
+    assert encoder.similarity_kwargs == {"alpha": 16.0, "sketch_weight": 0.5}
+    index.add(items, ids=[f"img{i}" for i in range(9)])
+    ids, scores = index.search(queries, k=4)
+    path = index.save(tmp_path / "index.bin")
+    again = SetIndex.load(path)
+    ids2, scores2 = again.search(queries, k=4)
+    np.testing.assert_array_equal(ids2, ids)
+    np.testing.assert_array_equal(scores2, scores)
+    full = encoder.similarity(queries, items)
+    np.testing.assert_allclose(scores, -np.sort(-full, axis=1)[:, :4], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- image files
+def test_image_files_follow_the_training_preprocessing(tmp_path):
+    """Pillow vs `decode_image_file`: PNG (alpha composite, down/up-sizing) exact; JPEG within TF's fast DCT."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from tfemde.data.pipelines import decode_image_file
+
+    rng = np.random.default_rng(3)
+    for i, (h, w, size) in enumerate([(50, 37, 16), (10, 12, 16), (16, 16, 16), (33, 80, 24)]):
+        path = _write_png(tmp_path / f"rgba{i}.png", rng.integers(0, 256, size=(h, w, 4), dtype=np.uint8))
+        want = decode_image_file(tf.constant(path), (size, size)).numpy()
+        np.testing.assert_array_equal(load_image(path, size), want)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).resize((90, 120),
+                                                                                                   Image.BICUBIC))
+    Image.fromarray(smooth).save(tmp_path / "photo.jpg", quality=90)
+    want = decode_image_file(tf.constant(str(tmp_path / "photo.jpg")), (40, 40)).numpy().astype(int)
+    diff = np.abs(load_image(tmp_path / "photo.jpg", 40).astype(int) - want)
+    # TensorFlow decodes JPEG with libjpeg's INTEGER_FAST DCT, Pillow with the accurate one: about 1 level apart.
+    assert diff.mean() < 2.0 and diff.max() <= 10
+
+
+# ---------------------------------------------------------------------------------------------- CLI and app
+def test_cli_embed_index_search(setup, tmp_path, capsys):
+    from tfemde.cli import main
+
+    export = str(setup["export"])
+    (tmp_path / "texts.txt").write_text("a red heart\ncat on a rocket\n", encoding="utf-8")
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        _write_png(folder / f"p{i}.png", rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8))
+    assert main(["embed", export, "--texts", str(tmp_path / "texts.txt"), "--out", str(tmp_path / "t.npz")]) == 0
+    encoder = Encoder.load(export)
+    with np.load(tmp_path / "t.npz") as z:
+        assert z["ids"].tolist() == ["a red heart", "cat on a rocket"] and int(z["sketch_depth"]) == 2
+        np.testing.assert_allclose(z["sets"], encoder.encode_texts(["a red heart", "cat on a rocket"]).sets,
+                                   atol=1e-6)
+    assert main(["embed", export, "--images", str(folder), "--out", str(tmp_path / "i.npz"),
+                 "--text-route", "sentencepiece"]) == 0
+    with np.load(tmp_path / "i.npz") as z:
+        assert z["ids"].tolist() == ["p0.png", "p1.png", "p2.png", "p3.png"] and z["sets"].shape == (4, 2, 16)
+    assert main(["index", export, "--images", str(folder), "--out", str(tmp_path / "idx")]) == 0
+    assert len(SetIndex.load(tmp_path / "idx")) == 4
+    capsys.readouterr()
+    assert main(["search", export, "--index", str(tmp_path / "idx"), "--query", "a red heart", "--query", "car",
+                 "-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ids, scores = SetIndex.load(tmp_path / "idx").search(encoder.encode_texts(["a red heart", "car"]), k=2)
+    assert lines[0] == "'a red heart':" and lines[3] == "'car':" and len(lines) == 6
+    assert lines[1].split()[-1] == ids[0, 0] and float(lines[1].split()[1]) == pytest.approx(scores[0, 0], abs=1e-4)
+
+    assert main(["index", export, "--data", "emoji", "--split", "test", "--out", str(tmp_path / "emoji.idx")]) == 0
+    emoji = SetIndex.load(tmp_path / "emoji.idx")
+    assert len(emoji) > 100 and emoji.ids.dtype.kind == "U"
+
+    assert main(["search", export, "--index", str(tmp_path / "missing"), "--query", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["embed", str(tmp_path), "--texts", str(tmp_path / "texts.txt"), "--out", "x.npz"]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
+
+
+@pytest.fixture
+def app_index(setup, tmp_path):
+    encoder = Encoder.load(setup["export"])
+    rng = np.random.default_rng(5)
+    index = SetIndex(**encoder.similarity_kwargs)
+    index.add(encoder.encode_images(rng.integers(0, 256, size=(6, 64, 64, 3), dtype=np.uint8)),
+              ids=[f"item{i}" for i in range(6)])
+    return encoder, index, index.save(tmp_path / "app.idx")
+
+
+def test_serve_app_http_on_loopback(setup, app_index):
+    encoder, index, path = app_index
+    app = subprocess.Popen([sys.executable, str(ROOT / "export" / "serve_app.py"), str(setup["export"]), path,
+                            "--port", "0", "-k", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = app.stdout.readline()
+        assert line.startswith("listening on http://127.0.0.1:"), line + app.stderr.read()
+        base = line.split()[-1]
+        with urllib.request.urlopen(f"{base}/search?q={urllib.parse.quote('a red heart')}&k=2", timeout=30) as r:
+            got = json.loads(r.read())
+        ids, scores = index.search(encoder.encode_texts(["a red heart"]), k=2)
+        assert [x["id"] for x in got["results"]] == ids[0].tolist()
+        np.testing.assert_allclose([x["score"] for x in got["results"]], scores[0], atol=1e-5)
+        request = urllib.request.Request(f"{base}/search", data=json.dumps({"queries": ["car", "dog"]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert [len(x) for x in json.loads(r.read())["results"]] == [3, 3]
+        with urllib.request.urlopen(f"{base}/health", timeout=30) as r:
+            assert json.loads(r.read())["items"] == 6
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            urllib.request.urlopen(f"{base}/search?q=x&k=0", timeout=30)
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+
+
+def test_serve_app_stdin(setup, app_index):
+    encoder, index, path = app_index
+    done = subprocess.run([sys.executable, str(ROOT / "export" / "serve_app.py"), str(setup["export"]), path,
+                           "--stdin", "-k", "2"], input="a red heart\n\ncat\n", capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [a["query"] for a in answers] == ["a red heart", "cat"]
+    ids, _ = index.search(encoder.encode_texts(["a red heart", "cat"]), k=2)
+    assert [[x["id"] for x in a["results"]] for a in answers] == ids.tolist()
