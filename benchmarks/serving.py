@@ -4,10 +4,11 @@ The DivE configuration (preset `dive`: 36 x 2048 region features, 12-token capti
 untrained weights, which cost the same as trained ones) is exported with `tfemde.export.export_run`, then:
 
 * per-call latency (median over repeated calls after warm-up) and items/s of `image.onnx` / `text.onnx` in
-  onnxruntime (a TensorFlow-free subprocess, as an application runs it) and of the SavedModel's `encode_image` /
-  `encode_text` signatures (a TensorFlow subprocess; inputs already tensors), at batch 1, 8 and 128;
-* single-caption latency of the whole text path: `Encoder.encode_texts` (sentencepiece + text.onnx) and
-  `text_e2e.onnx` on a string;
+  onnxruntime (the `Encoder`'s sessions) and of the SavedModel's `encode_image` / `encode_text` signatures (inputs
+  already tensors), at batch 1, 8 and 128, timed in alternating rounds in one process so that a shared machine's
+  background load hits both alike;
+* single-caption latency of the whole text path in a TensorFlow-free process: `Encoder.encode_texts`
+  (sentencepiece + text.onnx) and `text_e2e.onnx` on a string;
 * the time to score 5,000 image sets against 25,000 caption sets with `tfemde.serving.similarity`, next to the
   bare matrix multiply it needs (benchmarks/scoring.py measures this in more detail).
 
@@ -42,20 +43,6 @@ PYTORCH_MS = {"image": 41.0, "text": 34.0}
 PYTORCH_SCORING_S = 61.0
 
 
-def _timed(fn, batch, quick):
-    """Median seconds per call of `fn()` after warm-up: enough calls for about 2 s (fewer with --quick)."""
-    for _ in range(3):
-        fn()
-    budget, calls, times = (0.5 if quick else 2.0), 0, []
-    started = time.perf_counter()
-    while calls < 5 or (time.perf_counter() - started < budget and calls < 300):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        calls += 1
-    return statistics.median(times)
-
-
 def _inputs(batch, seed=0):
     import numpy as np
 
@@ -80,7 +67,7 @@ def part_export(out_dir):
     words = ("a man woman child dog cat horse red blue green small large standing sitting riding playing with on in "
              "the of near street beach field table plate pizza train bus car tennis ball frisbee kite").split()
     tokenizer = Tokenizer.train([" ".join(rng.choice(words, size=rng.integers(5, 15))) for _ in range(3000)],
-                                vocab_size=400)
+                                vocab_size=60)
     model = build_dual_encoder("dive", image_input="regions", num_regions=REGIONS, region_dim=REGION_DIM,
                                embed_dim=1024, num_slots=4, vocab_size=10000, max_length=32)
     started = time.perf_counter()
@@ -88,42 +75,104 @@ def part_export(out_dir):
     return {"export_seconds": time.perf_counter() - started, "params": int(model.count_params())}
 
 
-def part_ort(export_dir, quick):
-    """onnxruntime latencies, TensorFlow-free (as an application serves)."""
-    import numpy as np
+class _OrtRunner:
+    """The onnxruntime side, TensorFlow-free, as an application runs it: the `Encoder`'s sessions."""
 
-    from tfemde.serving import Encoder
+    def __init__(self, export_dir):
+        import onnxruntime
 
-    assert "tensorflow" not in sys.modules
-    encoder = Encoder.load(export_dir)
-    image, text = encoder._session("image.onnx"), encoder._session("text.onnx")
-    out = {"providers": encoder.providers}
-    for batch in BATCHES:
-        image_feeds, text_feeds = _inputs(batch)
-        out[f"image/{batch}"] = _timed(lambda: image.run(["set"], image_feeds), batch, quick)
-        out[f"text/{batch}"] = _timed(lambda: text.run(["set"], text_feeds), batch, quick)
-    caption = ["a man riding a red horse on the beach near a small dog"]
-    out["encode_texts/1"] = _timed(lambda: encoder.encode_texts(caption), 1, quick)
-    e2e = Encoder.load(export_dir, text_route="e2e")
-    out["text_e2e/1"] = _timed(lambda: e2e.encode_texts(caption), 1, quick)
-    out["tokens_in_caption"] = int(encoder.tokenize(caption)[1].sum())
-    return out
+        from tfemde.serving import Encoder
+
+        assert "tensorflow" not in sys.modules
+        self.encoder = Encoder.load(export_dir)
+        self.single = Encoder.load(export_dir, threads=1)
+        self.e2e = Encoder.load(export_dir, text_route="e2e")
+        self.caption = ["a man riding a red horse on the beach near a small dog"]
+        self.info = {"providers": self.encoder.providers, "onnxruntime": onnxruntime.__version__,
+                     "tokens_in_caption": int(self.encoder.tokenize(self.caption)[1].sum())}
+
+    def call(self, what, batch, variant):
+        if what == "encode_texts":
+            return lambda: (self.e2e if variant == "e2e" else self.encoder).encode_texts(self.caption)
+        session = (self.single if variant == "threads1" else self.encoder)._session(f"{what}.onnx")
+        feeds = _inputs(batch)[0 if what == "image" else 1]
+        return lambda: session.run(["set"], feeds)
 
 
-def part_tf(export_dir, quick):
-    """SavedModel latencies (TensorFlow, signatures called with tensors)."""
-    import tensorflow as tf
+class _TfRunner:
+    """The SavedModel side: `encode_image` / `encode_text` signatures called with tensors."""
 
-    loaded = tf.saved_model.load(os.path.join(export_dir, "saved_model"))
-    image, text = loaded.signatures["encode_image"], loaded.signatures["encode_text"]
-    out = {"tensorflow": tf.__version__}
-    for batch in BATCHES:
-        image_feeds, text_feeds = _inputs(batch)
-        image_feeds = {k: tf.constant(v) for k, v in image_feeds.items()}
-        text_feeds = {k: tf.constant(v) for k, v in text_feeds.items()}
-        out[f"image/{batch}"] = _timed(lambda: image(**image_feeds)["set"].numpy(), batch, quick)
-        out[f"text/{batch}"] = _timed(lambda: text(**text_feeds)["set"].numpy(), batch, quick)
-    return out
+    def __init__(self, export_dir):
+        import tensorflow as tf
+
+        self.tf = tf
+        loaded = tf.saved_model.load(os.path.join(export_dir, "saved_model"))
+        self.signatures = {"image": loaded.signatures["encode_image"], "text": loaded.signatures["encode_text"]}
+        self.info = {"tensorflow": tf.__version__}
+
+    def call(self, what, batch, variant):
+        feeds = {k: self.tf.constant(v) for k, v in _inputs(batch)[0 if what == "image" else 1].items()}
+        signature = self.signatures[what]
+        return lambda: signature(**feeds)["set"].numpy()
+
+
+def part_worker(kind, export_dir):
+    """A timing worker: one JSON command per stdin line, `{"what", "batch", "variant", "seconds"}`, answered
+    with the per-call seconds of as many calls as fit (at least 2, after 2 warm-up calls per new case)."""
+    runner = (_OrtRunner if kind == "ort" else _TfRunner)(export_dir)
+    print(json.dumps(runner.info), flush=True)
+    calls = {}
+    for line in sys.stdin:
+        command = json.loads(line)
+        key = (command["what"], command["batch"], command["variant"])
+        if key not in calls:
+            calls[key] = runner.call(*key)
+            for _ in range(2):
+                calls[key]()
+        fn, times, started = calls[key], [], time.perf_counter()
+        while len(times) < 2 or (time.perf_counter() - started < command["seconds"] and len(times) < 200):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        print(json.dumps(times), flush=True)
+
+
+class _Workers:
+    """The two timing workers (separate processes, so neither runtime's threads disturb the other), driven in
+    alternating rounds: background load on a shared machine then hits both alike and their ratio stays fair."""
+
+    def __init__(self, export_dir):
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        self.procs = {kind: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--part", f"worker_{kind}",
+                                              export_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             stderr=subprocess.DEVNULL, text=True, env=env)
+                      for kind in ("ort", "tf")}
+        self.info = {}
+        for kind, proc in self.procs.items():
+            line = proc.stdout.readline()
+            if not line:
+                raise SystemExit(f"the {kind} timing worker failed to start (run it alone: python "
+                                 f"benchmarks/serving.py --part worker_{kind} {export_dir})")
+            self.info.update(json.loads(line))
+
+    def ask(self, kind, what, batch, variant, seconds):
+        proc = self.procs[kind]
+        proc.stdin.write(json.dumps({"what": what, "batch": batch, "variant": variant, "seconds": seconds}) + "\n")
+        proc.stdin.flush()
+        return json.loads(proc.stdout.readline())
+
+    def compare(self, cases, quick):
+        """Median seconds per call of every `(kind, what, batch, variant)` case, over alternating rounds."""
+        times = {case: [] for case in cases}
+        for _ in range(2 if quick else 5):
+            for case in cases:
+                times[case].extend(self.ask(*case, seconds=0.2 if quick else 0.6))
+        return {case: statistics.median(v) for case, v in times.items()}
+
+    def close(self):
+        for proc in self.procs.values():
+            proc.stdin.close()
+            proc.wait(timeout=60)
 
 
 def part_scoring(quick):
@@ -162,12 +211,11 @@ def main(argv=None):
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.part:
-        fn = {"export": lambda: part_export(args.args[0]),
-              "ort": lambda: part_ort(args.args[0], args.quick),
-              "tf": lambda: part_tf(args.args[0], args.quick)}[args.part]
+        if args.part.startswith("worker_"):
+            return part_worker(args.part[len("worker_"):], args.args[0])
+        fn = {"export": lambda: part_export(args.args[0])}[args.part]
         print(json.dumps(fn()))
         return
-    quick = ["--quick"] if args.quick else []
     print(f"tfemde serving benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {os.cpu_count()} "
           f"cores, {platform.system()} {platform.release()}, Python {platform.python_version()}; load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
@@ -177,10 +225,25 @@ def main(argv=None):
             info = _run_part("export", export_dir)
             print(f"DivE (untrained, {info['params'] / 1e6:.1f} M parameters; regions {REGIONS}x{REGION_DIM}, "
                   f"{TOKENS}-token captions, K=4, D=1024) exported and checked in {info['export_seconds']:.0f} s")
-        ort = _run_part("ort", export_dir, *quick)
-        tf = _run_part("tf", export_dir, *quick)
-    print(f"onnxruntime providers {ort['providers']}; SavedModel on TensorFlow {tf['tensorflow']}; median of "
-          "repeated calls after warm-up")
+        workers = _Workers(export_dir)
+        try:
+            cases = [(kind, what, batch, "default") for what in ("image", "text") for batch in BATCHES
+                     for kind in ("ort", "tf")]
+            cases += [("ort", what, 1, "threads1") for what in ("image", "text")]
+            cases += [("ort", "encode_texts", 1, variant) for variant in ("sentencepiece", "e2e")]
+            measured = workers.compare(cases, args.quick)
+        finally:
+            workers.close()
+    times = {**workers.info, **{f"{kind}/{what}/{batch}": v for (kind, what, batch, variant), v in measured.items()
+                                if variant == "default"},
+             "ort1/image/1": measured[("ort", "image", 1, "threads1")],
+             "ort1/text/1": measured[("ort", "text", 1, "threads1")]}
+    paths = {"tokens_in_caption": workers.info["tokens_in_caption"],
+             "encode_texts/1": measured[("ort", "encode_texts", 1, "sentencepiece")],
+             "text_e2e/1": measured[("ort", "encode_texts", 1, "e2e")]}
+    print(f"onnxruntime {times['onnxruntime']} {times['providers']} (Encoder defaults: a thread per core, no "
+          f"spin-waiting) vs the SavedModel on TensorFlow {times['tensorflow']}; median per call, the two timed in "
+          "alternating rounds after warm-up")
     print()
     header = (f"{'encoder':<8}{'batch':>6}{'ORT ms/call':>13}{'ORT items/s':>13}{'TF ms/call':>12}"
               f"{'TF items/s':>12}{'TF/ORT':>8}")
@@ -188,20 +251,23 @@ def main(argv=None):
     print("-" * len(header))
     for what in ("image", "text"):
         for batch in BATCHES:
-            o, t = ort[f"{what}/{batch}"], tf[f"{what}/{batch}"]
+            o, t = times[f"ort/{what}/{batch}"], times[f"tf/{what}/{batch}"]
             print(f"{what:<8}{batch:>6}{1000 * o:>13.2f}{batch / o:>13.0f}{1000 * t:>12.2f}{batch / t:>12.0f}"
                   f"{t / o:>8.2f}")
     print("-" * len(header))
-    print(f"one caption end to end ({ort['tokens_in_caption']} tokens): Encoder.encode_texts (sentencepiece + "
-          f"text.onnx) {1000 * ort['encode_texts/1']:.2f} ms; text_e2e.onnx {1000 * ort['text_e2e/1']:.2f} ms")
+    print(f"batch 1 with one onnxruntime thread: image {1000 * times['ort1/image/1']:.2f} ms, text "
+          f"{1000 * times['ort1/text/1']:.2f} ms")
+    print(f"one caption end to end ({paths['tokens_in_caption']} tokens, TensorFlow-free): Encoder.encode_texts "
+          f"(sentencepiece + text.onnx) {1000 * paths['encode_texts/1']:.2f} ms; text_e2e.onnx "
+          f"{1000 * paths['text_e2e/1']:.2f} ms")
     print()
     checks = []
     for what in ("image", "text"):
-        ms = 1000 * ort[f"{what}/1"]
+        ms = 1000 * times[f"ort/{what}/1"]
         checks.append((f"{what}: ORT per single item <= {PYTORCH_MS[what] / 4:.2f} ms (4x faster than PyTorch's "
                        f"{PYTORCH_MS[what]:.0f} ms)", ms <= PYTORCH_MS[what] / 4, f"{ms:.2f} ms, "
                        f"{PYTORCH_MS[what] / ms:.1f}x"))
-        ratio = tf[f"{what}/1"] / ort[f"{what}/1"]
+        ratio = times[f"tf/{what}/1"] / times[f"ort/{what}/1"]
         checks.append((f"{what}: ORT >= 2x faster than the SavedModel at batch 1", ratio >= 2.0, f"{ratio:.2f}x"))
     if not args.skip_scoring:
         score = part_scoring(args.quick)

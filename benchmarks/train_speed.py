@@ -1,10 +1,11 @@
 """Training speed of one `fit` step in the DivE COCO configuration, in images per second.
 
 The configuration of `kdwonn/DivE: train_eval_coco.sh` (ALGORITHMS.md §3): 36 x 2048 BUTD regions per image (about
-20 % dropped, as the region drop), 5 captions of 12 tokens per image (lengths 7 to 12), vocabulary 10,000, GloVe-size
-word embeddings (300), BiGRU 1024, K = 4 slots, D = 1024, 4 shared set-prediction blocks of 4 heads x 512, triplet +
-MMD + diversity loss, ScaledAdamW with cosine decay and global-norm clipping. A batch is B images and their 5B
-captions (`caption_image_id`). Random data: speed does not depend on the values.
+20 % masked out, as the region drop; the cost does not depend on it), 5 captions of 12 tokens per image, vocabulary
+10,000, GloVe-size word embeddings (300), BiGRU 1024, K = 4 slots, D = 1024, 4 shared set-prediction blocks of
+4 heads x 512, hardest-negative triplet + MMD + diversity loss (`warmup_epochs=0`: the steady state of training),
+ScaledAdamW with cosine decay and global-norm clipping. A batch is B images and their 5B captions
+(`caption_image_id`). Random data: speed does not depend on the values.
 
 For every preset and batch size, `model.fit` runs on `tf.data.Dataset.from_tensors(batch).repeat(n)`; the first
 `--warmup` steps (tracing, oneDNN primitive creation) are dropped and the median time between the ends of the
@@ -49,7 +50,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="dive,dive_temde", help="comma-separated preset names")
     parser.add_argument("--batches", default=None, help="images per batch, comma-separated (default 32,128; quick 32)")
-    parser.add_argument("--threads", type=int, default=2, help="TF intra- and inter-op threads")
+    parser.add_argument("--threads", type=int, default=2, help="TF intra-op threads (and inter-op by default)")
+    parser.add_argument("--inter-threads", type=int, default=None, help="TF inter-op threads (default: --threads)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first fit steps (default 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed fit steps (default 6; quick 3)")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per breakdown component (default 5; quick 3)")
@@ -57,6 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-component breakdown")
     parser.add_argument("--breakdown-batches", default="32", help="batch sizes to break down (comma-separated)")
     parser.add_argument("--vocab-size", type=int, default=10000)
+    parser.add_argument("--min-caption-length", type=int, default=12,
+                        help="caption lengths are drawn in [this, 12] (default 12: every caption has 12 tokens)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="batch 32 only, fewer steps and runs")
     args = parser.parse_args(argv)
@@ -65,6 +69,8 @@ def parse_args(argv=None):
     args.presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.breakdown_batches = [int(b) for b in args.breakdown_batches.split(",") if b]
+    if args.inter_threads is None:
+        args.inter_threads = args.threads
     if args.warmup is None:
         args.warmup = 2
     if args.steps is None:
@@ -149,18 +155,18 @@ def build(preset_name, args):
     model = build_dual_encoder(
         preset_name, image_input="regions", num_regions=36, region_dim=2048, embed_dim=1024, word_dim=300,
         vocab_size=args.vocab_size, max_length=12, num_slots=4, set_depth=4, set_heads=4, ff_mult=4,
-        share_weights=True,
+        share_weights=True, warmup_epochs=0,
     )
     model.compile(jit_compile=args.jit)
     return model
 
 
-def make_batch(images, vocab_size, seed, regions=36, region_dim=2048, length=12):
+def make_batch(images, vocab_size, seed, regions=36, region_dim=2048, length=12, min_length=12):
     rng = np.random.default_rng(seed)
     captions = CAPTIONS_PER_IMAGE * images
     region_mask = rng.uniform(size=(images, regions)) >= 0.2
     region_mask[:, 0] = True
-    lengths = rng.integers(7, length + 1, size=captions)
+    lengths = rng.integers(min_length, length + 1, size=captions)
     caption_mask = np.arange(length)[None, :] < lengths[:, None]
     caption_ids = np.where(caption_mask, rng.integers(1, vocab_size, size=(captions, length)), 0)
     return {
@@ -206,9 +212,11 @@ class StepTimer:
         class _Timer(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
                 self.ends = [time.perf_counter()]
+                self.cpu = [time.process_time()]
 
             def on_train_batch_end(self, batch, logs=None):
                 self.ends.append(time.perf_counter())
+                self.cpu.append(time.process_time())
 
         return _Timer()
 
@@ -218,8 +226,8 @@ def time_fit(model, batch, args):
     data = tf.data.Dataset.from_tensors(batch).repeat(steps)
     timer = StepTimer()
     model.fit(data, epochs=1, verbose=0, callbacks=[timer])
-    step_times = np.diff(timer.ends)
-    return step_times[: args.warmup], step_times[args.warmup:]
+    step_times, cpu_times = np.diff(timer.ends), np.diff(timer.cpu)
+    return step_times[: args.warmup], step_times[args.warmup:], cpu_times[args.warmup:]
 
 
 # ---------------------------------------------------------------- breakdown
@@ -344,7 +352,7 @@ def breakdown(model, batch, args, step_time):
 def main(argv=None):
     args = parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.inter_threads)
     import keras
 
     keras.utils.set_random_seed(args.seed)
@@ -358,18 +366,19 @@ def main(argv=None):
         for images in args.batches:
             keras.backend.clear_session()
             model = build(preset_name, args)
-            batch = make_batch(images, args.vocab_size, args.seed)
+            batch = make_batch(images, args.vocab_size, args.seed, min_length=args.min_caption_length)
             macs = forward_macs(model.config, images, CAPTIONS_PER_IMAGE * images)
             gflop = 6.0 * sum(macs.values()) / 1e9
             start = time.perf_counter()
-            warm, timed = time_fit(model, batch, args)
+            warm, timed, cpu = time_fit(model, batch, args)
             step = float(np.median(timed))
-            row = dict(preset=preset_name, images=images, step=step, ips=images / step,
+            row = dict(preset=preset_name, images=images, step=step, ips=images / step, cpu=float(np.median(cpu)),
                        best=images / float(np.min(timed)), warm=float(np.sum(warm)), gflop=gflop,
                        bound=images / (gflop / rate))
             results.append(row)
             print(f"# {preset_name:>10} batch {images:>3}: steps {' '.join(f'{t:.2f}' for t in timed)} s "
-                  f"(warm-up {' '.join(f'{t:.1f}' for t in warm)} s) -> {row['ips']:.2f} images/s "
+                  f"(warm-up {' '.join(f'{t:.1f}' for t in warm)} s), CPU {' '.join(f'{t:.2f}' for t in cpu)} s "
+                  f"-> {row['ips']:.2f} images/s "
                   f"[{time.perf_counter() - start:.0f} s, load {load_average()}]", flush=True)
             if not args.no_breakdown and images in args.breakdown_batches:
                 breakdown(model, batch, args, step)
@@ -377,14 +386,19 @@ def main(argv=None):
 
     print("\n## images per second, one fit step (median of the timed steps)")
     print(f"| {'preset':<10} | {'batch':>5} | {'s/step':>7} | {'images/s':>8} | {'best':>6} | {'vs 8.5':>6} | "
-          f"{'GFLOP/step':>10} | {'GFLOP/s':>7} | {'matmul bound img/s':>18} |")
-    print(f"|{'-' * 12}|{'-' * 7}|{'-' * 9}|{'-' * 10}|{'-' * 8}|{'-' * 8}|{'-' * 12}|{'-' * 9}|{'-' * 20}|")
+          f"{'CPU s/step':>10} | {'img/CPU-s x2':>12} | {'GFLOP/step':>10} | {'GFLOP/s':>7} | {'matmul bound':>12} |")
+    print(f"|{'-' * 12}|{'-' * 7}|{'-' * 9}|{'-' * 10}|{'-' * 8}|{'-' * 8}|{'-' * 12}|{'-' * 14}|{'-' * 12}|{'-' * 9}|"
+          f"{'-' * 14}|")
     for r in results:
         print(f"| {r['preset']:<10} | {r['images']:>5} | {r['step']:7.2f} | {r['ips']:8.2f} | {r['best']:6.2f} | "
-              f"{r['ips'] / REFERENCE_IMAGES_PER_SECOND:5.2f}x | {r['gflop']:10.0f} | {r['gflop'] / r['step']:7.0f} | "
-              f"{r['bound']:18.1f} |")
+              f"{r['ips'] / REFERENCE_IMAGES_PER_SECOND:5.2f}x | {r['cpu']:10.2f} | "
+              f"{args.threads * r['images'] / r['cpu']:12.2f} | {r['gflop']:10.0f} | {r['gflop'] / r['step']:7.0f} | "
+              f"{r['bound']:12.1f} |")
     print(f"# reference: official PyTorch {REFERENCE_IMAGES_PER_SECOND} images/s; target >= "
-          f"{TARGET_IMAGES_PER_SECOND} images/s. 'matmul bound' = images / (GFLOP per step / measured matmul rate).")
+          f"{TARGET_IMAGES_PER_SECOND} images/s. images/s = batch / median wall time per step; best = fastest step.\n"
+          f"# img/CPU-s x2 = batch / (process CPU seconds per step / {args.threads} threads): the speed with "
+          f"{args.threads} otherwise idle cores, robust to other load.\n"
+          "# matmul bound = batch / (GFLOP per step / the matmul rate measured above): a perfect implementation.")
 
 
 if __name__ == "__main__":

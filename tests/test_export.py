@@ -175,6 +175,40 @@ def test_saved_model_signatures_match_keras(exported):
         np.testing.assert_allclose(out["set"].numpy(), _keras(model.text_encoder, feeds)["set"], atol=1e-5, rtol=0)
 
 
+def test_serving_a_region_model_without_sketch(exported):
+    """The Encoder on this export: region features in, sets of one element, no sketch, λ = 0."""
+    from tfemde.serving import Encoder, SetIndex
+
+    encoder = Encoder.load(exported["dir"])
+    assert encoder.image_input == "regions" and encoder.image_size is None and encoder.sketch_size == 0
+    assert encoder.similarity_kwargs == {"alpha": exported["model"].config.alpha, "sketch_weight": 0.0}
+    rng = np.random.default_rng(11)
+    feeds = _region_feeds(rng, 5, 36)
+    items = encoder.encode_regions(feeds["regions"], feeds["region_mask"], batch_size=2)
+    assert items.sets.shape == (5, 1, 16) and items.sketches is None
+    np.testing.assert_allclose(items.sets, _keras(exported["model"].image_encoder, feeds)["set"], atol=1e-4)
+    all_valid = encoder.encode_images(feeds["regions"])  # region models take features in encode_images too
+    want = _keras(exported["model"].image_encoder, {**feeds, "region_mask": np.ones((5, 36), bool)})["set"]
+    np.testing.assert_allclose(all_valid.sets, want, atol=1e-4)
+    texts = ["a dog on the beach", "", "a man riding a horse"]
+    queries = encoder.encode_texts(texts)
+    ids, mask = exported["tokenizer"].encode(texts, 10)
+    want = _keras(exported["model"].text_encoder, {"caption_ids": ids, "caption_mask": mask})["set"]
+    np.testing.assert_allclose(queries.sets, want, atol=1e-4)
+    index = SetIndex(**encoder.similarity_kwargs)
+    index.add(items)
+    found, scores = index.search(queries, k=5)
+    cosines = want[:, 0] @ items.sets[:, 0].T  # K = 1 on both sides: Smooth-Chamfer is the cosine
+    np.testing.assert_allclose(scores, -np.sort(-cosines, axis=1), atol=1e-4)
+    with pytest.raises(ValueError, match=r"takes region features \[N, R, 24\] float32, not image files"):
+        encoder.encode_images(["photo.jpg"])
+    with pytest.raises(ValueError, match=r"regions must be float features of shape \[N, R, 24\]; got shape "
+                                         r"\(5, 36, 8\)"):
+        encoder.encode_regions(np.zeros((5, 36, 8), np.float32))
+    with pytest.raises(ValueError, match=r"region_mask must have shape \[N, R\] = \(5, 36\); got shape \(5, 3\)"):
+        encoder.encode_regions(feeds["regions"], np.ones((5, 3), bool))
+
+
 # ---------------------------------------------------------------------------------------------- self-checks
 def test_unsupported_op_is_an_error():
     """Exact GELU lowers to Erfc, which tf2onnx only logs as an ERROR: the export must fail instead."""
@@ -190,6 +224,29 @@ def test_unsupported_op_is_an_error():
     proto = convert_function(fine, spec, dims={"x": ["batch", None], "y": ["batch", None]})
     assert [o.name for o in proto.graph.output] == ["y"]
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_reshape_by_dynamic_shape_after_matmul_converts():
+    """`reshape(x @ W, (shape[0], shape[1], h, e))` (how attention splits heads) runs correctly in onnxruntime."""
+    import keras
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from tfemde.export import convert_function
+
+    kernel = tf.Variable(np.random.default_rng(0).normal(size=(8, 12)).astype(np.float32))
+    spec = [tf.TensorSpec([None, None, 8], tf.float32, name="x")]
+
+    def heads(x):
+        y = keras.ops.matmul(x, kernel)
+        shape = keras.ops.shape(y)
+        return {"y": keras.ops.transpose(keras.ops.reshape(y, (shape[0], shape[1], 3, 4)), (0, 2, 1, 3))}
+
+    fn = tf.function(heads, input_signature=spec)
+    session = ort.InferenceSession(convert_function(fn, spec).SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).normal(size=(2, 5, 8)).astype(np.float32)
+    want = (x @ kernel.numpy()).reshape(2, 5, 3, 4).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(session.run(["y"], {"x": x})[0], want, atol=1e-5)
 
 
 def test_a_mismatch_fails_the_check(exported, monkeypatch):

@@ -99,16 +99,21 @@ def test_matches_brute_force_with_many_ties(with_groups, seed):
     assert_metrics_close(retrieval_metrics(sim, caption_item, groups), brute_metrics(sim, caption_item, groups))
 
 
-def test_matches_brute_force_in_small_rank_blocks(monkeypatch):
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("seed", [3, 4])
+def test_matches_brute_force_in_small_rank_blocks(monkeypatch, dense, seed):
     import tfemde.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "_RANK_BLOCK", 7)  # a few rows / columns per block
-    rng = np.random.default_rng(3)
-    sim = rng.normal(size=(9, 20))
-    caption_item = rng.integers(0, 9, size=20)
+    if dense:  # the fallback for huge groups: dense match masks instead of listed matching pairs
+        monkeypatch.setattr(evaluation, "_MAX_PAIRS_PER_QUERY", 0)
+    rng = np.random.default_rng(seed)
+    sim = rng.integers(0, 5, size=(9, 20)).astype(np.float32)
+    caption_item = rng.integers(0, 8, size=20)
     groups = rng.integers(0, 4, size=9)
-    assert_metrics_close(retrieval_metrics(sim, caption_item, groups, progress=True),
-                         brute_metrics(sim, caption_item, groups))
+    for g in (None, groups):
+        assert_metrics_close(retrieval_metrics(sim, caption_item, g, progress=True),
+                             brute_metrics(sim, caption_item, g))
 
 
 def test_medr_floors_an_even_median():

@@ -99,7 +99,7 @@ def test_pixel_tower_and_encoders_match_the_dual_model(rng):
 
 def test_compute_loss_equals_numpy_triplet_with_all_positives_masked(rng):
     """vse: cosine similarity, hardest-negative triplet (sum), positives from image_id (two captions share image 0)."""
-    model = build_dual_encoder("vse", **TINY, **REGIONS, warmup_epochs=0)
+    model = build_dual_encoder("vse", **TINY, **REGIONS, warmup_epochs=0, reduction="sum")
     batch = region_batch(rng, batch=5, num_images=4)  # rows 0 and 4 are the same image
     out = encode(model, batch)
     loss = float(model.compute_loss(x=batch, y_pred={k: tf.constant(v) for k, v in out.items()}))

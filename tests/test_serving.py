@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tfemde.serving import Embeddings, Encoder, ExportFileError, SetIndex, choose_providers
+from tfemde.serving import Encoder, ExportFileError, SetIndex, choose_providers
 from tfemde.serving.images import load_image
 
 ROOT = Path(__file__).resolve().parent.parent

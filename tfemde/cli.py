@@ -179,14 +179,14 @@ def cmd_index(args):
 def cmd_search(args):
     from tfemde.serving import SetIndex
 
+    if args.k < 1:
+        raise UserError(f"-k must be >= 1; got {args.k}")
     index = SetIndex.load(args.index)
     encoder = _serving_encoder(args)
     if (index.alpha, index.sketch_weight) != (encoder.alpha, encoder.sketch_weight):
         print(f"tfemde search: warning: the index scores with alpha={index.alpha}, sketch_weight="
               f"{index.sketch_weight}; the export's model uses alpha={encoder.alpha}, sketch_weight="
               f"{encoder.sketch_weight}", file=sys.stderr)
-    if args.k < 1:
-        raise UserError(f"-k must be >= 1; got {args.k}")
     ids, scores = index.search(encoder.encode_texts(args.query), k=args.k)
     for query, row_ids, row_scores in zip(args.query, ids, scores):
         print(f"{query!r}:")

@@ -17,7 +17,7 @@ only needs its embeddings.
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -28,6 +28,8 @@ METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rs
 RECALL_AT = (1, 5, 10)
 # Scores compared per ranking step (rows x candidates), about 64 MiB of float32.
 _RANK_BLOCK = 1 << 24
+# Matching (item, caption) pairs are listed when there are at most this many per query (else dense masks).
+_MAX_PAIRS_PER_QUERY = 64
 
 __all__ = ["METRIC_KEYS", "PROTOCOLS", "coco1k", "encode_dataset", "evaluate", "evaluate_encoded", "full",
            "metrics_from_ranks", "metrics_line", "protocol_metrics", "retrieval_metrics", "retrieval_ranks"]
@@ -78,12 +80,29 @@ def _count_ahead(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     best = np.where(positive, scores, -np.inf).max(axis=1)
     ahead = scores >= best[:, None]
     ahead &= ~positive
-    return ahead.sum(axis=1)
+    return np.count_nonzero(ahead, axis=1)
+
+
+def _positive_pairs(item_group: np.ndarray, caption_group: np.ndarray, limit: int):
+    """`(items [P], captions [P])`: every (item, caption) pair of the same group, or None if P > limit."""
+    items_per_group = np.bincount(item_group, minlength=int(caption_group.max()) + 1)
+    reps = items_per_group[caption_group]  # items matching each caption
+    total = int(reps.sum())
+    if total > limit:
+        return None
+    by_group = np.argsort(item_group, kind="stable")
+    first = np.cumsum(items_per_group) - items_per_group  # where each group starts in `by_group`
+    pair_caption = np.repeat(np.arange(len(caption_group)), reps)
+    within = np.arange(total) - np.repeat(np.cumsum(reps) - reps, reps)
+    pair_item = by_group[np.repeat(first[caption_group], reps) + within]
+    return pair_item, pair_caption
 
 
 def retrieval_ranks(similarity, caption_item, groups=None, progress: bool = False,
                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """0-based ranks of every i2t and t2i query (ties against the model, group-aware).
+
+    A rank is the number of non-matching candidates that score at least as high as the query's best match.
 
     Args:
         similarity: `[N_items, N_captions]` scores, higher is better.
@@ -99,6 +118,40 @@ def retrieval_ranks(similarity, caption_item, groups=None, progress: bool = Fals
     n_items, n_captions = sim.shape
     queries = np.flatnonzero(np.bincount(cap, minlength=n_items) > 0)
     caption_group = grp[cap]
+    rows = max(1, _RANK_BLOCK // n_captions)
+    pairs = _positive_pairs(grp, caption_group, limit=_MAX_PAIRS_PER_QUERY * (n_items + n_captions))
+    if pairs is None:  # huge groups: dense match masks, block by block
+        return _dense_ranks(sim, grp, caption_group, queries, progress) + (queries,)
+
+    # Best match of every query from the matching pairs, then one comparison pass over the matrix per direction:
+    # rank = #(candidates >= best) - #(matches >= best).
+    pair_item, pair_caption = pairs
+    pair_score = sim[pair_item, pair_caption]
+    best_item = np.full(n_items, -np.inf, sim.dtype)
+    np.maximum.at(best_item, pair_item, pair_score)
+    best_caption = np.full(n_captions, -np.inf, sim.dtype)
+    np.maximum.at(best_caption, pair_caption, pair_score)
+    tied_item = np.bincount(pair_item[pair_score >= best_item[pair_item]], minlength=n_items)
+    tied_caption = np.bincount(pair_caption[pair_score >= best_caption[pair_caption]], minlength=n_captions)
+
+    bar = _progress_bar(progress, 2 * -(-n_items // rows), "ranking")
+    ahead_item = np.zeros(n_items, np.int64)
+    ahead_caption = np.zeros(n_captions, np.int64)
+    for r0 in range(0, n_items, rows):
+        block = sim[r0:r0 + rows]
+        ahead_item[r0:r0 + rows] = np.count_nonzero(block >= best_item[r0:r0 + rows, None], axis=1)
+        if bar is not None:
+            bar.update(1)
+        ahead_caption += np.count_nonzero(block >= best_caption[None, :], axis=0)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return (ahead_item - tied_item)[queries], ahead_caption - tied_caption, queries
+
+
+def _dense_ranks(sim, grp, caption_group, queries, progress):
+    n_items, n_captions = sim.shape
     rows = max(1, _RANK_BLOCK // n_captions)
     cols = max(1, _RANK_BLOCK // n_items)
     bar = _progress_bar(progress, -(-len(queries) // rows) + -(-n_captions // cols), "ranking")
@@ -116,7 +169,7 @@ def retrieval_ranks(similarity, caption_item, groups=None, progress: bool = Fals
             bar.update(1)
     if bar is not None:
         bar.close()
-    return i2t, t2i, queries
+    return i2t, t2i
 
 
 def metrics_from_ranks(i2t_ranks, t2i_ranks) -> Dict[str, float]:

@@ -84,7 +84,8 @@ def _resolve(run_dir_or_model, tokenizer):
     if all(hasattr(run_dir_or_model, a) for a in ("path", "config", "tokenizer", "model")):  # a Run
         run = run_dir_or_model
         source = str(run.path)
-        model, config, tokenizer = run.model, run.config, tokenizer or run.tokenizer
+        model, tokenizer = run.model, tokenizer or run.tokenizer
+        config = getattr(model, "config", None) or run.config  # what the saved model was built with
     else:
         model = run_dir_or_model
         config = getattr(model, "config", None)
@@ -187,6 +188,34 @@ def _quiet_converter():
             lg.handlers = handlers
 
 
+# tf2onnx 1.17's ReshapeOptimizer rewrites `Shape(Reshape(MatMul(Reshape(x)), s))` into the shape of the inner 2-D
+# MatMul, so `ops.reshape(y, (ops.shape(y)[0], ops.shape(y)[1], heads, dim))` after a `[B, L, D] @ [D, E]` matmul
+# (Keras lowers it to reshape -> MatMul -> reshape) fails in onnxruntime ("input tensor cannot be reshaped").
+# Skipping that one optimizer keeps the other tf2onnx optimizations and converts such graphs correctly.
+_SKIPPED_OPTIMIZERS = ("reshape_optimizer",)
+
+
+@contextlib.contextmanager
+def _without_optimizers(names=_SKIPPED_OPTIMIZERS):
+    try:
+        from tf2onnx import optimizer
+    except ImportError:  # pragma: no cover - tf2onnx is a training-side dependency
+        yield
+        return
+    registry = getattr(optimizer, "_optimizers", None)
+    if not isinstance(registry, dict):
+        yield
+        return
+    saved = list(registry.items())
+    try:
+        for name in names:
+            registry.pop(name, None)
+        yield
+    finally:
+        registry.clear()
+        registry.update(saved)
+
+
 def convert_function(fn, input_signature, opset: int = DEFAULT_OPSET, dims=None, what: str = "model"):
     """Convert a `tf.function` to an ONNX `ModelProto` with tf2onnx, failing on anything the converter could not map.
 
@@ -208,7 +237,7 @@ def convert_function(fn, input_signature, opset: int = DEFAULT_OPSET, dims=None,
     import onnx
     import tf2onnx
 
-    with _quiet_converter() as records:
+    with _quiet_converter() as records, _without_optimizers():
         try:
             proto, _ = tf2onnx.convert.from_function(fn, input_signature=input_signature, opset=opset)
         except Exception as error:  # noqa: BLE001 - any converter failure is an export failure

@@ -121,11 +121,44 @@ class SetPredictionBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, queries, context, key_mask, key_pos=None, training=None):
-        normed_context = self.context_norm(context)
-        q = self.query_proj(self.query_norm(queries))
-        k = self.key_proj(normed_context if key_pos is None else normed_context + key_pos)
-        v = self.value_proj(normed_context)
-        logits = ops.einsum("bkhe,blhe->bhkl", q, k) * ops.cast(1.0 / math.sqrt(self.head_dim), q.dtype)
+        keys_t, values = self.project_context(context, key_pos)
+        return self.attend(queries, keys_t, values, key_mask, training=training)
+
+    # The projections are 2-D matmuls on the EinsumDense kernels rather than the layers' own einsums: Keras lowers
+    # `bkd,dhe->bkhe` on TensorFlow to a BatchMatMul broadcasting the kernel over the batch, whose kernel gradient
+    # materialises a [B, D, H*E] tensor and sums it (about 10x slower than the matmul). Same weights, same maths.
+    def _split_heads(self, x):
+        """`[B, N, H*E]` -> `[B, H, N, E]`."""
+        shape = ops.shape(x)
+        return ops.transpose(ops.reshape(x, (shape[0], shape[1], self.num_heads, self.head_dim)), (0, 2, 1, 3))
+
+    def project_queries(self, queries):
+        """Multi-head queries `[B, H, K, E]` of the slots `[B, K, D]`: `LN_q(x) W_q`."""
+        kernel = ops.reshape(self.query_proj.kernel, (self.dim, self.num_heads * self.head_dim))
+        return self._split_heads(ops.matmul(self.query_norm(queries), kernel))
+
+    def project_context(self, context, key_pos=None):
+        """Transposed keys `[B, H, E, L]` and values `[B, H, L, E]` of the context `[B, L, Din]`.
+
+        `k = (LN_c(C) + key_pos) W_k`, `v = LN_c(C) W_v`. They do not depend on the slots, so with shared weights
+        `SetPrediction` computes them once for all its blocks.
+        """
+        normed = self.context_norm(context)
+        inner = self.num_heads * self.head_dim
+        key_kernel = ops.reshape(self.key_proj.kernel, (-1, inner))
+        value_kernel = ops.reshape(self.value_proj.kernel, (-1, inner))
+        keys = self._split_heads(ops.matmul(normed if key_pos is None else normed + key_pos, key_kernel))
+        values = self._split_heads(ops.matmul(normed, value_kernel))
+        return ops.transpose(keys, (0, 1, 3, 2)), values
+
+    def attend(self, queries, keys_t, values, key_mask, training=None, projected_queries=None):
+        """The block's update of the slots `[B, K, D]` given `project_context`'s keys and values.
+
+        `projected_queries` `[B or 1, H, K, E]`, when given, replaces `project_queries(queries)` (the first block's
+        slots are the same learned queries for every sample, so they are projected once).
+        """
+        q = self.project_queries(queries) if projected_queries is None else projected_queries
+        logits = ops.matmul(q, keys_t) * ops.cast(1.0 / math.sqrt(self.head_dim), q.dtype)  # [B, H, K, L]
         m = ops.cast(key_mask, logits.dtype)[:, None, None, :]
         if self.reference_masking:
             # The reference's behaviour: a masked key gets the same logit in every slot, so the
@@ -137,8 +170,12 @@ class SetPredictionBlock(keras.layers.Layer):
             # over inputs, so they reach no slot; an all-padded row gives zero updates.
             attn = ops.softmax(logits, axis=2) * m
         attn = attn / (ops.sum(attn, axis=-1, keepdims=True) + ops.cast(self.epsilon, attn.dtype))
-        updates = ops.einsum("bhkl,blhe->bkhe", attn, v)
-        x = queries + self.attention_dropout(self.output_proj(updates), training=training)
+        updates = ops.transpose(ops.matmul(attn, values), (0, 2, 1, 3))  # [B, K, H, E]
+        shape = ops.shape(updates)
+        updates = ops.reshape(updates, (shape[0], shape[1], self.num_heads * self.head_dim))
+        output_kernel = ops.reshape(self.output_proj.kernel, (self.num_heads * self.head_dim, self.dim))
+        projected = ops.matmul(updates, output_kernel) + self.output_proj.bias
+        x = queries + self.attention_dropout(projected, training=training)
         hidden = self.ff_dropout(gelu_erf(self.ff_hidden(self.ff_norm(x))), training=training)
         return x + self.ff_output(hidden)
 
@@ -314,13 +351,17 @@ class SetPrediction(keras.layers.Layer):
         key_pos = None
         if self.positional_encoding:
             key_pos = sine_positional_encoding(m, dim=int(local_features.shape[-1]), dtype=dtype)
-        x = ops.broadcast_to(
-            ops.expand_dims(ops.cast(self.slot_queries, dtype), 0),
-            (ops.shape(context)[0], self.num_slots, self.dim),
-        )
+        slots = ops.expand_dims(ops.cast(self.slot_queries, dtype), 0)  # [1, K, D]
+        x = ops.broadcast_to(slots, (ops.shape(context)[0], self.num_slots, self.dim))
+        # Exact shortcuts: with shared weights the context LayerNorm and the key/value projections are the same in
+        # every block, so they are computed once; the first block's slots are the same for every sample, so their
+        # query projection is computed once and broadcast.
+        shared_context = self.blocks[0].project_context(context, key_pos) if self.share_weights else None
         for t in range(self.depth):
             block = self.blocks[0 if self.share_weights else t]
-            x = block(x, context, m, key_pos, training=training)
+            keys_t, values = shared_context if shared_context is not None else block.project_context(context, key_pos)
+            first_queries = block.project_queries(slots) if t == 0 else None
+            x = block.attend(x, keys_t, values, m, training=training, projected_queries=first_queries)
         residual = self.final_norm(x)
         out = residual
         if self.global_residual:

@@ -54,13 +54,15 @@ class Encoder:
         >>> # ids, scores = index.search(encoder.encode_texts(["a red heart"]), k=5)
     """
 
-    def __init__(self, export_dir, manifest: dict, providers, text_route: str, batch_size: int, threads):
+    def __init__(self, export_dir, manifest: dict, providers, text_route: str, batch_size: int, threads,
+                 spinning: bool = False):
         self.export_dir = Path(export_dir)
         self.manifest = manifest
         self.providers = providers
         self.text_route = text_route
         self.batch_size = batch_size
         self._threads = threads
+        self._spinning = spinning
         self._sessions = {}
         self._tokenizer = None
         embedding = manifest["embedding"]
@@ -79,7 +81,7 @@ class Encoder:
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def load(cls, export_dir, providers=None, text_route: str = "sentencepiece", batch_size: int = DEFAULT_BATCH_SIZE,
-             threads: Optional[int] = None, verify: bool = True) -> "Encoder":
+             threads: Optional[int] = None, spinning: bool = False, verify: bool = True) -> "Encoder":
         """Open an export folder.
 
         Args:
@@ -90,6 +92,8 @@ class Encoder:
                 `text_e2e.onnx` on the strings); see the module docstring.
             batch_size: items per onnxruntime call in `encode_*` (overridable per call).
             threads: onnxruntime intra-op threads (None: one per core).
+            spinning: let idle onnxruntime threads spin-wait (faster on a dedicated machine, slower on a shared
+                one; see `tfemde.serving.providers.make_session`).
             verify: check the sha256 of every file the encoder uses against the manifest (recommended).
 
         Raises:
@@ -111,7 +115,7 @@ class Encoder:
         if verify:
             text_file = mf.TEXT_E2E_ONNX if text_route == "e2e" else mf.TEXT_ONNX
             mf.verify_files(export_dir, manifest, [mf.IMAGE_ONNX, text_file, mf.TOKENIZER_FILE])
-        return cls(export_dir, manifest, chosen, text_route, batch_size, threads)
+        return cls(export_dir, manifest, chosen, text_route, batch_size, threads, spinning)
 
     def __repr__(self) -> str:
         sketch = f", sketch {self.sketch_size} (depth {self.sketch_depth})" if self.sketch_size else ""
@@ -133,7 +137,8 @@ class Encoder:
     def _session(self, name: str):
         if name not in self._sessions:
             self._sessions[name] = make_session(self.export_dir / name, providers=self.providers,
-                                                custom_ops=(name == mf.TEXT_E2E_ONNX), threads=self._threads)
+                                                custom_ops=(name == mf.TEXT_E2E_ONNX), threads=self._threads,
+                                                spinning=self._spinning)
         return self._sessions[name]
 
     @property

@@ -80,7 +80,8 @@ def _tensorflow_loaded() -> bool:
     return sys.modules.get("tensorflow") is not None
 
 
-def make_session(path, providers=None, custom_ops: bool = False, threads: Optional[int] = None):
+def make_session(path, providers=None, custom_ops: bool = False, threads: Optional[int] = None,
+                 spinning: bool = False):
     """An `onnxruntime.InferenceSession` for one ONNX file.
 
     Args:
@@ -88,6 +89,9 @@ def make_session(path, providers=None, custom_ops: bool = False, threads: Option
         providers: as for `choose_providers` (None: CUDA when available, else CPU).
         custom_ops: register the onnxruntime-extensions op library (needed by `text_e2e.onnx`).
         threads: intra-op threads (None: onnxruntime's default, one per core).
+        spinning: let idle intra-op threads spin-wait (onnxruntime's default). Off by default: on a machine
+            shared with other work, spinning threads took the cores from the ones doing the work (about 1.8x
+            slower single-item calls on the 2-core benchmark box); turn it on for a dedicated server.
 
     Raises:
         RuntimeError: `custom_ops` in a process that has imported TensorFlow. Registering the
@@ -100,6 +104,7 @@ def make_session(path, providers=None, custom_ops: bool = False, threads: Option
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = int(threads)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if custom_ops:
         if _tensorflow_loaded():
             raise RuntimeError(
