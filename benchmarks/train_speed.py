@@ -9,9 +9,11 @@ ScaledAdamW with cosine decay and global-norm clipping. A batch is B images and 
 
 For every preset and batch size, `model.fit` runs on `tf.data.Dataset.from_tensors(batch).repeat(n)`; the first
 `--warmup` steps (tracing, oneDNN primitive creation) are dropped and the median time between the ends of the
-following steps gives images/s. A per-component breakdown follows: each part runs forward + backward in its own
-`tf.function` (gradients for its weights and for its inputs where the real step needs them), median of a few runs,
-beside the whole step; "rest" is the step minus the parts (Keras' train step glue, gradient sums, metrics).
+following steps gives images/s. The process CPU time of each step is printed too: on a machine shared with other
+jobs the wall time mostly measures the others, while `2 x batch / CPU seconds` estimates the speed on 2 idle cores.
+A per-component breakdown follows: each part runs forward + backward in its own `tf.function` (gradients for its
+weights and for its inputs where the real step needs them), median of a few runs, beside the whole step; "rest" is
+the step minus the parts (Keras' train step glue, gradient sums, metrics).
 
 The work per step is printed as matmul GFLOP (forward multiply-adds x 2 x 3 for forward + backward, the context
 projections of the shared blocks counted once), with the machine's measured float32 matmul rate on the same threads:
@@ -128,8 +130,8 @@ def print_header(args):
     print(f"# load avg  {load_average()} (other processes on the machine slow every figure below)")
 
 
-def matmul_rate(runs=5):
-    """The machine's float32 matmul rate (GFLOP/s) on the configured threads, at this workload's shapes."""
+def matmul_rate(runs=8):
+    """The machine's float32 matmul rate (GFLOP/s) on the configured threads, at this workload's shapes (best run)."""
     rng = np.random.default_rng(0)
     rates = []
     for m, k, n in ((640, 1024, 4096), (1152, 2048, 1024)):
@@ -203,28 +205,27 @@ def forward_macs(config, images, captions, regions=36, length=12):
 # ---------------------------------------------------------------- fit timing
 
 
-class StepTimer:
-    """A Keras callback recording the wall time at the end of every training batch."""
+def step_timer():
+    """A Keras callback recording the wall and process CPU time at the end of every training batch."""
+    import keras
 
-    def __new__(cls):
-        import keras
+    class StepTimer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.ends = [time.perf_counter()]
+            self.cpu = [time.process_time()]
 
-        class _Timer(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                self.ends = [time.perf_counter()]
-                self.cpu = [time.process_time()]
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
-            def on_train_batch_end(self, batch, logs=None):
-                self.ends.append(time.perf_counter())
-                self.cpu.append(time.process_time())
-
-        return _Timer()
+    return StepTimer()
 
 
 def time_fit(model, batch, args):
+    """Wall seconds of the warm-up steps, then wall and process CPU seconds of each timed step."""
     steps = args.warmup + args.steps
     data = tf.data.Dataset.from_tensors(batch).repeat(steps)
-    timer = StepTimer()
+    timer = step_timer()
     model.fit(data, epochs=1, verbose=0, callbacks=[timer])
     step_times, cpu_times = np.diff(timer.ends), np.diff(timer.cpu)
     return step_times[: args.warmup], step_times[args.warmup:], cpu_times[args.warmup:]
@@ -234,22 +235,24 @@ def time_fit(model, batch, args):
 
 
 def _median_time(fn, inputs, runs, warmup=2):
+    """Median wall and process CPU seconds of `fn(*inputs)` after `warmup` calls."""
     for _ in range(warmup):
         tf.nest.map_structure(lambda t: t.numpy(), fn(*inputs))
-    times = []
+    times, cpu = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         tf.nest.map_structure(lambda t: t.numpy(), fn(*inputs))
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(times), statistics.median(cpu)
 
 
-def _fwd_bwd(forward, weights, jit):
-    """A tf.function: forward(*inputs) -> tensors; backward of sum(out * fixed random cotangent) wrt weights + inputs."""
+def _fwd_bwd(forward, weights, jit, input_gradients=True):
+    """A tf.function: forward(*inputs), then the gradient of a scalar of its outputs wrt weights (and float inputs)."""
 
     @tf.function(jit_compile=jit)
     def step(*inputs):
-        float_inputs = [x for x in inputs if x.dtype.is_floating]
+        float_inputs = [x for x in inputs if x.dtype.is_floating] if input_gradients else []
         with tf.GradientTape() as tape:
             tape.watch(float_inputs)
             outputs = tf.nest.flatten(forward(*inputs))
@@ -262,7 +265,7 @@ def _fwd_bwd(forward, weights, jit):
     return step
 
 
-def breakdown(model, batch, args, step_time):
+def breakdown(model, batch, args, step_time, step_cpu):
     """Forward + backward time of each part of the step, in its own tf.function."""
     import keras
 
@@ -285,11 +288,11 @@ def breakdown(model, batch, args, step_time):
     image_local, image_global = image_sub([tensors["regions"], tensors["region_mask"]], training=True)
     text_sequence, text_global, text_embedded = text_sub([tensors["caption_ids"], tensors["caption_mask"]], training=True)
 
-    image_fn = _fwd_bwd(lambda r, m: image_sub([r, m], training=True), image_sub.trainable_weights, args.jit)
     # The region features are data: no gradient for them (the real step does not compute one either).
+    image_fn = _fwd_bwd(lambda r, m: image_sub([r, m], training=True), image_sub.trainable_weights, args.jit,
+                        input_gradients=False)
     rows.append(("image tower (fc + MLP + max pool)",
-                 _median_time(lambda r, m: image_fn(tf.stop_gradient(r), m), (tensors["regions"],
-                                                                             tensors["region_mask"]), args.runs)))
+                 _median_time(image_fn, (tensors["regions"], tensors["region_mask"]), args.runs)))
     text_fn = _fwd_bwd(lambda i, m: text_sub([i, m], training=True), text_sub.trainable_weights, args.jit)
     rows.append(("text embedding + BiGRU", _median_time(text_fn, (tensors["caption_ids"], tensors["caption_mask"]),
                                                         args.runs)))
@@ -333,17 +336,17 @@ def breakdown(model, batch, args, step_time):
     rows.append((f"optimizer (ScaledAdamW + clip, {sum(int(np.prod(w.shape)) for w in weights) / 1e6:.1f} M)",
                  _median_time(apply, grads, args.runs)))
 
-    total = sum(t for _, t in rows)
+    total, total_cpu = sum(t for _, (t, _) in rows), sum(c for _, (_, c) in rows)
     print(f"\n## breakdown: {config.preset}, batch {batch['regions'].shape[0]} images "
-          f"(forward + backward of each part, median of {args.runs})")
-    print(f"| {'part':<48} | {'seconds':>8} | {'share of step':>13} |")
-    print(f"|{'-' * 50}|{'-' * 10}|{'-' * 15}|")
-    for name, seconds in rows:
-        print(f"| {name:<48} | {seconds:8.3f} | {100 * seconds / step_time:12.1f}% |")
-    print(f"| {'sum of the parts':<48} | {total:8.3f} | {100 * total / step_time:12.1f}% |")
-    print(f"| {'whole fit step (median)':<48} | {step_time:8.3f} | {100.0:12.1f}% |")
-    print(f"| {'rest (train-step glue, overlap, noise)':<48} | {step_time - total:8.3f} | "
-          f"{100 * (step_time - total) / step_time:12.1f}% |")
+          f"(forward + backward of each part, median of {args.runs}; shares of the step's CPU time)")
+    print(f"| {'part':<48} | {'wall s':>7} | {'CPU s':>7} | {'share':>6} |")
+    print(f"|{'-' * 50}|{'-' * 9}|{'-' * 9}|{'-' * 8}|")
+    for name, (seconds, cpu) in rows:
+        print(f"| {name:<48} | {seconds:7.3f} | {cpu:7.3f} | {100 * cpu / step_cpu:5.1f}% |")
+    print(f"| {'sum of the parts':<48} | {total:7.3f} | {total_cpu:7.3f} | {100 * total_cpu / step_cpu:5.1f}% |")
+    print(f"| {'whole fit step (median)':<48} | {step_time:7.3f} | {step_cpu:7.3f} | {100.0:5.1f}% |")
+    print(f"| {'rest (train-step glue, overlap, noise)':<48} | {step_time - total:7.3f} | {step_cpu - total_cpu:7.3f} | "
+          f"{100 * (step_cpu - total_cpu) / step_cpu:5.1f}% |")
 
 
 # ---------------------------------------------------------------- main
@@ -358,8 +361,8 @@ def main(argv=None):
     keras.utils.set_random_seed(args.seed)
     print_header(args)
     rate = matmul_rate()
-    print(f"# matmul    {rate:.0f} GFLOP/s float32 measured on {args.threads} threads (best of 5, this workload's "
-          "shapes)")
+    print(f"# matmul    {rate:.0f} GFLOP/s float32 on {args.threads} threads (best of 8, this workload's shapes)",
+          flush=True)
 
     results = []
     for preset_name in args.presets:
@@ -373,17 +376,21 @@ def main(argv=None):
             warm, timed, cpu = time_fit(model, batch, args)
             step = float(np.median(timed))
             row = dict(preset=preset_name, images=images, step=step, ips=images / step, cpu=float(np.median(cpu)),
-                       best=images / float(np.min(timed)), warm=float(np.sum(warm)), gflop=gflop,
-                       bound=images / (gflop / rate))
+                       best=images / float(np.min(timed)), warm=float(np.sum(warm)), gflop=gflop)
             results.append(row)
             print(f"# {preset_name:>10} batch {images:>3}: steps {' '.join(f'{t:.2f}' for t in timed)} s "
                   f"(warm-up {' '.join(f'{t:.1f}' for t in warm)} s), CPU {' '.join(f'{t:.2f}' for t in cpu)} s "
                   f"-> {row['ips']:.2f} images/s "
                   f"[{time.perf_counter() - start:.0f} s, load {load_average()}]", flush=True)
             if not args.no_breakdown and images in args.breakdown_batches:
-                breakdown(model, batch, args, step)
+                breakdown(model, batch, args, step, row["cpu"])
             del model
 
+    end_rate = matmul_rate()
+    print(f"\n# matmul    {end_rate:.0f} GFLOP/s float32 measured again after the runs; the bound below uses the best "
+          f"of the two ({max(rate, end_rate):.0f})")
+    for r in results:
+        r["bound"] = r["images"] / (r["gflop"] / max(rate, end_rate))
     print("\n## images per second, one fit step (median of the timed steps)")
     print(f"| {'preset':<10} | {'batch':>5} | {'s/step':>7} | {'images/s':>8} | {'best':>6} | {'vs 8.5':>6} | "
           f"{'CPU s/step':>10} | {'img/CPU-s x2':>12} | {'GFLOP/step':>10} | {'GFLOP/s':>7} | {'matmul bound':>12} |")

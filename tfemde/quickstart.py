@@ -51,8 +51,9 @@ def quickstart(out="runs/quickstart", epochs=None, fast=False, print_fn=print) -
     except ImportError:
         return results
     export_dir = export_run(runs[MODELS[0]].path, out / "export")
-    print_fn(f"\nexported the {MODELS[0]} encoders to {export_dir}")
-    _query_export(export_dir, dataset.split("test"), print_fn)
+    print_fn(f"\nexported the {MODELS[0]} encoders to {export_dir}; free-text queries over all {dataset.num_items} "
+             "images with the TensorFlow-free runtime:")
+    _query_export(export_dir, dataset, print_fn)
     return results
 
 
@@ -81,14 +82,14 @@ def retrieval_examples(run, test, path, num_queries=6, k=5):
                               title=f"{run.config.preset}: text → image on the test split (green = correct)")
 
 
-def _query_export(export_dir, test, print_fn):
-    """Query the exported ONNX encoders as another application would."""
+def _query_export(export_dir, gallery, print_fn):
+    """Query the exported ONNX encoders as another application would, over every image of `gallery`."""
     from tfemde.serving import Encoder, SetIndex
 
     encoder = Encoder.load(export_dir)
     index = SetIndex(**encoder.similarity_kwargs)
-    index.add(encoder.encode_images(test.images))
+    index.add(encoder.encode_images(gallery.images))
     for query in ("red heart", "cat face", "rocket"):
         ids, scores = index.search(encoder.encode_texts([query]), k=3)
-        names = [str(test.item_names[i]) if test.item_names is not None else str(i) for i in ids[0]]
+        names = [str(gallery.item_names[i]) if gallery.item_names is not None else str(i) for i in ids[0]]
         print_fn(f"  {query!r:>14} -> {' '.join(names)}  (scores {', '.join(f'{s:.2f}' for s in scores[0])})")
