@@ -113,6 +113,28 @@ def test_compute_loss_equals_numpy_triplet_with_all_positives_masked(rng):
     assert loss == pytest.approx(expected, rel=1e-4)
 
 
+def test_captions_with_equal_text_are_positives_of_each_others_images(rng):
+    """text_id: images 1 and 3 both have a caption reading the same, so neither caption is the other's negative."""
+    model = build_dual_encoder("vse", **TINY, **REGIONS, warmup_epochs=0, reduction="sum")
+    batch = region_batch(rng, batch=5, num_images=4)
+    batch["text_id"] = np.array([10, 11, 12, 11, 10], dtype="int64")  # rows 0/4 share an image, 1/3 only a text
+    out = encode(model, {k: v for k, v in batch.items() if k != "text_id"})
+    loss = float(model.compute_loss(x=batch, y_pred={k: tf.constant(v) for k, v in out.items()}))
+
+    s = out["image_set"][:, 0] @ out["text_set"][:, 0].T
+    positive = ((batch["image_id"][:, None] == batch["image_id"][None, :])
+                | (batch["text_id"][:, None] == batch["text_id"][None, :]))
+    assert positive[1, 3] and positive[3, 1] and not positive[0, 1]
+    expected = 0.0
+    for i, c in zip(*np.nonzero(positive)):
+        expected += max(0.0, (0.2 + s[i][~positive[i]] - s[i, c]).max())
+        expected += max(0.0, (0.2 + s[:, c][~positive[:, c]] - s[i, c]).max())
+    assert loss == pytest.approx(expected, rel=1e-4)
+    without = float(model.compute_loss(x={k: v for k, v in batch.items() if k != "text_id"},
+                                       y_pred={k: tf.constant(v) for k, v in out.items()}))
+    assert without != pytest.approx(loss, rel=1e-6)
+
+
 def test_separately_batched_images_and_captions(rng):
     """DivE batching: 3 images once each, 6 captions (two per image) with caption_image_id; loss vs NumPy."""
     model = build_dual_encoder("vse", **TINY, **REGIONS, warmup_epochs=0, reduction="mean")

@@ -5,7 +5,7 @@ import pytest
 import sentencepiece as spm
 from PIL import Image
 
-from tfemde.data import Dataset, EvalData, eval_dataset, train_dataset
+from tfemde.data import Dataset, EvalData, caption_text_ids, eval_dataset, train_dataset
 from tfemde.text import MASK_ID, Tokenizer
 
 WORDS = "a the red blue green small big dog cat bird tree car house on in near with running sitting".split()
@@ -25,6 +25,7 @@ def _captions(num_items, rng, per_item=(1, 4)):
 def parts():
     rng = np.random.default_rng(7)
     captions, caption_item = _captions(N_ITEMS, rng)
+    captions[5], captions[9] = captions[0].upper(), captions[2].replace(" ", "  ")  # equal texts of other items
     return dict(
         captions=captions, caption_item=caption_item,
         item_split=np.array(["train"] * 8 + ["val"] * 2 + ["test"] * 2),
@@ -101,12 +102,12 @@ def test_batch_shapes_dtypes_and_contents(kind_dataset, parts, tokenizer, image_
     train = train_dataset(ds, tokenizer, batch_size=5, max_length=9, image_size=SIZE, caption_augment=0.0,
                           image_augment=False, region_drop=0.0)
     spec = train.element_spec
-    want_keys = {"caption_ids", "caption_mask", "image_id", "group_id", "caption_id"}
+    want_keys = {"caption_ids", "caption_mask", "image_id", "group_id", "caption_id", "text_id"}
     want_keys |= {"image"} if kind != "regions" else {"regions", "region_mask"}
     assert set(spec) == want_keys
     assert spec["caption_ids"].shape == (5, 9) and spec["caption_ids"].dtype.name == "int32"
     assert spec["caption_mask"].shape == (5, 9) and spec["caption_mask"].dtype.name == "bool"
-    for key in ("image_id", "group_id", "caption_id"):
+    for key in ("image_id", "group_id", "caption_id", "text_id"):
         assert spec[key].shape == (5,) and spec[key].dtype.name == "int64"
     if kind == "regions":
         assert spec["regions"].shape == (5, R, F) and spec["regions"].dtype.name == "float32"
@@ -119,6 +120,9 @@ def test_batch_shapes_dtypes_and_contents(kind_dataset, parts, tokenizer, image_
         c, i = batch["caption_id"], batch["image_id"]
         np.testing.assert_array_equal(i, parts["caption_item"][c])
         np.testing.assert_array_equal(batch["group_id"], parts["item_group"][i])
+        texts = [" ".join(parts["captions"][k].lower().split()) for k in c]
+        same_text = np.array([[a == b for b in texts] for a in texts])
+        np.testing.assert_array_equal(batch["text_id"][:, None] == batch["text_id"][None, :], same_text)
         np.testing.assert_array_equal(batch["caption_ids"],
                                       _reference_ids(tokenizer, [parts["captions"][k] for k in c], 9))
         np.testing.assert_array_equal(batch["caption_mask"], batch["caption_ids"] > 0)
@@ -127,6 +131,13 @@ def test_batch_shapes_dtypes_and_contents(kind_dataset, parts, tokenizer, image_
             assert batch["region_mask"].all()
         else:
             np.testing.assert_allclose(batch["image"], pixels[i].astype(np.float32) / 255.0, atol=1e-7)
+
+
+def test_caption_text_ids_equal_for_equal_texts_only():
+    ids = caption_text_ids(["Red heart", "red  heart ", "red hearts", "flag", "FLAG", "ﬂag"])
+    assert ids.dtype == np.int64 and ids.shape == (6,)
+    assert ids[0] == ids[1] and ids[3] == ids[4]
+    assert len({ids[0], ids[2], ids[3]}) == 3 and ids[5] == ids[3]  # full case folding maps the ligature to "fl"
 
 
 def test_masks_match_caption_lengths(parts, tokenizer):

@@ -13,7 +13,7 @@ from tfemde.data.precomp import StackedRows, read_precomp
 from tfemde.data.readers import DataWarning, load, read_jsonl, read_karpathy
 from tfemde.data.readers import load as load_dataset
 
-_PIPELINES = ("EvalData", "eval_dataset", "train_dataset", "decode_image_file")
+_PIPELINES = ("EvalData", "caption_text_ids", "eval_dataset", "train_dataset", "decode_image_file")
 
 
 def __getattr__(name):

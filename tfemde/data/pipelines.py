@@ -9,7 +9,8 @@ Batches are dicts:
   `regions` `[B, R, F]` float32 with `region_mask` `[B, R]` bool (kind `regions`);
 * `caption_ids` `[B, T]` int32 (0 = padding) and `caption_mask` `[B, T]` bool, `T = max_length`;
 * `image_id` `[B]` int64 (the item index in the dataset), `group_id` `[B]` int64 (the item's group) and
-  `caption_id` `[B]` int64 (the caption index).
+  `caption_id` `[B]` int64 (the caption index); training batches also carry `text_id` `[B]` int64, equal for
+  captions whose texts are equal up to case and spacing (the loss treats those as positives of each other's images).
 
 Image preprocessing (the serving side must do the same): files are decoded with `tf.io` (PNG, JPEG, GIF, BMP);
 PNG transparency is composited over white; images are resized (squashed, aspect ratio not kept) to `image_size`
@@ -141,6 +142,12 @@ def _augment_captions(tokens, seed, p, mask_id, normal_ids):
     return tf.ragged.boolean_mask(tokens.with_flat_values(new), tokens.with_flat_values(keep))
 
 
+def caption_text_ids(captions) -> np.ndarray:
+    """`[N]` int64: the same id for captions whose texts are equal after casefolding and collapsing whitespace."""
+    normalized = [" ".join(str(caption).casefold().split()) for caption in captions]
+    return np.unique(np.asarray(normalized, dtype=object), return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+
 # ---------------------------------------------------------------------------------------------- regions
 def _region_mask(batch, num_regions, seed, p):
     """`[B, R]` bool: each region kept with probability 1 - p, at least one per row."""
@@ -265,7 +272,7 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
     Returns:
         A `tf.data.Dataset` of dict batches (see the module doc): `image` `[B, H, W, 3]` float32 or `regions`
         `[B, R, F]` float32 + `region_mask` `[B, R]` bool; `caption_ids` `[B, T]` int32; `caption_mask` `[B, T]`
-        bool; `image_id`, `group_id`, `caption_id` `[B]` int64.
+        bool; `image_id`, `group_id`, `caption_id`, `text_id` `[B]` int64.
 
     Example:
     >>> import numpy as np
@@ -297,6 +304,7 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
     tokens = _TokenTable(tokenizer, dataset.captions, 2 * max_length if caption_augment > 0 else max_length)
     caption_item = tf.constant(dataset.caption_item, dtype=tf.int64)
     item_group = tf.constant(dataset.item_group, dtype=tf.int64)
+    text_id = tf.constant(caption_text_ids(dataset.captions), dtype=tf.int64)
     mask_id = tokenizer.mask_id
     normal_ids = tf.constant(tokenizer.normal_ids, dtype=tf.int32)
 
@@ -359,6 +367,7 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
         out["image_id"] = items
         out["group_id"] = tf.gather(item_group, items)
         out["caption_id"] = caption_index
+        out["text_id"] = tf.gather(text_id, caption_index)
         return out
 
     result = tf.data.Dataset.zip(parts).map(make_batch, num_parallel_calls=AUTOTUNE)

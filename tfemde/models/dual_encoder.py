@@ -168,7 +168,7 @@ class DualEncoder(keras.Model):
     """A functional image/text dual encoder scored by Smooth-Chamfer (+ λ·sketch cosine) and trained with `fit`.
 
     Inputs (a dict): `image [Bi,H,W,3]` float in [0, 1] or `regions [Bi,R,F]` + `region_mask [Bi,R]`;
-    `caption_ids [Bc,T]` int32 + `caption_mask [Bc,T]`; for training also the keys of `positive_keys`:
+    `caption_ids [Bc,T]` int32 + `caption_mask [Bc,T]`; for training also the keys of `positive_mask`:
     `image_id [B]` (and `group_id [B]`) for paired batches (Bi = Bc), or `image_id [Bi]` + `caption_image_id [Bc]`
     for separately batched items and captions. Captions and images with the same id (or group) are positives, so
     several captions of one image in a batch are all masked out of each other's negatives.
@@ -241,8 +241,7 @@ class DualEncoder(keras.Model):
                              f"got {type(x).__name__} with keys {sorted(x) if isinstance(x, dict) else None}")
         score = self.similarity({"set": y_pred["image_set"], "sketch": y_pred.get("image_sketch")},
                                 {"set": y_pred["text_set"], "sketch": y_pred.get("text_sketch")})
-        image_key, caption_key = positive_keys(x)
-        positives = ops.equal(ops.expand_dims(image_key, 1), ops.expand_dims(caption_key, 0))
+        positives = positive_mask(x)
         if config.loss == "info_nce":
             loss = losses.info_nce_loss(score, positives, temperature=config.info_nce_temperature)
         else:
@@ -284,20 +283,28 @@ class DualEncoder(keras.Model):
                            initial_epoch=initial_epoch, **kwargs)
 
 
-def positive_keys(batch):
-    """The keys whose equality marks positive (image, caption) pairs: `([Bi], [Bc])`.
+def positive_mask(batch):
+    """`[Bi, Bc]` bool: which (image, caption) pairs of a batch are positives.
 
     Paired batches (caption i belongs with image i, what `tfemde.data.train_dataset` yields) carry `image_id` and
-    optionally `group_id`, both `[B]`. Separately batched items and captions (DivE's B images with their 5B
-    captions, each image encoded once) carry `image_id [Bi]` and `caption_image_id [Bc]`, and optionally
-    `group_id [Bi]` with `caption_group_id [Bc]`. Groups, when given, widen the positives to the whole group.
+    optionally `group_id`, both `[B]`: pairs with equal ids (or groups) are positives, so several captions of one
+    image are masked out of each other's negatives. When `text_id [B]` is present too, a caption is also a positive
+    of every image whose caption in the batch has the same text (the emoji data holds 261 images captioned "flag").
+    Separately batched items and captions (DivE's B images with their 5B captions, each image encoded once) carry
+    `image_id [Bi]` and `caption_image_id [Bc]`, and optionally `group_id [Bi]` with `caption_group_id [Bc]`.
     """
     if "caption_image_id" in batch:
         if "group_id" in batch and "caption_group_id" in batch:
-            return batch["group_id"], batch["caption_group_id"]
-        return batch["image_id"], batch["caption_image_id"]
+            image_key, caption_key = batch["group_id"], batch["caption_group_id"]
+        else:
+            image_key, caption_key = batch["image_id"], batch["caption_image_id"]
+        return ops.equal(ops.expand_dims(image_key, 1), ops.expand_dims(caption_key, 0))
     key = batch["group_id"] if "group_id" in batch else batch["image_id"]
-    return key, key
+    positives = ops.equal(ops.expand_dims(key, 1), ops.expand_dims(key, 0))
+    if "text_id" in batch:
+        text = batch["text_id"]
+        positives = ops.logical_or(positives, ops.equal(ops.expand_dims(text, 1), ops.expand_dims(text, 0)))
+    return positives
 
 
 def _cardinality(data):
