@@ -6,6 +6,8 @@ Prints test R@1/5/10 both ways and RSUM as mean ± std over seeds, and whether `
     python benchmarks/quality.py                 # all presets, 3 seeds, the quickstart budget
     python benchmarks/quality.py --quick         # 2 presets, 1 seed, 1 epoch: checks the script runs
     python benchmarks/quality.py --presets vse dive_temde --seeds 0 1 2 --epochs 8
+    python benchmarks/quality.py --presets dive --threads 1 --json a.json   # parts in parallel, then
+    python benchmarks/quality.py --merge a.json b.json                      # one table from their results
 """
 
 import argparse
@@ -37,7 +39,24 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="TensorFlow intra-op threads (default: all)")
+    parser.add_argument("--merge", nargs="*", default=None, help="print one table from these --json files")
     args = parser.parse_args(argv)
+    if args.merge:
+        raw, budget = {}, None
+        for path in args.merge:
+            part = json.loads(Path(path).read_text())
+            budget = part["budget"]
+            for name, runs in part["results"].items():
+                raw.setdefault(name, []).extend(runs)
+        print(f"merged {len(args.merge)} result files; budget per run: {budget}\n")
+        report(raw)
+        return 0
+    if args.threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     if args.quick:
         args.presets, args.seeds, args.epochs = ["vse", "dive_temde"], [0], 1
     budget = {**BUDGET, "epochs": args.epochs}
@@ -55,6 +74,14 @@ def main(argv=None):
             print(f"  {name:<11} seed {seed}: RSUM {run.metrics['rsum']:6.1f}  ({time.time() - started:.0f} s)",
                   flush=True)
 
+    report(raw)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"budget": budget, "seeds": args.seeds, "results": raw}, indent=2))
+    return 0
+
+
+def report(raw):
+    """Print the mean ± std table of `{preset: [metrics per seed]}` and the dive_temde verdicts."""
     table = {name: {k: mean_std([m[k] for m in runs]) for k in KEYS} for name, runs in raw.items()}
     print("\nTest retrieval, mean ± std over seeds (recalls in %, RSUM max 600):")
     print(format_metrics(table))
@@ -66,9 +93,6 @@ def main(argv=None):
                 margin = (best.mean() - best.std()) - (other.mean() + other.std())
                 verdict = "beats" if margin > 0 else "does NOT beat"
                 print(f"dive_temde {verdict} {baseline} beyond the spread (margin {margin:+.1f} RSUM)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"budget": budget, "seeds": args.seeds, "results": raw}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
