@@ -1,0 +1,181 @@
+"""Opt-in int8 export: loop weights inlined without changing the float graph, the quantizer reaching the BiGRU's
+loop bodies, the cosine check against Keras (recomputed here), the int8 Encoder, and the errors.
+
+One tiny `dive_temde` run on region features (K = 2, with a sketch, a BiGRU text tower) is exported once with
+`tfemde export --quantize`.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from tfemde.quantize import inline_loop_weights, int8_name, quantize_int8
+from tfemde.serving import Encoder
+from tfemde.serving import manifest as mf
+from test_export import _caption_feeds, _keras, _region_feeds, _write_run
+
+SIZES = dict(embed_dim=16, word_dim=8, num_slots=2, set_depth=1, set_heads=2, sketch_depth=4, sketch_bits=3)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    from tfemde.cli import main
+
+    tmp = tmp_path_factory.mktemp("quantized")
+    model, tokenizer = _write_run(tmp / "run", preset="dive_temde", **SIZES)
+    assert main(["export", str(tmp / "run"), "--out", str(tmp / "export"), "--quantize"]) == 0
+    return {"model": model, "tokenizer": tokenizer, "dir": tmp / "export", "tmp": tmp}
+
+
+def _loop_bodies(model):
+    return [attr.g for node in model.graph.node if node.op_type == "Loop" for attr in node.attribute
+            if attr.name == "body"]
+
+
+def _cosines(a, b):
+    """Cosines of matching vectors (last axis); vectors that are zero in `b` (all-padded captions) must be ~zero in
+    `a` and are left out."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    zero = np.linalg.norm(b, axis=-1) == 0
+    assert np.abs(a[zero]).max(initial=0.0) < 1e-6
+    a, b = a[~zero], b[~zero]
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def _loop_model(carried_weight_used_outside=False):
+    """`y = x @ W @ W @ W` as an ONNX Loop of 3 steps that carries W as loop state, the way tf2onnx converts a
+    Keras RNN: the body multiplies by W and passes W through unchanged."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32) / 3
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["h_in", "w_in"], ["h_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", 8]),
+         helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [8, 8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", 8]),
+         helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [8, 8])])
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])]
+    if carried_weight_used_outside:
+        outputs.append(helper.make_tensor_value_info("w_final", TensorProto.FLOAT, [8, 8]))
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "keep_going", "x", "W"], ["y", "w_final"], body=body)],
+        "loop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])], outputs,
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array(3, np.int64), "trips"),
+                     numpy_helper.from_array(np.array(True), "keep_going")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), w
+
+
+def test_inlining_loop_weights_keeps_the_outputs_and_drops_the_carried_weight(tmp_path, rng):
+    model, w = _loop_model()
+    x = rng.normal(size=(2, 8)).astype(np.float32)
+    want = x @ w @ w @ w
+    onnx.save_model(model, str(tmp_path / "loop.onnx"))
+    np.testing.assert_allclose(ort.InferenceSession(str(tmp_path / "loop.onnx")).run(["y"], {"x": x})[0], want,
+                               rtol=1e-5, atol=1e-6)
+
+    inlined = inline_loop_weights(model)
+    onnx.checker.check_model(inlined)
+    (loop,) = inlined.graph.node
+    (body,) = _loop_bodies(inlined)
+    assert list(loop.input) == ["trips", "keep_going", "x"] and list(loop.output) == ["y"]
+    assert [t.name for t in body.initializer] == ["w_in__invariant"] and len(body.input) == 3
+    onnx.save_model(inlined, str(tmp_path / "inlined.onnx"))
+    got = ort.InferenceSession(str(tmp_path / "inlined.onnx")).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    kept, _ = _loop_model(carried_weight_used_outside=True)  # its final value is a graph output: still carried
+    kept = inline_loop_weights(kept)
+    assert list(kept.graph.node[0].input) == ["trips", "keep_going", "x", "W"]
+    assert _loop_bodies(kept)[0].node[1].input[1] == "w_in__invariant"
+
+    quantize_int8(tmp_path / "loop.onnx", tmp_path / "loop.int8.onnx")
+    quantized = onnx.load(str(tmp_path / "loop.int8.onnx"))
+    ops = {n.op_type for body in _loop_bodies(quantized) for n in body.node}
+    assert "MatMul" not in ops and ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, ops
+    assert "DequantizeLinear" not in {n.op_type for n in quantized.graph.node}  # no weight dequantized per call
+    got = ort.InferenceSession(str(tmp_path / "loop.int8.onnx")).run(["y"], {"x": x})[0]
+    assert _cosines(got, want).min() >= 0.99
+
+
+def test_exported_text_graph_multiplies_by_loop_constants(quantized):
+    for body in _loop_bodies(onnx.load(str(quantized["dir"] / mf.TEXT_ONNX))):  # the BiGRU's two directions
+        weights = {t.name for t in body.initializer if len(t.dims) == 2}
+        matmuls = [n for n in body.node if n.op_type == "MatMul"]
+        assert matmuls and all(n.input[1] in weights for n in matmuls)
+    for body in _loop_bodies(onnx.load(str(quantized["dir"] / int8_name(mf.TEXT_ONNX)))):
+        assert "MatMul" not in {n.op_type for n in body.node}
+
+
+def test_quantized_export_records_and_meets_its_cosine_check(quantized, rng):
+    manifest = json.loads((quantized["dir"] / mf.MANIFEST_NAME).read_text())
+    entry = manifest["quantized"]
+    for what, exported in (("image", mf.IMAGE_ONNX), ("text", mf.TEXT_ONNX)):
+        assert entry[what]["file"] == int8_name(exported) and entry[what]["of"] == exported
+        assert entry[what]["file"] in manifest["files"]  # checksummed like every other file
+        assert 0.99 <= entry[what]["min_cosine"] <= 1.0
+        assert entry[what]["max_abs_diff"] > 0  # really quantized, not a copy
+
+    model, depth = quantized["model"], SIZES["sketch_depth"]
+    cases = {"image": (_region_feeds(rng, 5, 9), model.image_encoder),
+             "text": (_caption_feeds(rng, 5, 8, quantized["tokenizer"].vocab_size), model.text_encoder)}
+    for what, (feeds, encoder) in cases.items():
+        session = ort.InferenceSession(str(quantized["dir"] / entry[what]["file"]))
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        want = _keras(encoder, feeds)
+        assert _cosines(got["set"], want["set"]).min() >= 0.99
+        sketch_rows = lambda x: x.reshape(len(x), depth, -1)  # noqa: E731
+        assert _cosines(sketch_rows(got["sketch"]), sketch_rows(want["sketch"])).min() >= 0.99
+
+
+def test_int8_encoder_agrees_with_the_float_encoder(quantized, rng):
+    exact = Encoder.load(quantized["dir"])
+    fast = Encoder.load(quantized["dir"], precision="int8")
+    assert "precision int8" in repr(fast) and fast.precision == "int8"
+    texts = ["a man riding a horse", "dog", "a small red ball on the street"]
+    a, b = exact.encode_texts(texts), fast.encode_texts(texts)
+    assert _cosines(a.sets, b.sets).min() >= 0.99
+    regions = rng.normal(size=(4, 36, 24)).astype(np.float32)
+    a, b = exact.encode_images(regions), fast.encode_images(regions)
+    assert _cosines(a.sets, b.sets).min() >= 0.99
+    assert set(fast._sessions) == {int8_name(mf.TEXT_ONNX), int8_name(mf.IMAGE_ONNX)}
+
+
+def test_int8_errors(quantized, tmp_path):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Encoder.load(quantized["dir"], precision="float16")
+    with pytest.raises(ValueError, match="text_route='sentencepiece'"):
+        Encoder.load(quantized["dir"], precision="int8", text_route="e2e")
+    plain = tmp_path / "plain"
+    shutil.copytree(quantized["dir"], plain)
+    manifest = json.loads((plain / mf.MANIFEST_NAME).read_text())
+    del manifest["quantized"]
+    (plain / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert Encoder.load(plain).precision == "float32"
+    with pytest.raises(ValueError, match="no int8 graphs; export with quantize=True"):
+        Encoder.load(plain, precision="int8")
+    (quantized["dir"] / "text.int8.onnx").read_bytes()  # the fixture's files are untouched
+    (plain / "text.int8.onnx").write_bytes(b"corrupt")
+    manifest["quantized"] = json.loads((quantized["dir"] / mf.MANIFEST_NAME).read_text())["quantized"]
+    (plain / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(mf.ExportFileError, match="text.int8.onnx"):
+        Encoder.load(plain, precision="int8")
+
+
+def test_int8_below_the_cosine_floor_fails_the_export_and_writes_nothing(quantized, monkeypatch):
+    import tfemde.export as export
+
+    monkeypatch.setattr(export, "INT8_MIN_COSINE", 1.0 + 1e-9)
+    out = quantized["tmp"] / "refused"
+    with pytest.raises(export.ExportError, match="int8 graphs are too far from TensorFlow"):
+        export.export_run(quantized["tmp"] / "run", out, quantize=True)
+    assert not out.exists()
+    assert not [p for p in quantized["tmp"].iterdir() if p.name.startswith(".refused")]

@@ -1,0 +1,98 @@
+"""Opt-in int8 encoders: onnxruntime dynamic quantization of an exported ONNX graph.
+
+The weights of every MatMul become int8 (one scale per output channel) and the activations are quantized per call,
+so a single-item call reads a quarter of the float32 weight bytes, which is what bounds its latency on a CPU.
+The BiGRU of the text tower converts to ONNX `Loop`s whose recurrent weights enter the loop body as loop-carried
+values; the quantizer only sees initializers, so `inline_loop_weights` first turns the loop-invariant weights the
+body multiplies by into initializers of the body.
+
+The int8 graphs are not exact: `tfemde.export.export_run(..., quantize=True)` measures how far they are from
+TensorFlow (cosine of every set element and sketch row) and records it in the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+INT8_SUFFIX = ".int8.onnx"
+
+
+def int8_name(name: str) -> str:
+    """`"image.onnx"` -> `"image.int8.onnx"`."""
+    if not name.endswith(".onnx"):
+        raise ValueError(f"name must end with .onnx; got {name!r}")
+    return name[: -len(".onnx")] + INT8_SUFFIX
+
+
+def inline_loop_weights(model):
+    """Make the weights that `Loop` bodies multiply by initializers of those bodies (in place); returns `model`.
+
+    A MatMul inside a loop body whose second input is a loop-carried value fed, from outside, by an initializer
+    gets a body initializer with that value instead. When the body only multiplies by that value and passes it
+    through unchanged, and nothing uses its final value, the value stops being carried at all (otherwise the
+    quantizer would quantize the outer initializer and dequantize it on every call just to feed the loop).
+    The float32 graph computes exactly what it did.
+    """
+    import onnx
+
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    used_outside = {name for node in model.graph.node for name in node.input}
+    used_outside |= {output.name for output in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type != "Loop":
+            continue
+        body = next(attr.g for attr in node.attribute if attr.name == "body")
+        existing = {tensor.name for tensor in body.initializer}
+        # Loop inputs (M, cond, v_initial...), body inputs (iteration, cond, v...), body outputs (cond, v..., scans),
+        # Loop outputs (v_final..., scans): carried value k sits at these positions.
+        for k in reversed(range(2, min(len(node.input), len(body.input)))):
+            inner, outer = body.input[k].name, node.input[k]
+            users = [n for n in body.node if inner in n.input]
+            if outer not in initializers or not users or not all(
+                    n.op_type == "MatMul" and list(n.input).index(inner) == 1 for n in users):
+                continue
+            name = f"{inner}__invariant"
+            if name not in existing:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(initializers[outer])
+                copy.name = name
+                body.initializer.append(copy)
+                existing.add(name)
+            for user in users:
+                user.input[1] = name
+            if body.output[k - 1].name == inner and node.output[k - 2] not in used_outside:
+                del body.input[k], body.output[k - 1], node.input[k], node.output[k - 2]
+    return model
+
+
+def quantize_int8(source, target) -> Path:
+    """Write the int8 version of the ONNX graph `source` to `target` (dynamic quantization, per-channel weights).
+
+    Args:
+        source: a float32 `.onnx` file (an exported `image.onnx` or `text.onnx`).
+        target: the `.onnx` file to write.
+
+    Returns:
+        `target` as a `Path`.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise FileNotFoundError(f"ONNX file to quantize not found: {source}")
+    model = inline_loop_weights(onnx.load(str(source)))
+    handle, staged = tempfile.mkstemp(suffix=".onnx", dir=target.parent)
+    os.close(handle)
+    try:
+        onnx.save_model(model, staged)
+        quantize_dynamic(staged, str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], extra_options={"EnableSubgraph": True})
+    finally:
+        os.remove(staged)
+    quantized = onnx.load(str(target))
+    quantized.doc_string = (model.doc_string + " (int8: onnxruntime dynamic quantization)").strip()
+    onnx.save_model(quantized, str(target))
+    return target
