@@ -51,6 +51,8 @@ def main(argv=None):
                 raw.setdefault(name, []).extend(runs)
         print(f"merged {len(args.merge)} result files; budget per run: {budget}\n")
         report(raw)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"budget": budget, "results": raw}, indent=2) + "\n")
         return 0
     if args.threads:
         import tensorflow as tf
