@@ -215,3 +215,14 @@ def test_schedule_survives_serialization():
     schedule = CosineDecayPerStep(0.1, decay_steps=10)
     clone = CosineDecayPerStep.from_config(schedule.get_config())
     assert float(clone(5)) == pytest.approx(float(schedule(5)))
+
+
+def test_fit_on_a_tf_data_pipeline_does_not_warn_about_shuffle(rng):
+    import warnings
+
+    model = build_dual_encoder("vse", **TINY, **REGIONS)
+    model.compile()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(tf.data.Dataset.from_tensors(region_batch(rng)).repeat(2), epochs=1, verbose=0)
+    assert not [w for w in caught if "shuffle" in str(w.message)], [str(w.message) for w in caught]

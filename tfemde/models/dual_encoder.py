@@ -279,6 +279,8 @@ class DualEncoder(keras.Model):
         if isinstance(schedule, CosineDecayPerStep) and steps:
             schedule.decay_steps.assign(float(steps * epochs))
         callbacks = list(callbacks or []) + [NegativesWarmup(self.config.warmup_epochs)]
+        if _is_tf_dataset(x):
+            kwargs.setdefault("shuffle", False)  # a tf.data pipeline shuffles itself; Keras would only warn
         return super().fit(x, *args, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
                            initial_epoch=initial_epoch, **kwargs)
 
@@ -305,6 +307,14 @@ def positive_mask(batch):
         text = batch["text_id"]
         positives = ops.logical_or(positives, ops.equal(ops.expand_dims(text, 1), ops.expand_dims(text, 0)))
     return positives
+
+
+def _is_tf_dataset(data) -> bool:
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return False
+    return isinstance(data, tf.data.Dataset)
 
 
 def _cardinality(data):
