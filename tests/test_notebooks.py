@@ -133,6 +133,10 @@ def test_notebook_02_exports_and_serves_without_tensorflow(workdir):
 
     timing = re.search(r"encode the text: ([\d.]+) ms, search (\d+) images: ([\d.]+) ms", text)
     assert timing and int(timing.group(2)) == 3789 and float(timing.group(1)) > 0 and float(timing.group(3)) > 0
+    assert manifest["quantized"]["text"]["file"] == "text.int8.onnx"
+    int8 = re.search(r"int8 text encoder: ([\d.]+) ms per query \(float32 ([\d.]+) ms\); smallest cosine to "
+                     r"float32 ([\d.]+); same top hit for (\d+)% of the queries", text)
+    assert int8 and float(int8.group(3)) >= 0.99 and 0 <= int(int8.group(4)) <= 100
     difference = re.search(r"max \|e2e - sentencepiece route\| = (\S+)", text)
     assert difference and float(difference.group(1)) < 1e-4
 
