@@ -536,11 +536,11 @@ def _verify(folder: Path, image_fn, text_fn, config, tokenizer, seed: int = 0, q
                           f"{TOLERANCE:g}: " + ", ".join(f"{k}: {v:.3g}" for k, v in bad.items()))
     int8 = {}
     for (name, _, _), result, want in zip(int8_cases, int8_got, wants[len(onnx_cases):]):
-        _max_diff(result, want, name)  # names, shapes, finiteness
+        diff = _max_diff(result, want, name)  # also checks names, shapes, finiteness
         record = int8.setdefault(name, {"min_cosine": 1.0, "max_abs_diff": 0.0})
         record["min_cosine"] = min(record["min_cosine"], _min_cosine(result, want, config.sketch_depth
                                                                      if config.sketch else None))
-        record["max_abs_diff"] = max(record["max_abs_diff"], _max_diff(result, want, name))
+        record["max_abs_diff"] = max(record["max_abs_diff"], diff)
     low = {k: v["min_cosine"] for k, v in int8.items() if not v["min_cosine"] >= INT8_MIN_COSINE}
     if low:
         raise ExportError(f"the int8 graphs are too far from TensorFlow (cosine below {INT8_MIN_COSINE}): "

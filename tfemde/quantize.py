@@ -92,7 +92,4 @@ def quantize_int8(source, target) -> Path:
                          op_types_to_quantize=["MatMul"], extra_options={"EnableSubgraph": True})
     finally:
         os.remove(staged)
-    quantized = onnx.load(str(target))
-    quantized.doc_string = (model.doc_string + " (int8: onnxruntime dynamic quantization)").strip()
-    onnx.save_model(quantized, str(target))
     return target
