@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-# InfoNCE, not the papers' hardest-negative triplet: in this budget's 324 steps the triplet loss barely leaves its
+# InfoNCE, not the papers' hardest-negative triplet: in this budget's 318 steps the triplet loss barely leaves its
 # collapsed start (test RSUM 96 vs 153 for dive_temde, measured 2026-11-23); every preset trains with the same loss.
 BUDGET = dict(epochs=6, batch_size=128, embed_dim=256, word_dim=128, vocab_size=1500, loss="info_nce")
 FAST_BUDGET = dict(epochs=1, batch_size=32, embed_dim=32, word_dim=16, vocab_size=300, num_slots=2, set_depth=1,
