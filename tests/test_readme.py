@@ -4,6 +4,7 @@ Each block is found by its fence language and position; the small settings are t
 match the README (a substitution that no longer matches fails the test instead of silently running the big job).
 """
 
+import ast
 import json
 import os
 import re
@@ -94,7 +95,7 @@ def test_python_example_trains_evaluates_exports_and_serves(tmp_path):
     rows = re.findall(r"\[([^\[\]]+)\]", out[out.rindex("[["):])
     assert len(rows) == 2
     for row in rows:
-        hits = re.findall(r"'([^']*)'", row)
+        hits = [ast.literal_eval(f"'{hit}'") for hit in re.findall(r"'([^']*)'", row)]  # repr escapes ZWJ etc.
         assert len(hits) == 5 and set(hits) <= names, row
 
 

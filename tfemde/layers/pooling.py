@@ -5,6 +5,7 @@ from keras import ops
 
 from tfemde.layers.masking import check_mask_shape, check_rank, float_mask
 from tfemde.layers.positional import rank_positional_encoding
+from tfemde.layers.recurrent import AveragedBiGRU
 
 # VSE-infinity's fill value for padded features before sorting and for padded rank scores.
 GPO_FILL = -1.0e4
@@ -139,12 +140,7 @@ class GPO(_MaskedPooling):
     def build(self, input_shape):
         check_rank(input_shape, 3, "inputs", "[batch, length, dim]")
         policy = self.dtype_policy
-        self.gru = keras.layers.Bidirectional(
-            keras.layers.GRU(self.gru_units, return_sequences=True, dtype=policy),
-            merge_mode="ave",
-            name="gru",
-            dtype=policy,
-        )
+        self.gru = AveragedBiGRU(self.gru_units, name="gru", dtype=policy)
         self.gru.build((None, None, self.d_pe))
         self.score = keras.layers.Dense(1, use_bias=False, name="score", dtype=policy)
         self.score.build((None, None, self.gru_units))

@@ -13,7 +13,7 @@ import pkgutil
 import keras
 from keras import layers
 
-from tfemde.layers import MaskedMaxPooling
+from tfemde.layers import AveragedBiGRU, MaskedMaxPooling
 
 
 @dataclasses.dataclass
@@ -118,10 +118,8 @@ def text_tower(config, caption_ids, caption_mask):
         embeddings_initializer=keras.initializers.RandomUniform(-0.1, 0.1),
     )(caption_ids)
     embedded = layers.Dropout(config.dropout, name="text_embedding_dropout")(embedded)
-    sequence, forward_state, backward_state = layers.Bidirectional(
-        layers.GRU(config.embed_dim, return_sequences=True, return_state=True),
-        merge_mode="ave", name="text_gru",
-    )(embedded, mask=caption_mask)
+    sequence, forward_state, backward_state = AveragedBiGRU(config.embed_dim, return_state=True, name="text_gru")(
+        embedded, mask=caption_mask)
     global_ = layers.Average(name="text_global")([forward_state, backward_state])
     local = layers.Dropout(config.dropout, name="text_local_dropout")(sequence)
     return TowerOutput(local=local, mask=caption_mask, global_=global_, set_inputs=embedded)
