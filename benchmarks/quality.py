@@ -71,7 +71,8 @@ def main(argv=None):
     for name in args.presets:
         for seed in args.seeds:
             started = time.time()
-            run = train(data="emoji", preset=name, seed=seed, out=out / f"{name}-seed{seed}", verbose=0, **budget)
+            run = train(data="emoji", preset=name, seed=seed, out=out / f"{name}-seed{seed}", verbose=0,
+                        overwrite=True, **budget)
             raw.setdefault(name, []).append(run.metrics)
             print(f"  {name:<11} seed {seed}: RSUM {run.metrics['rsum']:6.1f}  ({time.time() - started:.0f} s)",
                   flush=True)

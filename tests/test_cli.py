@@ -1,6 +1,7 @@
 """The run folder and the `tfemde` command: train, evaluate, resume after a kill, one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -96,6 +97,59 @@ def test_a_killed_run_resumes_where_it_stopped(jsonl_data, tmp_path):
     assert epochs == [0, 1, 2], "the resumed run repeats or skips epochs"
     assert (out / "tokenizer.model").read_bytes() == tokenizer_before
     assert not (out / "backup").exists() and run.metrics["epochs"] == 3
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_never_mixes_with_the_run_already_in_its_folder(jsonl_data, tmp_path, capsys):
+    """A finished run, an interrupted run with other settings, and a folder of the user's: refused with one line and
+    left byte for byte; --overwrite replaces a run's files (never a user's) and the new folder holds only the new
+    run: its config, tokenizer and best.keras agree and metrics.json scores that model."""
+    out = tmp_path / "run"
+    base = ["train", "--data", str(jsonl_data), "--epochs", "1", "--batch-size", "16", "--out", str(out)]
+    assert main(base + ["--preset", "vse", "--vocab-size", "40", "--set", *TINY]) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    other = base + ["--preset", "dive", "--vocab-size", "24", "--set", *TINY]
+    assert main(other) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a finished run" in err[0] and "--overwrite" in err[0], err
+    assert _snapshot(out) == before
+
+    assert main(other + ["--overwrite"]) == 0
+    run = open_run(out)
+    assert run.config.preset == "dive" and run.model.config.preset == "dive"
+    assert run.tokenizer.vocab_size == run.config.vocab_size == run.model.config.vocab_size
+    assert (out / "tokenizer.model").read_bytes() != before["tokenizer.model"]
+    assert json.loads((out / "metrics.json").read_text())["preset"] == "dive"
+    assert json.loads((out / "run.json").read_text())["preset"] == "dive"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()}
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))  # as `open` makes files, not mkstemp's 0600
+
+    interrupted = tmp_path / "interrupted"
+    kwargs = dict(data=str(jsonl_data), preset="vse", epochs=2, batch_size=16, vocab_size=40, out=interrupted,
+                  verbose=0, **TINY_KWARGS)
+    with pytest.raises(KeyboardInterrupt):
+        train(callbacks=[KillAfter(1).callback], **kwargs)
+    before = _snapshot(interrupted)
+    with pytest.raises(ValueError, match="interrupted run with other settings .*differ in seed"):
+        train(**{**kwargs, "seed": 1})
+    assert _snapshot(interrupted) == before
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / "config.json").write_text("{}")
+    for flags in ([], ["--overwrite"]):
+        assert main(["train", "--data", str(jsonl_data), "--out", str(mine), *flags]) == 2
+        err = capsys.readouterr().err
+        assert "is not a tfemde run folder" in err and str(mine) in err, err
+        assert _snapshot(mine) == {"config.json": b"{}", "notes.txt": b"mine"}
 
 
 def run_cli(*args):

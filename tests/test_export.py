@@ -7,6 +7,7 @@ One tiny run folder (`vse` on 36 x 24 region features: K = 1, no sketch) is expo
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -324,6 +325,38 @@ def test_export_argument_errors(exported, tmp_path):
         (tmp_path / "run" / "tokenizer.model").write_bytes(b"")
         export_run(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_never_deletes_a_folder_that_is_not_exactly_an_export(exported, tmp_path, capsys):
+    """A stray manifest.json beside a user's files, or a real export with a user's file added: refused with one
+    line, every file left as it was; an untouched earlier export is still replaced."""
+    from tfemde.cli import main
+
+    lookalike = tmp_path / "thesis"
+    (lookalike / "sub").mkdir(parents=True)
+    (lookalike / "manifest.json").write_text("{}")
+    (lookalike / "sub" / "thesis.tex").write_text("x")
+    grown = tmp_path / "grown"
+    shutil.copytree(exported["dir"], grown)
+    (grown / "notes.txt").write_text("mine")
+    empty_dir = tmp_path / "with_empty_dir"
+    shutil.copytree(exported["dir"], empty_dir)
+    (empty_dir / "drafts").mkdir()
+    for folder in (lookalike, grown, empty_dir):
+        before = sorted((p.relative_to(folder).as_posix(), p.is_dir() or p.read_bytes())
+                        for p in folder.rglob("*"))
+        capsys.readouterr()
+        assert main(["export", str(exported["run"]), "--out", str(folder)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not a tfemde export" in err[0] and str(folder) in err[0], err
+        assert sorted((p.relative_to(folder).as_posix(), p.is_dir() or p.read_bytes())
+                      for p in folder.rglob("*")) == before
+
+    again = tmp_path / "again"
+    shutil.copytree(exported["dir"], again)
+    assert main(["export", str(exported["run"]), "--out", str(again)]) == 0
+    assert json.loads((again / "manifest.json").read_text())["created"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_tokenizer_graph_pads_to_the_longest_caption(exported, tmp_path):

@@ -178,3 +178,66 @@ def test_int8_below_the_cosine_floor_fails_the_export_and_writes_nothing(quantiz
         export.export_run(quantized["tmp"] / "run", out, quantize=True)
     assert not out.exists()
     assert not [p for p in quantized["tmp"].iterdir() if p.name.startswith(".refused")]
+
+
+def _saturating_matmul(tmp_path, rng):
+    """A float MatMul whose quantized form hits the int16 saturation of U8S8 kernels without VNNI: activations
+    near the top of the uint8 range, every other input at the batch maximum, weights at both extremes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = rng.normal(size=(256, 32)).astype(np.float32)
+    w[::2] = np.where(w[::2] > 0, 3.0, -3.0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+        initializer=[numpy_helper.from_array(w, "W")])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "mm.onnx"))
+    x = np.abs(rng.normal(size=(6, 256))).astype(np.float32)
+    x[:, ::2] = x.max()
+    return x
+
+
+def _dequantized_reference(model, x):
+    """NumPy re-derivation of the quantized MatMul: DynamicQuantizeLinear of `x` (ONNX's definition), the stored
+    uint8 weights with their per-column scales and zero points, an exact integer product, then the scales."""
+    from onnx import numpy_helper
+
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    (w_q,) = [v for v in init.values() if v.ndim == 2]
+    (w_scale,) = [v for k, v in init.items() if v.ndim == 1 and v.dtype == np.float32 and "scale" in k]
+    (w_zero,) = [v for k, v in init.items() if v.ndim == 1 and v.dtype == w_q.dtype and "zero_point" in k]
+    low, high = min(x.min(), 0.0), max(x.max(), 0.0)
+    x_scale = np.float32((high - low) / 255)
+    x_zero = np.clip(np.rint(-low / x_scale), 0, 255)
+    x_q = np.clip(np.rint(x / x_scale) + x_zero, 0, 255)
+    product = (x_q.astype(np.int64) - int(x_zero)) @ (w_q.astype(np.int64) - w_zero.astype(np.int64))
+    return product * (x_scale * w_scale.astype(np.float64))
+
+
+def test_int8_weights_are_uint8_so_no_cpu_kernel_saturates(tmp_path, rng):
+    """On x86-64 without VNNI (AVX2), onnxruntime's uint8 x int8 kernels saturate int16 pair sums; the export
+    quantizes weights to uint8 (U8U8 kernels, no saturation), so the integer product is exact on every CPU: the
+    int8 graph equals the NumPy re-derivation of its own arithmetic, here and on an AVX2-only machine alike."""
+    x = _saturating_matmul(tmp_path, rng)
+    quantize_int8(tmp_path / "mm.onnx", tmp_path / "mm.int8.onnx")
+    model = onnx.load(str(tmp_path / "mm.int8.onnx"))
+    weights = [t for t in model.graph.initializer if len(t.dims) == 2]
+    assert weights and all(t.data_type == onnx.TensorProto.UINT8 for t in weights)
+    got = ort.InferenceSession(str(tmp_path / "mm.int8.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["y"], {"x": x})[0]
+    want = _dequantized_reference(model, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_every_quantized_weight_in_the_exported_graphs_is_uint8(quantized):
+    """The same for the BiGRU's loop bodies and every other MatMul of both exported int8 graphs."""
+    for name in (mf.IMAGE_ONNX, mf.TEXT_ONNX):
+        model = onnx.load(str(quantized["dir"] / int8_name(name)))
+        graphs = [model.graph] + _loop_bodies(model)
+        quantized_ops = [n for g in graphs for n in g.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+        assert quantized_ops, name
+        inits = {t.name: t for g in graphs for t in g.initializer}
+        for node in quantized_ops:
+            weight = inits[node.input[1]]
+            assert weight.data_type == onnx.TensorProto.UINT8, (name, node.name)

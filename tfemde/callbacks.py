@@ -8,6 +8,7 @@ from pathlib import Path
 
 import keras
 
+from tfemde.files import atomic_write
 from tfemde.models.dual_encoder import save_model
 
 
@@ -75,8 +76,12 @@ class BestCheckpoint(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.path.is_file() and self.record_path.is_file():
-            record = json.loads(self.record_path.read_text())
-            if record.get("monitor") == self.monitor:
+            try:
+                record = json.loads(self.record_path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"checkpoint record {str(self.record_path)!r} is corrupt ({error}); remove it and "
+                                 f"{self.path.name} to start afresh") from None
+            if isinstance(record, dict) and record.get("monitor") == self.monitor:
                 self.best, self.best_epoch = record["best"], record["epoch"]
 
     def on_epoch_end(self, epoch, logs=None):
@@ -87,7 +92,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         if better:
             self.best, self.best_epoch = float(value), epoch + 1
             save_model(self.model, self.path)
-            self.record_path.write_text(json.dumps({"monitor": self.monitor, "best": self.best,
-                                                    "epoch": self.best_epoch}))
+            record = json.dumps({"monitor": self.monitor, "best": self.best, "epoch": self.best_epoch})
+            atomic_write(self.record_path, lambda tmp: Path(tmp).write_text(record))
             if self.verbose:
                 print(f" - {self.monitor} improved to {value:.2f}: saved {self.path}")

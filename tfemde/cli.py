@@ -40,7 +40,7 @@ def cmd_train(args):
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     run = train(data=args.data, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, out=args.out,
-                vocab_size=args.vocab_size, seed=args.seed, **_overrides(args.set))
+                vocab_size=args.vocab_size, seed=args.seed, overwrite=args.overwrite, **_overrides(args.set))
     print(format_metrics({args.preset: run.metrics}))
     print(f"run written to {run.path}")
 
@@ -216,7 +216,9 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=128)
     tr.add_argument("--vocab-size", type=int, default=2000)
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--out", required=True, help="the run folder to write")
+    tr.add_argument("--out", required=True, help="the run folder to write (an interrupted run there with the same "
+                    "settings resumes; any other run there is refused unless --overwrite)")
+    tr.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     tr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields, e.g. embed_dim=256")
     tr.set_defaults(func=cmd_train)
 

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfemde.quantize import METHOD as QUANTIZATION_METHOD
 from tfemde.quantize import inline_loop_weights, int8_name, quantize_int8
 from tfemde.serving import manifest as mf
 
@@ -109,11 +110,29 @@ def _resolve(run_dir_or_model, tokenizer):
 
 
 def _check_out_dir(out_dir: Path):
+    """Refuse an `out_dir` that is a file, or a non-empty folder that is not exactly a complete tfemde export.
+
+    An existing export is replaced as a whole, so it must hold nothing but what its manifest lists: a folder with a
+    stray `manifest.json` and a user's files beside it is refused, never deleted.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / mf.MANIFEST_NAME).is_file():
-        raise ValueError(f"out_dir {str(out_dir)!r} exists, is not empty and is not a tfemde export; choose "
-                         "another folder (an existing export is replaced)")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    refuse = (f"out_dir {str(out_dir)!r} exists, is not empty and is not a tfemde export ({{}}); choose another "
+              "folder (an existing export is replaced)")
+    try:
+        manifest = mf.read_manifest(out_dir)
+    except mf.ExportFileError as error:
+        raise ValueError(refuse.format(error)) from None
+    listed = set(manifest["files"]) | {mf.MANIFEST_NAME}
+    folders = {parent.as_posix() for name in listed for parent in Path(name).parents if parent != Path(".")}
+    for path in sorted(out_dir.rglob("*")):
+        name = path.relative_to(out_dir).as_posix()
+        # A folder is the export's when a listed file is below it, or it sits inside one (saved_model/assets/).
+        ours = name in folders or (path.parent != out_dir and path.parent.relative_to(out_dir).as_posix() in folders)
+        if path.is_symlink() or (path.is_dir() and not ours) or (not path.is_dir() and name not in listed):
+            raise ValueError(refuse.format(f"{name!r} is not a file of its manifest"))
 
 
 # ---------------------------------------------------------------------------------------------- signatures
@@ -589,8 +608,7 @@ def _manifest(config, tokenizer, opset, verification, source) -> dict:
     manifest = _base_manifest(config, tokenizer, opset, verification, source)
     if "int8" in verification:
         manifest["quantized"] = {
-            "method": "onnxruntime dynamic quantization: int8 per-channel MatMul weights (loop bodies included), "
-                      "uint8 activations quantized per call; not exact, see min_cosine",
+            "method": QUANTIZATION_METHOD,
             "image": {"file": int8_name(mf.IMAGE_ONNX), "of": mf.IMAGE_ONNX,
                       **verification["int8"][int8_name(mf.IMAGE_ONNX)]},
             "text": {"file": int8_name(mf.TEXT_ONNX), "of": mf.TEXT_ONNX,
@@ -679,7 +697,8 @@ def _save_saved_model(path: Path, model, image_fn, text_fn, image_specs, text_sp
 
 
 def _move_into_place(tmp: Path, out_dir: Path):
-    if out_dir.exists():  # an earlier export (checked by _check_out_dir): swap it out, then delete it
+    if out_dir.exists():  # an earlier export: checked again now (it may have changed while exporting), swapped out
+        _check_out_dir(out_dir)
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.rmdir(old)
         os.replace(out_dir, old)

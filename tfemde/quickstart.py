@@ -39,7 +39,7 @@ def quickstart(out="runs/quickstart", epochs=None, fast=False, print_fn=print) -
     for name in MODELS:
         print_fn(f"\n=== training {name} for {budget['epochs']} epochs ===")
         started = time.time()
-        runs[name] = train(data=dataset, preset=name, out=out / name, verbose=1, **budget)
+        runs[name] = train(data=dataset, preset=name, out=out / name, verbose=1, overwrite=True, **budget)
         results[name] = runs[name].metrics
         print_fn(f"{name}: trained and evaluated in {time.time() - started:.0f} s")
 

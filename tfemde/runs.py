@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from tfemde.files import TMP_PREFIX as _TMP_PREFIX
+from tfemde.files import atomic_write
 
 DEFAULT_MAX_LENGTH = 24
 
@@ -80,21 +81,93 @@ def config_for(dataset, tokenizer, preset_name, max_length, **overrides):
     return preset(preset_name, **{**sizes, **overrides})
 
 
+RUN_FILES = ("config.json", "tokenizer.model", "best.keras", "best.json", "history.csv", "curves.png", "metrics.json",
+             "run.json", "backup")
+
+
+def data_digest(dataset) -> str:
+    """A sha256 of what training reads from a `Dataset`: captions, their items, splits, groups and the items."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for caption in dataset.captions:
+        digest.update(caption.encode("utf-8", "surrogatepass") + b"\0")
+    for array in (dataset.caption_item, dataset.item_split, dataset.item_group):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    if dataset.images is not None:
+        digest.update(np.ascontiguousarray(dataset.images).tobytes())
+    elif dataset.image_paths is not None:
+        digest.update("\0".join(map(str, dataset.image_paths)).encode("utf-8", "surrogatepass"))
+    else:
+        rows = np.arange(len(dataset.regions)) if dataset.region_rows is None else dataset.region_rows
+        digest.update(np.ascontiguousarray(rows).tobytes())
+        digest.update(np.ascontiguousarray(dataset.regions[: min(len(dataset.regions), 64)]).tobytes())
+        digest.update(repr(tuple(dataset.regions.shape)).encode())
+    return digest.hexdigest()
+
+
+def _out_state(out: Path, identity: dict, overwrite: bool) -> str:
+    """What a run with `identity` does with `out`: `"new"`, `"resume"` or `"replace"` (raises when it may not).
+
+    An empty or new folder is `"new"`. A folder holding an interrupted run (`backup/`) with the same `run.json`
+    resumes. Any other run folder is refused unless `overwrite` (`"replace"`: its run files are removed once the
+    inputs are known to be valid). A folder holding anything but run files is always refused: nothing of the user's
+    is deleted or mixed with a run.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {str(out)!r} exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return "new"
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and not p.name.startswith(_TMP_PREFIX))
+    if foreign:
+        raise ValueError(f"out {str(out)!r} is not empty and is not a tfemde run folder (it holds {foreign[0]!r}); "
+                         "choose another folder")
+    record_path = out / "run.json"
+    try:
+        previous = json.loads(record_path.read_text()) if record_path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        previous = None
+    if (out / "backup").is_dir() and previous == identity and (out / "tokenizer.model").is_file():
+        return "resume"
+    if not overwrite:
+        if (out / "backup").is_dir() and isinstance(previous, dict):
+            differ = sorted(k for k in set(identity) | set(previous) if identity.get(k) != previous.get(k))
+            what = f"an interrupted run with other settings (they differ in {', '.join(differ)})"
+        elif (out / "backup").is_dir():
+            what = "an interrupted run whose settings are not recorded"
+        else:
+            what = "a finished run"
+        raise ValueError(f"out {str(out)!r} already holds {what}; pass overwrite=True (--overwrite) to replace it, "
+                         "or choose another folder")
+    return "replace"
+
+
+def _remove_run_files(out: Path):
+    for path in [out / name for name in RUN_FILES] + list(out.glob(_TMP_PREFIX + "*")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def train(data="emoji", preset="dive_temde", epochs=10, batch_size=128, out="runs/run", vocab_size=2000,
-          max_length=DEFAULT_MAX_LENGTH, seed=0, verbose=1, validate_every=1, callbacks=(), **overrides) -> Run:
+          max_length=DEFAULT_MAX_LENGTH, seed=0, verbose=1, validate_every=1, callbacks=(), overwrite=False,
+          **overrides) -> Run:
     """Train a dual encoder with `model.fit` and write a complete run folder.
 
     Args:
         data: `"emoji"`, a path `tfemde.data.load` understands, or a `Dataset`.
         preset: a preset name (`tfemde.models.PRESETS`).
         epochs, batch_size: the fit budget.
-        out: the run folder (created; an interrupted run in it resumes from `backup/`).
+        out: the run folder (created). An interrupted run in it with the same settings and data resumes from
+            `backup/`; any other run there is refused unless `overwrite`, and so is a folder holding other files.
         vocab_size: the SentencePiece vocabulary to train on the training captions.
         max_length: captions are cut/padded to this many tokens.
         seed: seeds Keras, the pipeline's shuffling and augmentation.
         verbose: 0 silent, 1 progress bars and a line per epoch.
         validate_every: validation R@K/RSUM every this many epochs.
         callbacks: more Keras callbacks for `fit`.
+        overwrite: replace a run already in `out` (its run files only) instead of refusing.
         **overrides: any `DualEncoderConfig` field.
 
     Returns:
@@ -110,22 +183,31 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=128, out="run
     from tfemde.text import Tokenizer
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(seed)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be True or False; got {overwrite!r}")
     dataset = resolve_dataset(data)
     splits = {name: dataset.split(name) for name in ("train", "val", "test")}
     for name in ("train", "val"):
         if splits[name].num_items == 0:
             raise ValueError(f"data set {dataset.name!r} has no {name} items; train needs train and val splits")
-
+    identity = {"preset": preset, "batch_size": batch_size, "vocab_size": vocab_size, "max_length": max_length,
+                "seed": seed, "overrides": json.loads(json.dumps(overrides, sort_keys=True, default=repr)),
+                "data": data_digest(dataset)}
+    state = _out_state(out, identity, overwrite)
     tokenizer_path = out / "tokenizer.model"
-    if tokenizer_path.is_file() and (out / "backup").is_dir():
-        tokenizer = Tokenizer.load(tokenizer_path)  # resuming: keep the ids the backup was trained with
+    if state == "resume":
+        tokenizer = Tokenizer.load(tokenizer_path)  # keep the ids the backup was trained with
     else:
         tokenizer = Tokenizer.train(splits["train"].captions, vocab_size=vocab_size)
-        _atomic(lambda tmp: tokenizer.save(tmp), tokenizer_path)
     config = config_for(dataset, tokenizer, preset, max_length, **overrides)
-    _atomic(lambda tmp: config.save(tmp), out / "config.json")
+    if state == "replace":
+        _remove_run_files(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if state != "resume":
+        atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(identity, indent=2) + "\n"))
+        atomic_write(tokenizer_path, tokenizer.save)
+    atomic_write(out / "config.json", config.save)
+    keras.utils.set_random_seed(seed)
 
     model = build_dual_encoder(config)
     model.compile()
@@ -150,21 +232,8 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=128, out="run
     metrics = evaluate(run.model, splits[test_split], tokenizer=tokenizer, max_length=max_length, progress=verbose > 0)
     record = {**{k: float(v) for k, v in metrics.items()}, "split": test_split, "preset": config.preset,
               "epochs": epochs, "batch_size": batch_size, "train_seconds": round(train_seconds, 1)}
-    _atomic(lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"), out / "metrics.json")
+    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
     return run
-
-
-def _atomic(write, path):
-    """Call `write(tmp_path)` and move the file into `path` only once it is complete."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        shutil.move(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def format_metrics(rows: dict) -> str:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import keras
 from keras import layers, ops
 
 from tfemde import losses
+from tfemde.files import atomic_write
 from tfemde.layers import (
     GPO,
     MaskedMaxPooling,
@@ -368,12 +366,5 @@ def save_model(model, path) -> Path:
     """Save `model` as `.keras` through a temporary file moved into place (never a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(suffix=".keras", dir=path.parent)
-    os.close(handle)
-    try:
-        model.save(tmp)
-        shutil.move(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, model.save)
     return path

@@ -1,0 +1,31 @@
+"""Writing files so that a reader never sees half of one: the standard library only."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+TMP_PREFIX = ".tfemde-tmp-"
+
+
+def atomic_write(path, write):
+    """Call `write(tmp_path)`, flush it to disk, and move it onto `path` only once it is complete.
+
+    The temporary file sits beside `path` (same file system, so the move is atomic) and the file gets the mode an
+    ordinary `open` would give it under the user's umask (not `mkstemp`'s 0600).
+    """
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
