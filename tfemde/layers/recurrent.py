@@ -67,8 +67,11 @@ class AveragedBiGRU(keras.layers.Layer):
         sequence = keras.KerasTensor((inputs.shape[0], inputs.shape[1], self.units), dtype=self.compute_dtype)
         if not self.return_state:
             return sequence
-        state = keras.KerasTensor((inputs.shape[0], self.units), dtype=self.compute_dtype)
-        return sequence, state, state
+        # One KerasTensor per state: a functional graph tells outputs apart by tensor identity, so a shared spec
+        # would wire the backward state into every use of the forward one.
+        forward_state, backward_state = (keras.KerasTensor((inputs.shape[0], self.units), dtype=self.compute_dtype)
+                                         for _ in range(2))
+        return sequence, forward_state, backward_state
 
     def get_config(self):
         return {**super().get_config(), "units": self.units, "return_state": self.return_state}
