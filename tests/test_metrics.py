@@ -187,3 +187,32 @@ def test_errors(rng):
         full(images, captions, np.arange(5))
     with pytest.raises(ValueError, match="protocol must be one of"):
         protocol_metrics("coco5k", images, captions, np.arange(12))
+
+
+def test_concept_ranks_against_a_loop_with_ties(rng):
+    from tfemde.evaluation import concept_ranks
+
+    item_group = np.array([0, 0, 1, 2, 2, 2, 3])
+    query_group = np.array([0, 1, 2, 3, 2])
+    sim = rng.integers(0, 4, size=(5, 7)).astype(np.float32)  # many ties
+    want = []
+    for q, g in enumerate(query_group):
+        best = max(sim[q, i] for i in range(7) if item_group[i] == g)
+        want.append(sum(1 for i in range(7) if item_group[i] != g and sim[q, i] >= best))
+    np.testing.assert_array_equal(concept_ranks(sim, query_group, item_group), want)
+    with pytest.raises(ValueError, match=r"similarity must have shape \[Q, N_items\] = \(5, 7\)"):
+        concept_ranks(sim[:, :6], query_group, item_group)
+    with pytest.raises(ValueError, match="at least one item"):
+        concept_ranks(sim, np.array([0, 1, 2, 3, 9]), item_group)
+
+
+def test_concept_names_take_each_groups_first_captioned_item():
+    from tfemde.data import Dataset
+    from tfemde.evaluation import concept_names
+
+    data = Dataset(name="t", captions=["b0", "c-first", "c-second", "a1", "a0"], caption_item=[1, 3, 3, 2, 0],
+                   item_split=["train", "train", "test", "test", "val"], item_group=[7, 7, 5, 4, 9],
+                   images=np.zeros((5, 2, 2, 3), np.uint8))
+    names, groups, splits = concept_names(data)
+    assert names == ["a0", "a1", "c-first"]  # group 9 (item 4) has no caption: no query
+    assert groups.tolist() == [7, 5, 4] and splits.tolist() == ["train", "test", "test"]

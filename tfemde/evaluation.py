@@ -31,8 +31,9 @@ _RANK_BLOCK = 1 << 24
 # Matching (item, caption) pairs are listed when there are at most this many per query (else dense masks).
 _MAX_PAIRS_PER_QUERY = 64
 
-__all__ = ["METRIC_KEYS", "PROTOCOLS", "coco1k", "encode_dataset", "evaluate", "evaluate_encoded", "full",
-           "metrics_from_ranks", "metrics_line", "protocol_metrics", "retrieval_metrics", "retrieval_ranks"]
+__all__ = ["METRIC_KEYS", "PROTOCOLS", "coco1k", "concept_names", "concept_queries", "concept_ranks",
+           "encode_dataset", "evaluate", "evaluate_encoded", "full", "metrics_from_ranks", "metrics_line",
+           "protocol_metrics", "retrieval_metrics", "retrieval_ranks"]
 
 
 def _progress_bar(enabled: bool, total: int, desc: str):
@@ -456,3 +457,93 @@ def evaluate(model, dataset, split=None, protocol="full", tokenizer=None, max_le
     items, captions = encode_dataset(model, dataset, tokenizer, max_length, batch_size, progress)
     return protocol_metrics(protocol, items, captions, dataset.caption_item, groups=dataset.item_group,
                             progress=progress, **_similarity_kwargs(model.config), **protocol_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- concept queries
+CONCEPT_HITS_AT = (1, 5, 10)
+
+
+def concept_names(dataset) -> Tuple[List[str], np.ndarray, np.ndarray]:
+    """One text query per concept (group): the first caption of the group's first item that has a caption.
+
+    For the emoji data that is the emoji's CLDR name ("red heart", "rocket"), what a person would type.
+
+    Returns:
+        `(names, groups, splits)`: `Q` query strings, their `[Q]` group ids and `[Q]` splits (of that first item).
+    """
+    first_caption = np.full(dataset.num_items, -1, dtype=np.int64)
+    for caption in range(len(dataset.caption_item) - 1, -1, -1):
+        first_caption[dataset.caption_item[caption]] = caption
+    names, groups, splits, seen = [], [], [], set()
+    for item in range(dataset.num_items):
+        group = int(dataset.item_group[item])
+        if group in seen or first_caption[item] < 0:
+            continue
+        seen.add(group)
+        names.append(dataset.captions[first_caption[item]])
+        groups.append(group)
+        splits.append(str(dataset.item_split[item]))
+    return names, np.asarray(groups, dtype=np.int64), np.asarray(splits, dtype=str)
+
+
+def concept_ranks(similarity, query_group, item_group) -> np.ndarray:
+    """`[Q]` 0-based rank of each query's best-scoring item of its own group among all items.
+
+    Args:
+        similarity: `[Q, N_items]` scores of the concept queries against the whole gallery.
+        query_group: `[Q]` the group each query names.
+        item_group: `[N_items]` group per item.
+
+    Ties count against the model, as in `retrieval_ranks`: an item of another group scoring equal to the best
+    match ranks ahead of it.
+    """
+    sim = np.asarray(similarity, dtype=np.float32)
+    query_group, item_group = np.asarray(query_group), np.asarray(item_group)
+    if sim.ndim != 2 or sim.shape != (len(query_group), len(item_group)):
+        raise ValueError(f"similarity must have shape [Q, N_items] = ({len(query_group)}, {len(item_group)}); got "
+                         f"shape {sim.shape}")
+    match = query_group[:, None] == item_group[None, :]
+    if not match.any(axis=1).all():
+        raise ValueError("every query_group must have at least one item in item_group")
+    best = np.where(match, sim, -np.inf).max(axis=1)
+    return (np.where(match, -np.inf, sim) >= best[:, None]).sum(axis=1)
+
+
+def concept_queries(model, dataset, tokenizer=None, max_length=None, batch_size=256, progress=False) -> dict:
+    """Search every concept's name over the whole gallery (all splits): hit@1/5/10 per split of the concept.
+
+    A hit@K is a query whose concept has an image among the top K of all `dataset`'s items. With the emoji data
+    (split by concept) train-split concepts measure fitting, test-split ones generalisation to unseen concepts.
+
+    Args:
+        model: a `DualEncoder`, a `tfemde.runs.Run`, or the path of a run folder.
+        dataset: a `Dataset` or a name/path for `tfemde.data.load`; all of it is the gallery.
+        tokenizer, max_length, batch_size, progress: as in `evaluate`.
+
+    Returns:
+        `{split: {"hit@1", "hit@5", "hit@10" (percent), "queries"}}` for each split that has concepts.
+    """
+    from tfemde.data import Dataset
+    from tfemde.runs import Run, open_run, resolve_dataset
+
+    if isinstance(model, (str, os.PathLike)):
+        model = open_run(model)
+    if isinstance(model, Run):
+        tokenizer = tokenizer or model.tokenizer
+        model = model.model
+    dataset = resolve_dataset(dataset)
+    names, groups, splits = concept_names(dataset)
+    first_item = np.array([np.flatnonzero(dataset.item_group == g)[0] for g in groups], dtype=np.int64)
+    queries = Dataset(name=f"{dataset.name}:concepts", captions=names, caption_item=first_item,
+                      item_split=dataset.item_split, item_group=dataset.item_group, images=dataset.images,
+                      image_paths=dataset.image_paths, regions=dataset.regions, region_rows=dataset.region_rows)
+    items, texts = encode_dataset(model, queries, tokenizer, max_length, batch_size, progress)
+    scores = set_similarity(texts, items, **_similarity_kwargs(model.config))
+    ranks = concept_ranks(scores, groups, dataset.item_group)
+    out = {}
+    for split in ("train", "val", "test"):
+        chosen = ranks[splits == split]
+        if len(chosen):
+            out[split] = {**{f"hit@{k}": float(100.0 * (chosen < k).mean()) for k in CONCEPT_HITS_AT},
+                          "queries": int(len(chosen))}
+    return out
