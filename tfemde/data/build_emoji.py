@@ -7,16 +7,15 @@ The command line is `tfemde data build-emoji OUT [--size 64] [--langs en,de]`.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import struct
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
 from tfemde.data.builtin import FORMAT, group_key, group_splits
+from tfemde.files import atomic_write
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 CLDR_DIR = "/usr/share/unicode/cldr/common"
@@ -248,18 +247,12 @@ def build_emoji(out_path, size: int = 64, langs=("en",), palette: int = 256, emo
     else:
         arrays["pixels"] = np.array(images, dtype=np.uint8).reshape(shape + (3,))
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(out_path, write)
     splits = group_splits(keys)
     stats.update(images=len(names), captions=len(captions), groups=len(set(keys)), bytes=out_path.stat().st_size,
                  **{s: int((splits == s).sum()) for s in ("train", "val", "test")})

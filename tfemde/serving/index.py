@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Optional, Tuple
 
 import numpy as np
+
+from tfemde.files import atomic_write
 
 from tfemde.serving.embeddings import Embeddings
 from tfemde.serving.similarity import _check_alpha, _check_mask, _chunks, _smooth_chamfer, sketch_similarity
@@ -240,18 +241,11 @@ class SetIndex:
         }
         meta["sha256"] = _digest(meta, arrays)
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
+        def write(tmp):
+            with open(tmp, "wb") as f:
                 _write_npz(f, arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+
+        atomic_write(path, write)
         return path
 
     @classmethod
