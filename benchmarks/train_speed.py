@@ -157,7 +157,7 @@ def build(preset_name, args):
     model = build_dual_encoder(
         preset_name, image_input="regions", num_regions=36, region_dim=2048, embed_dim=1024, word_dim=300,
         vocab_size=args.vocab_size, max_length=12, num_slots=4, set_depth=4, set_heads=4, ff_mult=4,
-        share_weights=True, warmup_epochs=0,
+        share_weights=True, loss="triplet", warmup_epochs=0,
     )
     model.compile(jit_compile=args.jit)
     return model

@@ -118,8 +118,8 @@ NB01 = [
     `preset("dive_temde", ...)` is a `DualEncoderConfig`; any field can be overridden. `build_dual_encoder` makes a
     functional `keras.Model` whose image and text encoders are standalone models sharing its weights, and
     `compile()` picks the papers' optimizer (AdamW with a cosine schedule and gradient clipping). The loss comes
-    from the config too: `loss` (the papers' hardest-negative triplet by default; the quickstart budget used here
-    picks InfoNCE, which learns faster in a short run) over the model's similarity, Smooth-Chamfer + λ·sketch.
+    from the config too: `loss` (InfoNCE by default, which learns from scratch; `loss="triplet"` is the papers'
+    hardest-negative triplet) over the model's similarity, Smooth-Chamfer + λ·sketch.
     """),
     code("""
     from tfemde.models import build_dual_encoder, preset

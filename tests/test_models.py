@@ -99,7 +99,7 @@ def test_pixel_tower_and_encoders_match_the_dual_model(rng):
 
 def test_compute_loss_equals_numpy_triplet_with_all_positives_masked(rng):
     """vse: cosine similarity, hardest-negative triplet (sum), positives from image_id (two captions share image 0)."""
-    model = build_dual_encoder("vse", **TINY, **REGIONS, warmup_epochs=0, reduction="sum")
+    model = build_dual_encoder("vse", **TINY, **REGIONS, loss="triplet", warmup_epochs=0, reduction="sum")
     batch = region_batch(rng, batch=5, num_images=4)  # rows 0 and 4 are the same image
     out = encode(model, batch)
     loss = float(model.compute_loss(x=batch, y_pred={k: tf.constant(v) for k, v in out.items()}))
@@ -115,7 +115,7 @@ def test_compute_loss_equals_numpy_triplet_with_all_positives_masked(rng):
 
 def test_captions_with_equal_text_are_positives_of_each_others_images(rng):
     """text_id: images 1 and 3 both have a caption reading the same, so neither caption is the other's negative."""
-    model = build_dual_encoder("vse", **TINY, **REGIONS, warmup_epochs=0, reduction="sum")
+    model = build_dual_encoder("vse", **TINY, **REGIONS, loss="triplet", warmup_epochs=0, reduction="sum")
     batch = region_batch(rng, batch=5, num_images=4)
     batch["text_id"] = np.array([10, 11, 12, 11, 10], dtype="int64")  # rows 0/4 share an image, 1/3 only a text
     out = encode(model, {k: v for k, v in batch.items() if k != "text_id"})
@@ -137,7 +137,7 @@ def test_captions_with_equal_text_are_positives_of_each_others_images(rng):
 
 def test_separately_batched_images_and_captions(rng):
     """DivE batching: 3 images once each, 6 captions (two per image) with caption_image_id; loss vs NumPy."""
-    model = build_dual_encoder("vse", **TINY, **REGIONS, warmup_epochs=0, reduction="mean")
+    model = build_dual_encoder("vse", **TINY, **REGIONS, loss="triplet", warmup_epochs=0, reduction="mean")
     pairs = region_batch(rng, batch=6, num_images=3)
     batch = {"regions": pairs["regions"][:3], "region_mask": pairs["region_mask"][:3], "image_id": np.arange(3),
              "caption_ids": pairs["caption_ids"], "caption_mask": pairs["caption_mask"],
@@ -156,7 +156,7 @@ def test_separately_batched_images_and_captions(rng):
 
 
 def test_negatives_warmup_switches_after_the_first_epoch(rng):
-    model = build_dual_encoder("vse", **TINY, **REGIONS, warmup_epochs=1)
+    model = build_dual_encoder("vse", **TINY, **REGIONS, loss="triplet", warmup_epochs=1)
     model.compile()
     seen = []
     probe = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, l: seen.append(float(model._hardest_negatives)))
@@ -206,6 +206,8 @@ def test_config_json_round_trip_and_errors(tmp_path):
         preset("dive", embeddim=3)
     with pytest.raises(ValueError, match="pooling must be one of"):
         preset("vse", pooling="median")
+    with pytest.raises(ValueError, match="cnn_blocks must be an int >= 0; got 1.5"):
+        preset("vse", cnn_blocks=1.5)
     with pytest.raises(ValueError, match="image_id"):
         model = build_dual_encoder("vse", **TINY, **REGIONS)
         model.compute_loss(x={"regions": None}, y_pred={})
@@ -264,3 +266,32 @@ def test_the_text_towers_two_gru_states_are_distinct_tensors():
     forward_state, backward_state = model.get_layer("text_global").input
     assert forward_state is not backward_state
     assert forward_state._keras_history.tensor_index != backward_state._keras_history.tensor_index
+
+
+def test_residual_cnn_blocks_keep_the_grid_and_add_identity_paths(rng):
+    """`cnn_blocks` residual blocks per stage: same 8 x 8 grid at 64 px, two more convolutions per block and stage,
+    and a block whose second BatchNorm outputs zero passes its input through unchanged (after the ReLU)."""
+    plain = build_dual_encoder("vse", **TINY, image_input="pixels", image_size=64, cnn_filters=(4, 8))
+    deep = build_dual_encoder("vse", **TINY, image_input="pixels", image_size=64, cnn_filters=(4, 8), cnn_blocks=2)
+    convs = lambda m: [l.name for l in m.layers if isinstance(l, keras.layers.Conv2D)]  # noqa: E731
+    assert len(convs(deep)) == len(convs(plain)) + 2 * 2 * 2
+    assert deep.get_layer("image_grid").output.shape == plain.get_layer("image_grid").output.shape == (None, 256, 8)
+    block = keras.Model(deep.get_layer("image_conv0_relu").output, deep.get_layer("image_conv0_block0_relu").output)
+    deep.get_layer("image_conv0_block0_b_bn").gamma.assign(np.zeros(4, "float32"))
+    deep.get_layer("image_conv0_block0_b_bn").beta.assign(np.zeros(4, "float32"))
+    x = np.abs(rng.normal(size=(2, 32, 32, 4))).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(block(x, training=False)), x, atol=1e-6)
+
+
+def test_set_prediction_learning_rate_scale_defaults_by_image_input():
+    """DivE's 0.1x for the set-prediction modules on precomputed regions; 1x when the towers learn from pixels."""
+    from tfemde.models.optimization import make_optimizer
+
+    regions, pixels = preset("dive", **REGIONS), preset("dive", image_input="pixels")
+    assert regions.resolved_set_lr_scale == 0.1 and pixels.resolved_set_lr_scale == 1.0
+    assert make_optimizer(regions).lr_scales == {"image_set_prediction": 0.1, "text_set_prediction": 0.1}
+    assert make_optimizer(pixels).lr_scales == {}
+    assert make_optimizer(preset("dive", image_input="pixels", set_lr_scale=0.5)).lr_scales == {
+        "image_set_prediction": 0.5, "text_set_prediction": 0.5}
+    with pytest.raises(ValueError, match="set_lr_scale must be a positive number or None; got -1"):
+        preset("dive", set_lr_scale=-1)

@@ -80,9 +80,9 @@ def make_optimizer(config):
     """The default optimizer of a config: ScaledAdamW + per-step cosine decay + global-norm clipping.
 
     The set-prediction modules (layers named `image_set_prediction` / `text_set_prediction`) train at
-    `config.set_lr_scale` times the base learning rate.
+    `config.resolved_set_lr_scale` times the base learning rate.
     """
-    scale = config.set_lr_scale
+    scale = config.resolved_set_lr_scale
     return ScaledAdamW(
         learning_rate=CosineDecayPerStep(config.learning_rate),
         weight_decay=config.weight_decay,

@@ -57,6 +57,19 @@ def _residual_projection(features, mask, config, prefix):
     return layers.Dropout(config.dropout, name=f"{prefix}_dropout")(local)
 
 
+def _conv_bn(features, filters, strides, name, relu=True):
+    features = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name)(features)
+    features = layers.BatchNormalization(name=f"{name}_bn")(features)
+    return layers.ReLU(name=f"{name}_relu")(features) if relu else features
+
+
+def _residual_block(features, filters, name):
+    """ResNet's basic block at constant width: x + BN(conv(ReLU(BN(conv(x))))), then ReLU."""
+    hidden = _conv_bn(features, filters, 1, f"{name}_a")
+    hidden = _conv_bn(hidden, filters, 1, f"{name}_b", relu=False)
+    return layers.ReLU(name=f"{name}_relu")(layers.Add(name=f"{name}_add")([features, hidden]))
+
+
 def _grid_to_set(feature_map, name):
     """`[B, h, w, C]` -> `[B, h*w, C]`: the grid cells of a feature map become the set."""
     _, height, width, channels = feature_map.shape
@@ -88,10 +101,9 @@ def image_tower(config, inputs):
         if config.image_input == "pixels":
             features = image
             for i, filters in enumerate(config.cnn_filters):
-                features = layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False,
-                                         name=f"image_conv{i}")(features)
-                features = layers.BatchNormalization(name=f"image_conv{i}_bn")(features)
-                features = layers.ReLU(name=f"image_conv{i}_relu")(features)
+                features = _conv_bn(features, filters, 2, f"image_conv{i}")
+                for j in range(config.cnn_blocks):
+                    features = _residual_block(features, filters, f"image_conv{i}_block{j}")
         else:
             constructor, preprocess = _find_backbone(config.backbone)
             backbone = constructor(include_top=False, weights=config.backbone_weights,
