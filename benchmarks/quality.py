@@ -1,7 +1,9 @@
 """Retrieval quality of every preset on the built-in emoji data, same budget, several seeds.
 
-Prints test R@1/5/10 both ways and RSUM as mean ± std over seeds, and whether `dive_temde` beats `vse` and
-`vse_infty` in RSUM beyond the spread (its mean minus its std above their mean plus their std).
+Prints test R@1/5/10 both ways and RSUM as mean ± std over seeds, the training-split RSUM and the concept queries
+(every concept's name searched over all images, hit@1/5/10 for train- and test-split concepts), and whether
+`dive_temde` beats `vse` and `vse_infty` in RSUM beyond the spread (its mean minus its std above their mean plus
+their std).
 
     python benchmarks/quality.py                 # all presets, 3 seeds, the quickstart budget
     python benchmarks/quality.py --quick         # 2 presets, 1 seed, 1 epoch: checks the script runs
@@ -24,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 
+from tfemde.evaluation import concept_queries, evaluate
 from tfemde.models import PRESETS
 from tfemde.quickstart import BUDGET
 from tfemde.runs import format_metrics, mean_std, train
@@ -73,9 +76,14 @@ def main(argv=None):
             started = time.time()
             run = train(data="emoji", preset=name, seed=seed, out=out / f"{name}-seed{seed}", verbose=0,
                         overwrite=True, **budget)
-            raw.setdefault(name, []).append(run.metrics)
-            print(f"  {name:<11} seed {seed}: RSUM {run.metrics['rsum']:6.1f}  ({time.time() - started:.0f} s)",
-                  flush=True)
+            concepts = concept_queries(run, "emoji")
+            train_rsum = evaluate(run, "emoji", split="train", progress=False)["rsum"]
+            raw.setdefault(name, []).append({**run.metrics, "train_rsum": train_rsum,
+                                             **{f"concepts_{split}_{k}": c[k] for split, c in concepts.items()
+                                                for k in ("hit@1", "hit@5", "hit@10")}})
+            print(f"  {name:<11} seed {seed}: RSUM {run.metrics['rsum']:6.1f}, train-split RSUM {train_rsum:6.1f}, "
+                  f"concept hit@5 train {concepts['train']['hit@5']:.1f} / test {concepts['test']['hit@5']:.1f}  "
+                  f"({time.time() - started:.0f} s)", flush=True)
 
     report(raw)
     if args.json:
@@ -88,6 +96,13 @@ def report(raw):
     table = {name: {k: mean_std([m[k] for m in runs]) for k in KEYS} for name, runs in raw.items()}
     print("\nTest retrieval, mean ± std over seeds (recalls in %, RSUM max 600):")
     print(format_metrics(table))
+    if all("concepts_train_hit@5" in m for runs in raw.values() for m in runs):
+        print("\nTraining-split RSUM and concept queries (each concept's name over all images; hit@K in %):")
+        for name, runs in raw.items():
+            cells = [f"train RSUM {mean_std([m['train_rsum'] for m in runs])}"] + [
+                f"{split} hit@{k} {mean_std([m[f'concepts_{split}_hit@{k}'] for m in runs])}"
+                for split in ("train", "test") for k in (1, 5, 10)]
+            print(f"  {name:<11} " + "  ".join(cells))
     if "dive_temde" in raw:
         best = np.array([m["rsum"] for m in raw["dive_temde"]])
         for baseline in ("vse", "vse_infty"):

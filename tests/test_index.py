@@ -223,3 +223,65 @@ def test_index_errors(rng):
     with pytest.raises(ValueError, match="alpha must be a positive"):
         SetIndex(alpha=-1.0)
     assert len(index) == 3  # failed adds changed nothing
+
+
+def test_concurrent_add_search_and_save_agree_with_a_serial_index(rng, tmp_path):
+    """4 threads: one adds 40 batches, two search, one saves, all at once. Every search result is the result a serial index of
+    some prefix of the batches gives (nothing lost, no other item's id), every saved file loads, and the final index
+    equals the serial one."""
+    import threading
+    import time
+
+    batches = [make_items(rng, 5) for _ in range(40)]
+    ids = [[f"b{b}i{i}" for i in range(5)] for b in range(40)]
+    queries = make_items(rng, 3)
+    serial = SetIndex(alpha=16.0, sketch_weight=0.5)
+    prefix_results = {}
+    for b in range(40):
+        serial.add(batches[b], ids=ids[b])
+        found, scores = serial.search(queries, k=7)
+        prefix_results[len(serial)] = (found.tolist(), scores)
+
+    index = SetIndex(alpha=16.0, sketch_weight=0.5)
+    index.add(batches[0], ids=ids[0])
+    errors, seen, saved = [], [], []
+
+    def adder():
+        for b in range(1, 40):
+            index.add(batches[b], ids=ids[b])
+            time.sleep(0.001)
+
+    def searcher():
+        for _ in range(60):
+            found, scores = index.search(queries, k=7)
+            seen.append((found.tolist(), scores))
+
+    def saver():
+        for n in range(15):
+            path = tmp_path / f"i{n % 3}.npz"
+            index.save(path)
+            saved.append(len(SetIndex.load(path)))
+
+    def guard(target):
+        def run():
+            try:
+                target()
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(repr(error))
+        return run
+
+    threads = [threading.Thread(target=guard(t)) for t in (adder, searcher, searcher, saver)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert seen and saved and all(n % 5 == 0 and 5 <= n <= 200 for n in saved)
+    matches = {n: r for n, r in prefix_results.items()}
+    for found, scores in seen:
+        assert any(found == want_found and np.allclose(scores, want_scores)
+                   for want_found, want_scores in matches.values()), found
+    assert len(index) == len(serial) == 200
+    np.testing.assert_array_equal(index.ids, serial.ids)
+    final_found, final_scores = index.search(queries, k=7)
+    assert final_found.tolist() == prefix_results[200][0]

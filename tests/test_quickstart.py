@@ -20,4 +20,7 @@ def test_quickstart_trains_both_models_draws_examples_and_queries_the_export(tmp
     assert top_level_files == {"image.onnx", "text.onnx", "text_e2e.onnx", "tokenizer.model"}
     assert top_level_files <= set(manifest["files"])  # every file carries its checksum
     output = "\n".join(lines)
-    assert "rsum" in output and "'rocket' ->" in output
+    assert "rsum" in output and "'rocket' (train concept) ->" in output
+    assert "train concepts (1530): hit@1" in output and "test concepts (198)" in output
+    for name in MODELS:
+        assert set(results[name]["concepts"]) == {"train", "val", "test"}

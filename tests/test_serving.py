@@ -407,6 +407,20 @@ def test_cli_embed_index_search(setup, tmp_path, capsys):
 
     assert main(["search", export, "--index", str(tmp_path / "missing"), "--query", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+    # an index remembers its export: another export (here a copy whose manifest differs) is refused, unless asked
+    other = tmp_path / "other_export"
+    shutil.copytree(export, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["created"] = "2000-01-01T00:00:00+00:00"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert SetIndex.load(tmp_path / "idx").export_digest == encoder.export_digest != Encoder.load(other).export_digest
+    capsys.readouterr()
+    assert main(["search", str(other), "--index", str(tmp_path / "idx"), "--query", "car"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was built with another export" in err[0] and "--allow-other-export" in err[0], err
+    assert main(["search", str(other), "--index", str(tmp_path / "idx"), "--query", "car",
+                 "--allow-other-export"]) == 0
     assert main(["embed", str(tmp_path), "--texts", str(tmp_path / "texts.txt"), "--out", "x.npz"]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
 

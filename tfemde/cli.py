@@ -173,7 +173,7 @@ def cmd_index(args):
                 for i in range(0, len(ids), step)])
         else:
             embeddings = encoder.encode_images(items)
-    index = SetIndex(**encoder.similarity_kwargs)
+    index = SetIndex(**encoder.similarity_kwargs, export_digest=encoder.export_digest)
     index.add(embeddings, ids=ids)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +188,10 @@ def cmd_search(args):
         raise UserError(f"-k must be >= 1; got {args.k}")
     index = SetIndex.load(args.index)
     encoder = _serving_encoder(args)
+    if index.export_digest not in (None, encoder.export_digest) and not args.allow_other_export:
+        raise UserError(f"index {args.index} was built with another export than {args.export_dir} (export digest "
+                        f"{index.export_digest[:12]}…, this export's {encoder.export_digest[:12]}…): its vectors come "
+                        "from another model; rebuild it with `tfemde index`, or pass --allow-other-export")
     if (index.alpha, index.sketch_weight) != (encoder.alpha, encoder.sketch_weight):
         print(f"tfemde search: warning: the index scores with alpha={index.alpha}, sketch_weight="
               f"{index.sketch_weight}; the export's model uses alpha={encoder.alpha}, sketch_weight="
@@ -268,6 +272,8 @@ def parser() -> argparse.ArgumentParser:
     se.add_argument("--index", required=True, help="an index file written by `tfemde index`")
     se.add_argument("--query", required=True, action="append", help="a text query (repeat for several)")
     se.add_argument("-k", type=int, default=5, help="results per query")
+    se.add_argument("--allow-other-export", action="store_true",
+                    help="search an index built with another export (e.g. a deliberately re-exported model)")
     se.set_defaults(func=cmd_search)
 
     data = sub.add_parser("data", help="data-set tools")

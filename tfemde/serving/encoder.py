@@ -72,6 +72,7 @@ class Encoder:
         self.precision = precision
         self._files = _model_files(manifest, precision)
         self.manifest = manifest
+        self.export_digest = mf.export_digest(manifest)
         self.providers = providers
         self.text_route = text_route
         self.batch_size = batch_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from typing import Optional, Tuple
 
 import numpy as np
@@ -60,8 +61,12 @@ class SetIndex:
         ((2, 3), ['a', 'b'])
     """
 
-    def __init__(self, alpha: float = 16.0, sketch_weight: float = 0.0, chunk_size=None):
+    def __init__(self, alpha: float = 16.0, sketch_weight: float = 0.0, chunk_size=None,
+                 export_digest: Optional[str] = None):
         self.alpha = _check_alpha(alpha)
+        if export_digest is not None and not isinstance(export_digest, str):
+            raise ValueError(f"export_digest must be a str (Encoder.export_digest) or None; got {export_digest!r}")
+        self.export_digest = export_digest
         self.sketch_weight = float(sketch_weight)
         if not np.isfinite(self.sketch_weight):
             raise ValueError(f"sketch_weight must be finite; got {sketch_weight!r}")
@@ -72,9 +77,12 @@ class SetIndex:
         self._id_parts = []
         self._items: Optional[Embeddings] = None
         self._ids: Optional[np.ndarray] = None
+        # add() and the lazy concatenations change several fields together; search() and save() read a snapshot.
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
-        return sum(len(p) for p in self._parts)
+        with self._lock:
+            return sum(len(p) for p in self._parts)
 
     def __repr__(self) -> str:
         return f"SetIndex({len(self)} items, alpha={self.alpha}, sketch_weight={self.sketch_weight})"
@@ -82,18 +90,20 @@ class SetIndex:
     @property
     def embeddings(self) -> Optional[Embeddings]:
         """All indexed items as one `Embeddings` (None while empty)."""
-        if self._items is None and self._parts:
-            self._items = Embeddings.concat(self._parts)
-            self._parts = [self._items]
-        return self._items
+        with self._lock:
+            if self._items is None and self._parts:
+                self._items = Embeddings.concat(self._parts)
+                self._parts = [self._items]
+            return self._items
 
     @property
     def ids(self) -> np.ndarray:
         """`[N]` the ids of the indexed items, in insertion order (int64, or str)."""
-        if self._ids is None:
-            self._ids = np.concatenate(self._id_parts) if self._id_parts else np.zeros(0, np.int64)
-            self._id_parts = [self._ids] if self._id_parts else []
-        return self._ids
+        with self._lock:
+            if self._ids is None:
+                self._ids = np.concatenate(self._id_parts) if self._id_parts else np.zeros(0, np.int64)
+                self._id_parts = [self._ids] if self._id_parts else []
+            return self._ids
 
     def add(self, embeddings: Embeddings, ids=None) -> None:
         """Add items to the index.
@@ -102,7 +112,13 @@ class SetIndex:
             embeddings: `Embeddings` of M items, with the same K, D (and sketch size/depth) as the items already
                 indexed, and sketches when `sketch_weight != 0`.
             ids: `[M]` unique ids (ints or strings), or None for consecutive ints from `len(index)`.
+
+        Safe to call while other threads search or save: they see the index before or after this call, whole.
         """
+        with self._lock:
+            self._add(embeddings, ids)
+
+    def _add(self, embeddings: Embeddings, ids) -> None:
         if not isinstance(embeddings, Embeddings):
             raise ValueError(f"embeddings must be tfemde.serving.Embeddings; got {type(embeddings).__name__}")
         if self.sketch_weight != 0.0 and embeddings.sketches is None:
@@ -161,9 +177,10 @@ class SetIndex:
         """
         if not isinstance(queries, Embeddings):
             raise ValueError(f"queries must be tfemde.serving.Embeddings; got {type(queries).__name__}")
-        if len(self) == 0:
+        with self._lock:  # one consistent snapshot: items added meanwhile are not half seen
+            items, item_ids = self.embeddings, self.ids
+        if items is None:
             raise ValueError("the SetIndex is empty: add() items before search()")
-        items = self.embeddings
         if queries.dim != items.dim:
             raise ValueError(f"queries must have element dimension D = {items.dim}; got sets of shape "
                              f"{queries.sets.shape}")
@@ -206,7 +223,7 @@ class SetIndex:
             order = np.lexsort((best_p, -best_s), axis=-1)
             out_scores[q0:q1] = np.take_along_axis(best_s, order, axis=1)
             out_pos[q0:q1] = np.take_along_axis(best_p, order, axis=1)
-        return self.ids[out_pos], out_scores
+        return item_ids[out_pos], out_scores
 
     # -- persistence ---------------------------------------------------------------------------------------------
     def save(self, path) -> str:
@@ -222,8 +239,9 @@ class SetIndex:
             the path written, as a str.
         """
         path = os.fspath(path)
-        items = self.embeddings
-        arrays = {"ids": self.ids}
+        with self._lock:
+            items, ids = self.embeddings, self.ids
+        arrays = {"ids": ids}
         if items is not None:
             arrays["sets"] = items.sets
             if items.sketches is not None:
@@ -237,6 +255,7 @@ class SetIndex:
             "sketch_weight": self.sketch_weight,
             "chunk_size": self.chunk_size,
             "sketch_depth": None if items is None else items.sketch_depth,
+            "export_digest": self.export_digest,
             "arrays": sorted(arrays),
         }
         meta["sha256"] = _digest(meta, arrays)
@@ -278,7 +297,8 @@ class SetIndex:
         if _digest(meta, arrays) != meta.get("sha256"):
             raise ValueError(f"SetIndex file {path!r} is corrupt or was changed: its sha256 checksum does not match")
         try:
-            index = cls(alpha=meta["alpha"], sketch_weight=meta["sketch_weight"], chunk_size=meta["chunk_size"])
+            index = cls(alpha=meta["alpha"], sketch_weight=meta["sketch_weight"], chunk_size=meta["chunk_size"],
+                        export_digest=meta.get("export_digest"))
             if "sets" in arrays:
                 index.add(Embeddings(arrays["sets"], sketches=arrays.get("sketches"),
                                      set_mask=arrays.get("set_mask"), sketch_depth=meta["sketch_depth"]),

@@ -38,6 +38,11 @@ def sha256_file(path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def export_digest(manifest: dict) -> str:
+    """The identity of an export: a sha256 of its manifest (which holds every file's checksum), key order aside."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def file_records(folder, exclude: Iterable[str] = (MANIFEST_NAME,)) -> dict:
     """`{relative POSIX path: {"sha256", "bytes"}}` of every file under `folder`, sorted by path."""
     folder = Path(folder)
