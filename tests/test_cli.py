@@ -181,3 +181,19 @@ def test_open_run_names_the_missing_file(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="tokenizer.model is missing"):
         open_run(tmp_path)
+
+
+def test_train_with_its_defaults_learns_a_new_small_data_set(jsonl_data, tmp_path):
+    """A user's first run on their own small data, default loss and learning rates (tiny sizes for speed): the
+    training split is retrieved far better than by chance (the mean RSUM of random scores on the same split)."""
+    from tfemde.evaluation import evaluate, retrieval_metrics
+    from tfemde.runs import resolve_dataset
+
+    run = train(data=str(jsonl_data), preset="dive_temde", epochs=40, batch_size=8, vocab_size=40, out=tmp_path / "r",
+                verbose=0, validate_every=20, **TINY_KWARGS)
+    split = resolve_dataset(str(jsonl_data)).split("train")
+    learned = evaluate(run, split, progress=False)["rsum"]
+    rng = np.random.default_rng(0)
+    chance = np.mean([retrieval_metrics(rng.random((split.num_items, split.num_captions)), split.caption_item,
+                                        split.item_group)["rsum"] for _ in range(20)])
+    assert learned > chance + 150, (learned, chance)

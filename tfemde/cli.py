@@ -217,7 +217,8 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", default="emoji", help="'emoji', a Karpathy JSON, a precomp folder or a JSONL file")
     tr.add_argument("--preset", default="dive_temde")
     tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--batch-size", type=int, default=128)
+    tr.add_argument("--batch-size", type=int, default=64,
+                    help="captions per batch (default 64: in a short run more, smaller steps learn faster)")
     tr.add_argument("--vocab-size", type=int, default=2000)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out", required=True, help="the run folder to write (an interrupted run there with the same "

@@ -150,7 +150,7 @@ def _remove_run_files(out: Path):
             path.unlink()
 
 
-def train(data="emoji", preset="dive_temde", epochs=10, batch_size=128, out="runs/run", vocab_size=2000,
+def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs/run", vocab_size=2000,
           max_length=DEFAULT_MAX_LENGTH, seed=0, verbose=1, validate_every=1, callbacks=(), overwrite=False,
           **overrides) -> Run:
     """Train a dual encoder with `model.fit` and write a complete run folder.
