@@ -197,3 +197,18 @@ def test_train_with_its_defaults_learns_a_new_small_data_set(jsonl_data, tmp_pat
     chance = np.mean([retrieval_metrics(rng.random((split.num_items, split.num_captions)), split.caption_item,
                                         split.item_group)["rsum"] for _ in range(20)])
     assert learned > chance + 150, (learned, chance)
+
+
+def test_curves_of_a_run_validated_every_few_epochs(tmp_path, monkeypatch):
+    """CSVLogger writes NA where an epoch has no validation; the curves plot the validated epochs at their place."""
+    import matplotlib.axes
+
+    from tfemde.plots import plot_history
+
+    (tmp_path / "history.csv").write_text("epoch,loss,val_rsum\n0,3.0,NA\n1,2.0,55.5\n2,1.5,NA\n3,1.2,80.0\n")
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, y, *a, **k: drawn.append((list(x), list(y))) or original(self, x, y, *a, **k))
+    assert plot_history(tmp_path / "history.csv", tmp_path / "curves.png").stat().st_size > 1000
+    assert drawn == [([1, 2, 3, 4], [3.0, 2.0, 1.5, 1.2]), ([2, 4], [55.5, 80.0])]

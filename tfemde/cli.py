@@ -14,6 +14,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from tfemde.files import atomic_write  # noqa: E402 - after the log level, before anything imports TensorFlow
+
 
 class UserError(Exception):
     """An error the user can fix from its message alone."""
@@ -55,7 +57,8 @@ def cmd_evaluate(args):
                        protocol=args.protocol)
     print(format_metrics({f"{run.config.preset} ({args.split}, {args.protocol})": metrics}))
     out = Path(args.out or Path(args.run_dir) / f"metrics_{args.split}_{args.protocol}.json")
-    out.write_text(json.dumps({k: float(v) for k, v in metrics.items()}, indent=2) + "\n")
+    text = json.dumps({k: float(v) for k, v in metrics.items()}, indent=2) + "\n"
+    atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     print(f"metrics written to {out}")
 
 
@@ -124,8 +127,12 @@ def cmd_embed(args):
         arrays.update(sketches=embeddings.sketches, sketch_depth=np.int64(embeddings.sketch_depth))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "wb") as f:  # a file object: np.savez would append .npz to another suffix
-        np.savez(f, **arrays)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to another suffix
+            np.savez(f, **arrays)
+
+    atomic_write(out, write)
     sketch = f", sketches [{len(embeddings)}, {embeddings.sketch_dim}]" if embeddings.sketches is not None else ""
     print(f"embedded {len(embeddings)} {'texts' if args.texts else 'images'}: sets {list(embeddings.sets.shape)}"
           f"{sketch} -> {out}")

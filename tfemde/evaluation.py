@@ -424,6 +424,18 @@ def evaluate_encoded(model, eval_data, protocol="full", progress=False, **protoc
                             progress=progress, **_similarity_kwargs(model.config), **protocol_kwargs)
 
 
+def _resolve(model, tokenizer, dataset):
+    """`(DualEncoder, tokenizer, Dataset)` from a model, a `Run` or a run folder, and a data set or its name/path."""
+    from tfemde.runs import Run, open_run, resolve_dataset
+
+    if isinstance(model, (str, os.PathLike)):
+        model = open_run(model)
+    if isinstance(model, Run):
+        tokenizer = tokenizer or model.tokenizer
+        model = model.model
+    return model, tokenizer, resolve_dataset(dataset)
+
+
 def evaluate(model, dataset, split=None, protocol="full", tokenizer=None, max_length=None, batch_size=256,
              progress=True, **protocol_kwargs) -> Dict[str, float]:
     """Retrieval metrics of a trained model on a data set: embeddings once, the similarity in chunks.
@@ -444,14 +456,7 @@ def evaluate(model, dataset, split=None, protocol="full", tokenizer=None, max_le
     Example:
         >>> # metrics = evaluate("runs/quickstart/dive_temde", "emoji", split="test")
     """
-    from tfemde.runs import Run, open_run, resolve_dataset
-
-    if isinstance(model, (str, os.PathLike)):
-        model = open_run(model)
-    if isinstance(model, Run):
-        tokenizer = tokenizer or model.tokenizer
-        model = model.model
-    dataset = resolve_dataset(dataset)
+    model, tokenizer, dataset = _resolve(model, tokenizer, dataset)
     if split is not None:
         dataset = dataset.split(split)
     items, captions = encode_dataset(model, dataset, tokenizer, max_length, batch_size, progress)
@@ -524,14 +529,8 @@ def concept_queries(model, dataset, tokenizer=None, max_length=None, batch_size=
         `{split: {"hit@1", "hit@5", "hit@10" (percent), "queries"}}` for each split that has concepts.
     """
     from tfemde.data import Dataset
-    from tfemde.runs import Run, open_run, resolve_dataset
 
-    if isinstance(model, (str, os.PathLike)):
-        model = open_run(model)
-    if isinstance(model, Run):
-        tokenizer = tokenizer or model.tokenizer
-        model = model.model
-    dataset = resolve_dataset(dataset)
+    model, tokenizer, dataset = _resolve(model, tokenizer, dataset)
     names, groups, splits = concept_names(dataset)
     first_item = np.array([np.flatnonzero(dataset.item_group == g)[0] for g in groups], dtype=np.int64)
     queries = Dataset(name=f"{dataset.name}:concepts", captions=names, caption_item=first_item,

@@ -29,16 +29,26 @@ def plot_history(history, path, title=None) -> Path:
     if not isinstance(history, dict):
         with open(history, newline="") as handle:
             rows = list(csv.DictReader(handle))
-        history = {key: [float(row[key]) for row in rows if row.get(key) not in (None, "")] for key in rows[0]} if rows else {}
+        # CSVLogger writes "NA" for epochs without the metric (validation every few epochs): those are gaps.
+        history = {key: [float(row[key]) if row.get(key) not in (None, "", "NA") else np.nan for row in rows]
+                   for key in rows[0]} if rows else {}
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+
+    def points(key):
+        values = np.asarray(history.get(key) or [], dtype=float)
+        epochs = np.arange(1, len(values) + 1)
+        return epochs[np.isfinite(values)], values[np.isfinite(values)]
+
     for key in ("loss", "val_loss"):
-        if history.get(key):
-            left.plot(np.arange(1, len(history[key]) + 1), history[key], marker="o", label=key)
+        epochs, values = points(key)
+        if len(values):
+            left.plot(epochs, values, marker="o", label=key)
     left.set(xlabel="epoch", ylabel="loss", title="training loss")
     left.legend()
-    if history.get("val_rsum"):
-        right.plot(np.arange(1, len(history["val_rsum"]) + 1), history["val_rsum"], marker="o", color="tab:green")
+    epochs, values = points("val_rsum")
+    if len(values):
+        right.plot(epochs, values, marker="o", color="tab:green")
     right.set(xlabel="epoch", ylabel="RSUM (max 600)", title="validation RSUM")
     for axis in (left, right):
         axis.grid(alpha=0.3)
