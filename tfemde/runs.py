@@ -86,7 +86,11 @@ RUN_FILES = ("config.json", "tokenizer.model", "best.keras", "best.json", "histo
 
 
 def data_digest(dataset) -> str:
-    """A sha256 of what training reads from a `Dataset`: captions, their items, splits, groups and the items."""
+    """A sha256 identifying a `Dataset`: captions, their items, splits, groups and the items.
+
+    Pixels and file paths are hashed whole; region features (often a memory map of many GB) by their shape, the rows
+    used and the first 64 rows only, so a resume check stays fast.
+    """
     import hashlib
 
     digest = hashlib.sha256()
