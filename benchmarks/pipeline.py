@@ -11,7 +11,12 @@ Three sources at batch 128, default augmentations on:
 Target: the pipeline must outrun training by a wide margin, >= 5x the training step rate of the default model.
 Pass the measured step rate with --step-rate to print the target in batches/s.
 
+`--epoch-gaps` measures instead what a `fit` loses between epochs: the vse preset at the quickstart size trains a few
+epochs on the emoji pipeline with tf.data autotuning on and off (tfemde turns it off, `pipeline_options`), side by
+side, and prints each epoch's wait from its start to its first step beyond a normal step.
+
 Usage: .venv/bin/python benchmarks/pipeline.py [--batches 40] [--step-rate STEPS_PER_S]
+       .venv/bin/python benchmarks/pipeline.py --epoch-gaps [--epochs 6]
 """
 
 from __future__ import annotations
@@ -73,13 +78,68 @@ def measure(ds, batches, windows=3):
     return first, float(np.median(rates))
 
 
+def epoch_gaps(epochs):
+    """Per-epoch stalls of `fit` (seconds from epoch start to the end of its first step, minus the median step)."""
+    import keras
+
+    from tfemde.models import build_dual_encoder
+    from tfemde.quickstart import BUDGET
+    from tfemde.runs import DEFAULT_MAX_LENGTH, config_for
+
+    train_split = emoji_or_synthetic()[0]
+    tokenizer = Tokenizer.train(train_split.captions, vocab_size=BUDGET["vocab_size"])
+    sizes = {k: BUDGET[k] for k in ("embed_dim", "word_dim")}
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start, self.ends = time.perf_counter(), []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
+
+        def on_epoch_end(self, epoch, logs=None):
+            step = float(np.median(np.diff(self.ends)))
+            self.rows.append((self.ends[0] - self.start - step, step))
+
+    results = {}
+    for autotune in (True, False):
+        keras.utils.set_random_seed(0)
+        model = build_dual_encoder(config_for(train_split, tokenizer, "vse", DEFAULT_MAX_LENGTH, **sizes))
+        model.compile()
+        options = tf.data.Options()
+        options.autotune.enabled = autotune
+        data = train_dataset(train_split, tokenizer, BUDGET["batch_size"], DEFAULT_MAX_LENGTH).with_options(options)
+        timer = Timer()
+        timer.rows = []
+        started = time.perf_counter()
+        model.fit(data, epochs=epochs, verbose=0, callbacks=[timer])
+        results[autotune] = (timer.rows, time.perf_counter() - started)
+        print(f"  done: autotune {'on' if autotune else 'off'}", flush=True)
+    print()
+    print(f"fit stalls between epochs, vse at the quickstart size, batch {BUDGET['batch_size']}, {epochs} epochs")
+    print(f"machine: {platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
+          f"TF {tf.__version__}; date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print("(epoch 1's stall includes tracing the train step)")
+    print()
+    print(f"| tf.data autotune | {' | '.join(f'epoch {e + 1} stall s' for e in range(epochs))} | median step ms | fit s")
+    print(f"|------------------|{'|'.join('-' * 16 for _ in range(epochs))}|----------------|------")
+    for autotune, (rows, seconds) in results.items():
+        stalls = " | ".join(f"{gap:>14.1f}" for gap, _ in rows)
+        step_ms = 1000 * float(np.median([step for _, step in rows]))
+        print(f"| {'on' if autotune else 'off (tfemde)':<16} | {stalls} | {step_ms:>14.0f} | {seconds:.0f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epoch-gaps", action="store_true", help="measure fit's stalls between epochs instead")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per run of --epoch-gaps")
     parser.add_argument("--batches", type=int, default=40, help="batches per timed window (median of 3)")
     parser.add_argument("--step-rate", type=float, default=None,
                         help="training steps/s of the default model at batch 128 (prints the 5x target)")
     parser.add_argument("--region-items", type=int, default=1000)
     args = parser.parse_args()
+    if args.epoch_gaps:
+        return epoch_gaps(args.epochs)
 
     emoji, emoji_note = emoji_or_synthetic()
     tokenizer = Tokenizer.train(emoji.captions, vocab_size=2000)

@@ -195,6 +195,18 @@ def test_deterministic_given_seed(kind_dataset, tokenizer):
         assert not _all_equal(*no_shuffle)
 
 
+def test_pipelines_run_without_tf_data_autotuning(kind_dataset, tokenizer):
+    # An autotuned iterator stalls fit for ~20 s at epoch boundaries (pipeline_options; benchmarks/pipeline.py
+    # --epoch-gaps), so every pipeline a user gets must have autotuning off and a deterministic order.
+    _, ds = kind_dataset
+    evaluation = eval_dataset(ds, tokenizer, batch_size=4, image_size=SIZE)
+    for pipeline in (train_dataset(ds, tokenizer, batch_size=5, image_size=SIZE), evaluation.items,
+                     evaluation.captions):
+        options = pipeline.options()
+        assert options.autotune.enabled is False
+        assert options.deterministic is True
+
+
 # ---------------------------------------------------------------------------------------------- augmentations
 def _regions_dataset(num_items, num_regions, captions_per_item=2):
     rng = np.random.default_rng(0)

@@ -49,6 +49,21 @@ CACHE_MAX_BYTES = 2 << 30
 _AUGMENT_SEED_OFFSET = 104_729
 
 
+def pipeline_options() -> tf.data.Options:
+    """The options of every tfemde pipeline: deterministic order, and no tf.data autotuning.
+
+    With autotuning on, Keras' `fit` stalled for 16-20 s at the start of about every other epoch (quickstart at
+    batch 64, 2-core Xeon, TensorFlow 2.21): at each epoch boundary Keras drops the iterator it created ahead, and
+    the destructor of an autotuned iterator waits for the autotuning thread (py-spy: `~RootDataset::Iterator` ->
+    `~LogicalThreadWrapper` -> `WaitForNotification`). Without it, `AUTOTUNE` parallelism is the number of cores;
+    the step time did not change and the stalls were gone (`benchmarks/pipeline.py --epoch-gaps`).
+    """
+    options = tf.data.Options()
+    options.deterministic = True
+    options.autotune.enabled = False
+    return options
+
+
 # ---------------------------------------------------------------------------------------------- argument checks
 def _check_int(name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -371,9 +386,7 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
         return out
 
     result = tf.data.Dataset.zip(parts).map(make_batch, num_parallel_calls=AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = True
-    return result.with_options(options).prefetch(AUTOTUNE)
+    return result.with_options(pipeline_options()).prefetch(AUTOTUNE)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -479,8 +492,7 @@ def eval_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_le
 
     captions = tf.data.Dataset.range(dataset.num_captions).batch(batch_size).map(caption_batch,
                                                                                  num_parallel_calls=AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = True
+    options = pipeline_options()
     return EvalData(items=items.with_options(options).prefetch(AUTOTUNE),
                     captions=captions.with_options(options).prefetch(AUTOTUNE),
                     caption_item=np.asarray(dataset.caption_item, dtype=np.int64).copy(),
