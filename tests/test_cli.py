@@ -212,3 +212,74 @@ def test_curves_of_a_run_validated_every_few_epochs(tmp_path, monkeypatch):
                         lambda self, x, y, *a, **k: drawn.append((list(x), list(y))) or original(self, x, y, *a, **k))
     assert plot_history(tmp_path / "history.csv", tmp_path / "curves.png").stat().st_size > 1000
     assert drawn == [([1, 2, 3, 4], [3.0, 2.0, 1.5, 1.2]), ([2, 4], [55.5, 80.0])]
+
+
+@pytest.fixture(scope="module")
+def finished_run(jsonl_data, tmp_path_factory):
+    """A finished one-epoch vse run on the tiny data, and the same data without its test split."""
+    root = tmp_path_factory.mktemp("finished")
+    run = train(data=str(jsonl_data), preset="vse", epochs=1, batch_size=16, vocab_size=40, out=root / "run",
+                verbose=0, **TINY_KWARGS)
+    lines = [line for line in jsonl_data.read_text().splitlines() if json.loads(line)["split"] != "test"]
+    no_test = jsonl_data.parent / "no_test.jsonl"
+    no_test.write_text("\n".join(lines) + "\n")
+    return run.path, no_test
+
+
+def _broken_copy(run_dir, tmp_path, name, content):
+    copy = tmp_path / f"broken_{name.replace('.', '_')}"
+    copy.mkdir()
+    for path in run_dir.iterdir():
+        if path.is_file():
+            (copy / path.name).write_bytes(path.read_bytes())
+    (copy / name).write_bytes(content(copy / name))
+    return copy
+
+
+BAD_INPUTS = [
+    # (name, argv with {data} {no_test} {run} {out} {file} {folder} {broken_config} {broken_model}, expected text)
+    ("cnn_filters", ["train", "--data", "{data}", "--out", "{out}", "--set", *TINY, "cnn_filters=5"],
+     "cnn_filters must be a non-empty list of positive integers"),
+    ("set vocab_size", ["train", "--data", "{data}", "--out", "{out}", "--set", *TINY, "vocab_size=5"],
+     "--set vocab_size=...: vocab_size is an option of train, not a config field; use --vocab-size"),
+    ("epochs 0", ["train", "--data", "{data}", "--out", "{out}", "--epochs", "0"], "epochs must be an integer >= 1; got 0"),
+    ("epochs -1", ["train", "--data", "{data}", "--out", "{out}", "--epochs", "-1"], "epochs must be an integer >= 1; got -1"),
+    ("batch 0", ["train", "--data", "{data}", "--out", "{out}", "--batch-size", "0"], "batch_size must be an integer >= 1"),
+    ("num_slots", ["train", "--data", "{data}", "--out", "{out}", "--set", *TINY, "num_slots=1.5"],
+     "num_slots must be an integer >= 1; got 1.5"),
+    ("embed_dim", ["train", "--data", "{data}", "--out", "{out}", "--set", *TINY, "embed_dim=16.7"],
+     "embed_dim must be an integer >= 1; got 16.7"),
+    ("sketch_weight", ["train", "--data", "{data}", "--out", "{out}", "--set", *TINY, "sketch_weight=x"],
+     "sketch_weight must be a number >= 0; got 'x'"),
+    ("alpha", ["train", "--data", "{data}", "--out", "{out}", "--set", *TINY, "alpha=-3"], "alpha must be a number > 0; got -3"),
+    ("margin", ["train", "--data", "{data}", "--out", "{out}", "--set", *TINY, "margin=NaN"], "margin must be a number >= 0; got nan"),
+    ("backbone", ["train", "--data", "{data}", "--out", "{out}", "--set", *TINY, "image_input=backbone", "backbone=NoSuchNet"],
+     "backbone must be a keras.applications model name"),
+    ("train out is a file", ["train", "--data", "{data}", "--out", "{file}"], "exists and is not a folder"),
+    ("evaluate missing split", ["evaluate", "{run}", "--data", "{no_test}", "--split", "test"], "has no test split"),
+    ("evaluate out is a folder", ["evaluate", "{run}", "--data", "{data}", "--out", "{folder}"], "is a folder"),
+    ("corrupt config.json", ["evaluate", "{broken_config}", "--data", "{data}"], "config.json is not valid JSON"),
+    ("truncated best.keras", ["evaluate", "{broken_model}", "--data", "{data}"], "best.keras cannot be read"),
+    ("embed out is a folder", ["embed", "{run}", "--texts", "{file}", "--out", "{folder}"], "is a folder"),
+    ("index out is a folder", ["index", "{run}", "--data", "{data}", "--out", "{folder}"], "is a folder"),
+]
+
+
+@pytest.mark.parametrize("name, argv, expected", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, argv, expected, jsonl_data, finished_run, tmp_path,
+                                                            capsys):
+    run_dir, no_test = finished_run
+    (tmp_path / "a_file.txt").write_text("a caption\n")
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_folder" / "mine.txt").write_text("mine")
+    places = dict(data=jsonl_data, no_test=no_test, run=run_dir, out=tmp_path / "new_run",
+                  file=tmp_path / "a_file.txt", folder=tmp_path / "a_folder",
+                  broken_config=_broken_copy(run_dir, tmp_path, "config.json", lambda p: b'{"embed_dim": 1'),
+                  broken_model=_broken_copy(run_dir, tmp_path, "best.keras", lambda p: p.read_bytes()[:200]))
+    before, run_before = _snapshot(tmp_path), _snapshot(run_dir)
+    capsys.readouterr()
+    assert main([arg.format(**places) for arg in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tfemde ") and expected in err[0], err
+    assert _snapshot(tmp_path) == before and _snapshot(run_dir) == run_before
+    assert not (tmp_path / "new_run").exists()

@@ -168,8 +168,18 @@ def test_similarity_errors(sets):
         chamfer_similarity(x[:, 0], y)
     with pytest.raises(ValueError, match=r"x_mask must have shape \[batch, set_size\].*got shape \(3, 3\)"):
         max_similarity(x, y, x_mask=x_mask[:, :3])
-    with pytest.raises(ValueError, match=r"alpha must be > 0"):
-        smooth_chamfer_similarity(x, y, alpha=0.0)
+    for alpha in (0.0, np.float32(0), -1, float("nan"), np.float64("inf")):
+        with pytest.raises(ValueError, match=r"^alpha must be a finite number > 0; got "):
+            smooth_chamfer_similarity(x, y, alpha=alpha)
+    with pytest.raises(ValueError, match=r"^alpha must be a number > 0; got True"):
+        smooth_chamfer_similarity(x, y, alpha=True)
+    scores, positives = np.eye(3, dtype="float32"), np.eye(3, dtype=bool)
+    for temperature in (np.float32(0), float("nan")):
+        with pytest.raises(ValueError, match=r"^temperature must be a finite number > 0"):
+            info_nce_loss(scores, positives, temperature=temperature)
+    for margin in (-0.1, np.float32("nan")):
+        with pytest.raises(ValueError, match=r"^margin must be a finite number >= 0"):
+            triplet_loss(scores, positives, margin=margin)
 
 
 # ---------------------------------------------------------------- triplet

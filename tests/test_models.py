@@ -1,5 +1,9 @@
 """DualEncoder: every preset builds, trains with falling loss, round-trips through .keras, ignores padding."""
 
+import dataclasses
+import json
+import re
+
 import numpy as np
 import pytest
 
@@ -196,6 +200,47 @@ def test_scaled_adamw_scales_the_step_and_the_decay_of_matching_variables():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(variables[1]), adamw_step(np.ones((3, 1)), grad, 0.001), rtol=1e-5)
 
 
+def _bad_values(kind, low, high):
+    """Values outside a FIELD_RANGES entry: wrong types, non-finite numbers, and just beyond each bound."""
+    if kind == "bool":
+        return [1, 0, "true", None]
+    bad = ["x", True, float("nan"), float("inf"), [1]] + ([1.5, 2.0] if kind == "int" else [])
+    step = 1 if kind == "int" else 1e-6
+    if isinstance(low, str):
+        bad.append(float(low.strip("(")))
+    elif low is not None:
+        bad.append(low - step)
+    if isinstance(high, str):
+        bad.append(float(high.strip(")")))
+    elif high is not None:
+        bad.append(high + step)
+    return bad
+
+
+def test_every_config_field_checked_for_type_and_range():
+    from tfemde.models.config import FIELD_RANGES
+
+    config = preset("dive")
+    assert set(FIELD_RANGES) | {"cnn_filters", "image_input", "pooling", "head", "loss", "reduction", "preset",
+                                "backbone", "backbone_weights"} == {f.name for f in dataclasses.fields(config)}
+    for field, (kind, low, high) in FIELD_RANGES.items():
+        for value in _bad_values(kind, low, high):
+            with pytest.raises(ValueError, match=f"^{field} must be .*; got {re.escape(repr(value))}$"):
+                preset("dive", **{field: value})
+        if kind != "bool" and low is not None and not isinstance(low, str):  # a closed bound is allowed
+            assert getattr(preset("dive", **{field: low}), field) == low
+    for value in (5, [], [32, 0], [32, 1.5], "32"):
+        with pytest.raises(ValueError, match="^cnn_filters must be a non-empty list of positive integers"):
+            preset("dive", cnn_filters=value)
+    # NumPy scalars are accepted and stored as Python numbers, so the config still writes as JSON
+    numpy_config = preset("dive", embed_dim=np.int64(64), alpha=np.float32(8.0), margin=np.float64(0.1))
+    assert type(numpy_config.embed_dim) is int and type(numpy_config.alpha) is float
+    assert json.loads(json.dumps(numpy_config.to_dict()))["embed_dim"] == 64
+    for field, value in (("preset", None), ("backbone", 3), ("backbone_weights", 1.0)):
+        with pytest.raises(ValueError, match=f"^{field} must be a string"):
+            preset("dive", **{field: value})
+
+
 def test_config_json_round_trip_and_errors(tmp_path):
     config = preset("dive", embed_dim=64)
     config.save(tmp_path / "config.json")
@@ -206,7 +251,7 @@ def test_config_json_round_trip_and_errors(tmp_path):
         preset("dive", embeddim=3)
     with pytest.raises(ValueError, match="pooling must be one of"):
         preset("vse", pooling="median")
-    with pytest.raises(ValueError, match="cnn_blocks must be an int >= 0; got 1.5"):
+    with pytest.raises(ValueError, match="cnn_blocks must be an integer >= 0; got 1.5"):
         preset("vse", cnn_blocks=1.5)
     with pytest.raises(ValueError, match="image_id"):
         model = build_dual_encoder("vse", **TINY, **REGIONS)
@@ -293,5 +338,5 @@ def test_set_prediction_learning_rate_scale_defaults_by_image_input():
     assert make_optimizer(pixels).lr_scales == {}
     assert make_optimizer(preset("dive", image_input="pixels", set_lr_scale=0.5)).lr_scales == {
         "image_set_prediction": 0.5, "text_set_prediction": 0.5}
-    with pytest.raises(ValueError, match="set_lr_scale must be a positive number or None; got -1"):
+    with pytest.raises(ValueError, match="set_lr_scale must be a number > 0; got -1"):
         preset("dive", set_lr_scale=-1)

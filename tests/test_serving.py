@@ -23,7 +23,8 @@ from tfemde.serving.images import load_image
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "a red blue green dog cat heart face smiling rocket car on the with small big two three happy sad".split()
 TEXTS = ["a red heart", "", "Café ÉCOLE ﬁne", "cat 😀", "   ",
-         " ".join(["two big green rocket cars with a happy dog"] * 4)]  # longer than max_length
+         " ".join(["two big green rocket cars with a happy dog"] * 4),  # longer than max_length
+         "a red\x00heart after a NUL"]  # the ONNX tokenizer op reads C strings: both routes must see a space
 
 
 def _tiny_run(tmp, preset="dive_temde", **overrides):
@@ -232,7 +233,7 @@ def test_encode_token_ids_matches_encode_texts(setup):
     np.testing.assert_allclose(a.sets, b.sets, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match=r"caption_ids must be integer ids of shape \[N, T\]; got shape \(12,\)"):
         encoder.encode_token_ids(ids[0])
-    with pytest.raises(ValueError, match=r"caption_mask must have the shape of caption_ids \(6, 12\)"):
+    with pytest.raises(ValueError, match=r"caption_mask must have the shape of caption_ids \(7, 12\)"):
         encoder.encode_token_ids(ids, mask[:, :3])
 
 
@@ -242,6 +243,12 @@ def test_input_errors_name_the_expected_shape_or_type(setup, tmp_path):
         encoder.encode_texts("a red car")
     with pytest.raises(ValueError, match="item 1 is int"):
         encoder.encode_texts(["a red car", 7])
+    with pytest.raises(ValueError, match=r"^texts item 0 holds a lone surrogate"):
+        encoder.encode_texts(["\ud83d cat"])
+    vocab = setup["tokenizer"].vocab_size
+    for bad in (-1, vocab, 2**31 - 1):
+        with pytest.raises(ValueError, match=rf"caption_ids must be token ids in \[0, {vocab}\) .*; got {bad}$"):
+            encoder.encode_token_ids(np.array([[3, bad]]))
     with pytest.raises(ValueError, match=r"images must have shape \[N, 64, 64, 3\].*got shape \(64, 64, 3\).*"
                                          r"add a batch axis"):
         encoder.encode_images(np.zeros((64, 64, 3), np.uint8))
@@ -327,6 +334,54 @@ def test_verify_files_checks_the_saved_model_too(setup, tmp_path):
     with pytest.raises(ExportFileError, match=r"'saved_model/variables/variables.data-.*checksum does not match"):
         verify_files(export, manifest, ["saved_model"])
     Encoder.load(export)  # the serving runtime does not need the SavedModel
+
+
+def test_manifest_paths_must_stay_inside_the_export(setup, tmp_path):
+    export = _copy(setup, tmp_path)
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes((export / "image.onnx").read_bytes())
+    manifest = json.loads((export / "manifest.json").read_text())
+    record = manifest["files"]["image.onnx"]
+    for name in ("../outside.onnx", str(outside), "a/../../outside.onnx", "./image.onnx", ""):
+        bad = {**manifest, "files": {**manifest["files"], name: record}}
+        (export / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ExportFileError, match="not a relative path inside the export folder"):
+            Encoder.load(export)
+    # an int8 entry must name one of the checksummed files, never a path of its own
+    quantized = {**manifest, "quantized": {"image": {"of": "image.onnx", "file": "../outside.onnx"},
+                                           "text": {"of": "text.onnx", "file": "text.onnx"}}}
+    (export / "manifest.json").write_text(json.dumps(quantized))
+    with pytest.raises(ExportFileError, match="quantized 'image' entry whose file is not one of the export's"):
+        Encoder.load(export, precision="int8")
+    # a listed file that is a link out of the folder is refused, not followed
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    (export / "image.onnx").unlink()
+    (export / "image.onnx").symlink_to(outside)
+    with pytest.raises(ExportFileError, match="resolves to .*outside.onnx.*, outside the export folder"):
+        Encoder.load(export)
+
+
+def test_encoder_runs_the_bytes_it_verified(setup, tmp_path):
+    """Replacing an export's files after load changes nothing: the sessions and tokenizer use the verified bytes."""
+    export = _copy(setup, tmp_path)
+    images = np.random.default_rng(1).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
+    texts = ["red square", "a blue circle"]
+    expected = Encoder.load(export)
+    expected_images, expected_texts = expected.encode_images(images), expected.encode_texts(texts)
+    encoder = Encoder.load(export)
+    from tfemde.export import export_run
+    from tfemde.text import Tokenizer
+
+    other_model, other_tokenizer = _tiny_run(tmp_path, embed_dim=24)
+    replacement = export_run(other_model, tmp_path / "other", tokenizer=other_tokenizer)
+    for name in ("image.onnx", "text.onnx"):
+        (export / name).write_bytes((replacement / name).read_bytes())
+    Tokenizer.train(["completely different words here", "and more of them"] * 50, vocab_size=26).save(
+        export / "tokenizer.model")
+    got_images, got_texts = encoder.encode_images(images), encoder.encode_texts(texts)
+    np.testing.assert_array_equal(got_images.sets, expected_images.sets)
+    np.testing.assert_array_equal(got_texts.sets, expected_texts.sets)
+    assert encoder.tokenizer.model_proto == setup["tokenizer"].model_proto
 
 
 # ---------------------------------------------------------------------------------------------- index

@@ -179,9 +179,9 @@ def test_tiny_corpus_shrinks_vocab_with_warning():
 def test_train_errors():
     with pytest.raises(ValueError, match="captions is empty"):
         Tokenizer.train([], vocab_size=50)
-    with pytest.raises(TypeError, match="captions must be strings; item 1 is int"):
+    with pytest.raises(ValueError, match="captions must be strings; item 1 is int"):
         Tokenizer.train(["a cat", 3], vocab_size=50)
-    with pytest.raises(TypeError, match="not one string"):
+    with pytest.raises(ValueError, match="not one string"):
         Tokenizer.train("a cat", vocab_size=50)
     with pytest.raises(ValueError, match="model_type must be one of"):
         Tokenizer.train(["a cat"], model_type="wordpiece")
@@ -255,10 +255,17 @@ def test_normalisation_rule(tokenizer):
 
 
 def test_encode_errors(tokenizer):
-    with pytest.raises(TypeError, match="not one string"):
+    with pytest.raises(ValueError, match="not one string"):
         tokenizer.encode("a dog", 8)
-    with pytest.raises(TypeError, match="item 1 is int"):
+    with pytest.raises(ValueError, match="item 1 is int"):
         tokenizer.encode(["a dog", 5], 8)
+    with pytest.raises(ValueError, match=r"^texts item 1 holds a lone surrogate '\\ud800' at position 2; texts must"):
+        tokenizer.encode(["a dog", "a \ud800 cat"], 8)
+    with pytest.raises(ValueError, match=r"^texts item 0 is not valid UTF-8"):
+        tokenizer.encode([b"caf\xe9"], 8)
+    assert tokenizer.tokenize(["a\x00dog", b"a\x00dog"]) == tokenizer.tokenize(["a dog"]) * 2
+    with pytest.raises(ValueError, match=r"^captions item 0 holds a lone surrogate"):
+        Tokenizer.train(["\udfff"], vocab_size=8)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="max_length must be a positive int"):
             tokenizer.encode(["a dog"], bad)

@@ -35,14 +35,37 @@ def _overrides(pairs):
     return values
 
 
+# `train`'s own options: a `--set` of one of these would reach `train` twice.
+TRAIN_OPTIONS = {"data": "--data", "preset": "--preset", "epochs": "--epochs", "batch_size": "--batch-size",
+                 "vocab_size": "--vocab-size", "seed": "--seed", "out": "--out", "overwrite": "--overwrite"}
+TRAIN_ONLY = ("verbose", "validate_every", "callbacks")
+
+
+def _out_file(path, option="--out"):
+    """`path` as a `Path` for a file to write; one line when it names a folder (or sits under a file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give the path of the file to write")
+    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
+        raise UserError(f"{option} {path}: a parent of it exists and is not a folder")
+    return path
+
+
 def cmd_train(args):
     from tfemde.models import PRESETS
     from tfemde.runs import format_metrics, train
 
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    overrides = _overrides(args.set)
+    for key in overrides:
+        if key in TRAIN_OPTIONS:
+            raise UserError(f"--set {key}=...: {key} is an option of train, not a config field; use "
+                            f"{TRAIN_OPTIONS[key]} instead")
+        if key in TRAIN_ONLY:
+            raise UserError(f"--set {key}=...: {key} is not a config field")
     run = train(data=args.data, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, out=args.out,
-                vocab_size=args.vocab_size, seed=args.seed, overwrite=args.overwrite, **_overrides(args.set))
+                vocab_size=args.vocab_size, seed=args.seed, overwrite=args.overwrite, **overrides)
     print(format_metrics({args.preset: run.metrics}))
     print(f"run written to {run.path}")
 
@@ -51,12 +74,15 @@ def cmd_evaluate(args):
     from tfemde.evaluation import evaluate
     from tfemde.runs import format_metrics, open_run, resolve_dataset
 
+    out = _out_file(args.out) if args.out else None
     run = open_run(args.run_dir)
     dataset = resolve_dataset(args.data).split(args.split)
+    if dataset.num_items == 0:
+        raise UserError(f"data set {dataset.name!r} has no {args.split} split to evaluate; choose another --split")
     metrics = evaluate(run.model, dataset, tokenizer=run.tokenizer, max_length=run.config.max_length,
                        protocol=args.protocol)
     print(format_metrics({f"{run.config.preset} ({args.split}, {args.protocol})": metrics}))
-    out = Path(args.out or Path(args.run_dir) / f"metrics_{args.split}_{args.protocol}.json")
+    out = out or Path(args.run_dir) / f"metrics_{args.split}_{args.protocol}.json"
     text = json.dumps({k: float(v) for k, v in metrics.items()}, indent=2) + "\n"
     atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     print(f"metrics written to {out}")
@@ -114,6 +140,7 @@ def cmd_embed(args):
 
     from tfemde.serving.images import list_images
 
+    out = _out_file(args.out)
     encoder = _serving_encoder(args)
     if args.texts:
         ids = _read_lines(args.texts)
@@ -125,7 +152,6 @@ def cmd_embed(args):
     arrays = {"ids": np.asarray(ids, dtype=str), "sets": embeddings.sets}
     if embeddings.sketches is not None:
         arrays.update(sketches=embeddings.sketches, sketch_depth=np.int64(embeddings.sketch_depth))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write(tmp):
@@ -167,6 +193,7 @@ def cmd_index(args):
     from tfemde.serving import Embeddings, SetIndex
     from tfemde.serving.images import list_images
 
+    out = _out_file(args.out)
     encoder = _serving_encoder(args)
     if args.images:
         paths = list_images(args.images)
@@ -182,7 +209,6 @@ def cmd_index(args):
             embeddings = encoder.encode_images(items)
     index = SetIndex(**encoder.similarity_kwargs, export_digest=encoder.export_digest)
     index.add(embeddings, ids=ids)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     index.save(out)
     print(f"indexed {len(index)} items (alpha={index.alpha}, sketch_weight={index.sketch_weight}) -> {out}")

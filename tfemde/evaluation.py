@@ -459,6 +459,10 @@ def evaluate(model, dataset, split=None, protocol="full", tokenizer=None, max_le
     model, tokenizer, dataset = _resolve(model, tokenizer, dataset)
     if split is not None:
         dataset = dataset.split(split)
+    if dataset.num_items == 0 or dataset.num_captions == 0:
+        where = f"split {split!r}" if split is not None else "it"
+        raise ValueError(f"data set {dataset.name!r} has no items and captions to evaluate in {where} "
+                         f"({dataset.num_items} items, {dataset.num_captions} captions)")
     items, captions = encode_dataset(model, dataset, tokenizer, max_length, batch_size, progress)
     return protocol_metrics(protocol, items, captions, dataset.caption_item, groups=dataset.item_group,
                             progress=progress, **_similarity_kwargs(model.config), **protocol_kwargs)

@@ -29,9 +29,17 @@ def _float32(x):
     return ops.cast(ops.convert_to_tensor(x), "float32")
 
 
+def _check_number(value, arg, positive=True):
+    """One `ValueError` unless a Python or NumPy number is finite and > 0 (or >= 0); tensors pass unchecked."""
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
+        raise ValueError(f"{arg} must be a number {'>' if positive else '>='} 0; got {value!r}")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        if not np.isfinite(value) or not (value > 0 if positive else value >= 0):
+            raise ValueError(f"{arg} must be a finite number {'>' if positive else '>='} 0; got {value!r}")
+
+
 def _check_positive(value, arg):
-    if isinstance(value, (int, float)) and not value > 0:
-        raise ValueError(f"{arg} must be > 0; got {value!r}")
+    _check_number(value, arg, positive=True)
 
 
 def _masked_set(x, mask, arg, mask_arg):
@@ -263,6 +271,7 @@ def triplet_loss(similarity, positive_mask, margin=0.2, hardest=True, reduction=
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f'reduction must be "mean" or "sum"; got {reduction!r}')
+    _check_number(margin, "margin", positive=False)
     similarity, positive = _similarity_and_positives(similarity, positive_mask)
     negative = ops.logical_not(positive)
     if hardest:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import shutil
 import time
 from pathlib import Path
@@ -187,8 +188,15 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs
     from tfemde.text import Tokenizer
 
     out = Path(out)
+    for name, value, minimum in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("vocab_size", vocab_size, 4),
+                                 ("max_length", max_length, 1), ("seed", seed, 0),
+                                 ("validate_every", validate_every, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
     if not isinstance(overwrite, bool):
         raise ValueError(f"overwrite must be True or False; got {overwrite!r}")
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"verbose must be 0, 1 or 2; got {verbose!r}")
     dataset = resolve_dataset(data)
     splits = {name: dataset.split(name) for name in ("train", "val", "test")}
     for name in ("train", "val"):
@@ -204,6 +212,15 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs
     else:
         tokenizer = Tokenizer.train(splits["train"].captions, vocab_size=vocab_size)
     config = config_for(dataset, tokenizer, preset, max_length, **overrides)
+    # Everything that can fail on the inputs (the model, the pipelines) is built before a file is written.
+    keras.utils.set_random_seed(seed)
+    model = build_dual_encoder(config)
+    model.compile()
+    image_size = config.image_size if dataset.kind == "image_files" else None
+    train_data = train_dataset(splits["train"], tokenizer, batch_size=min(batch_size, splits["train"].num_captions),
+                               max_length=max_length, seed=seed, image_size=image_size)
+    val_data = eval_dataset(splits["val"], tokenizer, batch_size=256, max_length=max_length, image_size=image_size)
+
     if state == "replace":
         _remove_run_files(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,14 +228,6 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs
         atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(identity, indent=2) + "\n"))
         atomic_write(tokenizer_path, tokenizer.save)
     atomic_write(out / "config.json", config.save)
-    keras.utils.set_random_seed(seed)
-
-    model = build_dual_encoder(config)
-    model.compile()
-    image_size = config.image_size if dataset.kind == "image_files" else None
-    train_data = train_dataset(splits["train"], tokenizer, batch_size=min(batch_size, splits["train"].num_captions),
-                               max_length=max_length, seed=seed, image_size=image_size)
-    val_data = eval_dataset(splits["val"], tokenizer, batch_size=256, max_length=max_length, image_size=image_size)
     callbacks = [
         RetrievalValidation(val_data, every=validate_every, verbose=verbose),
         BestCheckpoint(out / "best.keras", verbose=verbose),

@@ -41,13 +41,46 @@ MODEL_TYPES = ("unigram", "bpe", "word", "char")
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
 
+def check_text(text, index: int, what: str = "texts") -> str:
+    """One input text as every tokenization route takes it (training, `encode`, serving's text graphs).
+
+    Bytes are decoded as UTF-8 and NUL becomes a space (SentencePiece maps control characters to spaces, but the
+    ONNX tokenizer op reads a C string and would stop at NUL). Anything else that is not valid Unicode text gets one
+    `ValueError` naming the item.
+
+    Args:
+        text: a `str` or UTF-8 `bytes`.
+        index: its position in the input, for the message.
+        what: the argument's name, for the message.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{what} item {index} is not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be strings; item {index} is {type(text).__name__}: {text!r}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{what} item {index} holds a lone surrogate {text[error.start]!r} at position "
+                         f"{error.start}; {what} must be valid Unicode") from None
+    return text.replace("\x00", " ")
+
+
+def check_texts(texts, what: str = "texts") -> list:
+    """A list of `check_text`-ed strings; one string (instead of a list of them) is a `ValueError`."""
+    if isinstance(texts, (str, bytes)):
+        raise ValueError(f"{what} must be a sequence of strings, not one string; wrap it in a list: [text]")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise ValueError(f"{what} must be a sequence of strings; got {type(texts).__name__}") from None
+    return [check_text(text, i, what) for i, text in enumerate(texts)]
+
+
 def _check_captions(captions) -> list:
-    if isinstance(captions, (str, bytes)):
-        raise TypeError("captions must be an iterable of strings, not one string; wrap it in a list")
-    captions = list(captions)
-    for i, caption in enumerate(captions):
-        if not isinstance(caption, str):
-            raise TypeError(f"captions must be strings; item {i} is {type(caption).__name__}: {caption!r}")
+    captions = check_texts(captions, "captions")
     if not captions:
         raise ValueError("captions is empty; Tokenizer.train needs at least one caption")
     return captions
@@ -154,7 +187,11 @@ class Tokenizer:
     def load(cls, path) -> "Tokenizer":
         """Loads a tokenizer from a SentencePiece `.model` file."""
         with open(os.fspath(path), "rb") as f:
-            return cls(f.read())
+            proto = f.read()
+        try:
+            return cls(proto)
+        except (ValueError, RuntimeError, OSError) as error:
+            raise ValueError(f"tokenizer file {os.fspath(path)} cannot be read: {error}") from None
 
     def save(self, path) -> str:
         """Writes the `.model` file (the model proto bytes) and returns its path."""
@@ -213,13 +250,7 @@ class Tokenizer:
     # ------------------------------------------------------------------ encoding
     @staticmethod
     def _check_texts(texts) -> list:
-        if isinstance(texts, (str, bytes)):
-            raise TypeError("texts must be a sequence of strings, not one string; wrap it in a list")
-        texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts must be strings; item {i} is {type(t).__name__}: {t!r}")
-        return texts
+        return check_texts(texts)
 
     @staticmethod
     def _check_max_length(max_length):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +13,61 @@ IMAGE_INPUTS = ("pixels", "regions", "backbone")
 POOLINGS = ("max", "mean", "gpo", "attention", "temde")
 HEADS = ("vector", "set")
 LOSSES = ("triplet", "info_nce")
+
+
+# The type and range of every numeric and boolean field: (kind, lowest, highest); "(" / ")" mark open ends.
+FIELD_RANGES = {
+    **{field: ("int", 1, None) for field in (
+        "image_size", "num_regions", "region_dim", "vocab_size", "max_length", "embed_dim", "word_dim", "num_slots",
+        "set_depth", "set_heads", "attention_heads", "sketch_depth", "sketch_bits")},
+    "sketch_bits": ("int", 1, 16),
+    "cnn_blocks": ("int", 0, None),
+    "warmup_epochs": ("int", 0, None),
+    **{field: ("float", "(0", None) for field in (
+        "ff_mult", "sketch_temperature", "alpha", "info_nce_temperature", "mmd_gamma", "learning_rate", "clipnorm")},
+    **{field: ("float", 0, None) for field in (
+        "sketch_weight", "margin", "mmd_weight", "diversity_weight", "weight_decay")},
+    "dropout": ("float", 0, "1)"),
+    "set_lr_scale": ("optional float", "(0", None),
+    **{field: ("bool", None, None) for field in ("sketch", "share_weights", "reference_masking", "mixed_precision")},
+}
+
+
+def _check_field(field, value, kind, low, high):
+    """`value` as a plain Python value (NumPy scalars become int/float, so the config stays JSON); one `ValueError`
+    naming `field` unless it is of `kind` within `[low, high]`."""
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{field} must be true or false; got {value!r}")
+        return value
+    if kind == "optional float" and value is None:
+        return value
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    is_number = is_int or (isinstance(value, numbers.Real) and not isinstance(value, bool))
+    low_open, high_open = isinstance(low, str), isinstance(high, str)
+    low_value = float(low.strip("(")) if low_open else low
+    high_value = float(high.strip(")")) if high_open else high
+    bounds = (f"{'>' if low_open else '>='} {low_value:g}" if low is not None else "",
+              f"{'<' if high_open else '<='} {high_value:g}" if high is not None else "")
+    wanted = f"{'an integer' if kind == 'int' else 'a number'} {' and '.join(b for b in bounds if b)}".strip()
+    if kind == "int" and not is_int or not is_number or not math.isfinite(value):
+        raise ValueError(f"{field} must be {wanted}; got {value!r}")
+    if low is not None and (value <= low_value if low_open else value < low_value):
+        raise ValueError(f"{field} must be {wanted}; got {value!r}")
+    if high is not None and (value >= high_value if high_open else value > high_value):
+        raise ValueError(f"{field} must be {wanted}; got {value!r}")
+    if is_int:
+        return int(value)
+    return value if type(value) is float else float(value)
+
+
+def _check_filters(filters):
+    """`cnn_filters` as a tuple of positive ints (one strided convolution each)."""
+    if isinstance(filters, (str, bytes)) or not isinstance(filters, (list, tuple)) or not filters or not all(
+            isinstance(f, numbers.Integral) and not isinstance(f, bool) and f >= 1 for f in filters):
+        raise ValueError(f"cnn_filters must be a non-empty list of positive integers, e.g. [32, 64, 128]; "
+                         f"got {filters!r}")
+    return tuple(int(f) for f in filters)
 
 
 @dataclasses.dataclass
@@ -86,23 +143,21 @@ class DualEncoderConfig:
     mixed_precision: bool = False
 
     def __post_init__(self):
-        self.cnn_filters = tuple(self.cnn_filters)
+        self.cnn_filters = _check_filters(self.cnn_filters)
         for field, allowed in (("image_input", IMAGE_INPUTS), ("pooling", POOLINGS), ("head", HEADS),
                                ("loss", LOSSES), ("reduction", ("mean", "sum"))):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}; got {getattr(self, field)!r}")
+        for field, (kind, low, high) in FIELD_RANGES.items():
+            setattr(self, field, _check_field(field, getattr(self, field), kind, low, high))
+        for field in ("preset", "backbone", "backbone_weights"):
+            value = getattr(self, field)
+            if not (isinstance(value, str) or (value is None and field != "preset")):
+                raise ValueError(f"{field} must be a string{'' if field == 'preset' else ' or None'}; got {value!r}")
         if self.image_input == "backbone" and not self.backbone:
             raise ValueError("image_input='backbone' needs backbone=<a keras.applications name>, e.g. 'MobileNetV2'")
         if self.pooling == "temde" and not self.sketch:
             raise ValueError("pooling='temde' projects the T-EMDE sketch, so it needs sketch=True")
-        for field in ("embed_dim", "vocab_size", "max_length", "num_slots", "set_depth", "sketch_depth", "sketch_bits"):
-            if int(getattr(self, field)) < 1:
-                raise ValueError(f"{field} must be a positive integer; got {getattr(self, field)!r}")
-        if self.set_lr_scale is not None and not (isinstance(self.set_lr_scale, (int, float))
-                                                  and not isinstance(self.set_lr_scale, bool) and self.set_lr_scale > 0):
-            raise ValueError(f"set_lr_scale must be a positive number or None; got {self.set_lr_scale!r}")
-        if isinstance(self.cnn_blocks, bool) or not isinstance(self.cnn_blocks, int) or self.cnn_blocks < 0:
-            raise ValueError(f"cnn_blocks must be an int >= 0; got {self.cnn_blocks!r}")
 
     @property
     def set_size(self) -> int:
@@ -144,7 +199,16 @@ class DualEncoderConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"config file {path} is not valid JSON ({error})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a JSON object of config fields; got {type(values).__name__}")
+        try:
+            return cls.from_dict(values)
+        except ValueError as error:
+            raise ValueError(f"config file {path}: {error}") from None
 
 
 # The rows of ARCHITECTURE.md's preset table: the fields that differ from the dataclass defaults. Presets differ

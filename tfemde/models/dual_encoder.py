@@ -359,7 +359,11 @@ def load_model(path) -> DualEncoder:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    return keras.models.load_model(path, compile=False)
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as error:  # noqa: BLE001 - zip, h5 and deserialization errors alike: name the file
+        raise ValueError(f"model file {path} cannot be read (truncated or not a .keras file?): "
+                         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
 
 
 def save_model(model, path) -> Path:

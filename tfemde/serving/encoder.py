@@ -67,8 +67,11 @@ class Encoder:
     """
 
     def __init__(self, export_dir, manifest: dict, providers, text_route: str, batch_size: int, threads,
-                 spinning: bool = False, precision: str = "float32"):
+                 spinning: bool = False, precision: str = "float32", verified: Optional[dict] = None):
         self.export_dir = Path(export_dir)
+        # {file name: bytes} read and checked at load; sessions and the tokenizer are made from these bytes, so the
+        # encoder runs what was verified even if the folder changes later.
+        self._verified = dict(verified or {})
         self.precision = precision
         self._files = _model_files(manifest, precision)
         self.manifest = manifest
@@ -136,11 +139,12 @@ class Encoder:
         manifest = mf.read_manifest(export_dir)
         files = _model_files(manifest, precision)
         chosen = choose_providers(ort.get_available_providers(), providers)
+        verified = None
         if verify:
             text_file = mf.TEXT_E2E_ONNX if text_route == "e2e" else files.get(mf.TEXT_ONNX, mf.TEXT_ONNX)
             image_file = files.get(mf.IMAGE_ONNX, mf.IMAGE_ONNX)
-            mf.verify_files(export_dir, manifest, [image_file, text_file, mf.TOKENIZER_FILE])
-        return cls(export_dir, manifest, chosen, text_route, batch_size, threads, spinning, precision)
+            verified = mf.read_verified(export_dir, manifest, [image_file, text_file, mf.TOKENIZER_FILE])
+        return cls(export_dir, manifest, chosen, text_route, batch_size, threads, spinning, precision, verified)
 
     def __repr__(self) -> str:
         sketch = f", sketch {self.sketch_size} (depth {self.sketch_depth})" if self.sketch_size else ""
@@ -162,7 +166,8 @@ class Encoder:
     def _session(self, name: str):
         name = self._files.get(name, name)
         if name not in self._sessions:
-            self._sessions[name] = make_session(self.export_dir / name, providers=self.providers,
+            source = self._verified.get(name) or mf.contained_path(self.export_dir, name)
+            self._sessions[name] = make_session(source, providers=self.providers,
                                                 custom_ops=(name == mf.TEXT_E2E_ONNX), threads=self._threads,
                                                 spinning=self._spinning)
         return self._sessions[name]
@@ -173,7 +178,9 @@ class Encoder:
         if self._tokenizer is None:
             from tfemde.text import Tokenizer
 
-            self._tokenizer = Tokenizer.load(self.export_dir / mf.TOKENIZER_FILE)
+            verified = self._verified.get(mf.TOKENIZER_FILE)
+            self._tokenizer = (Tokenizer(verified) if verified is not None
+                               else Tokenizer.load(self.export_dir / mf.TOKENIZER_FILE))
         return self._tokenizer
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -207,22 +214,11 @@ class Encoder:
     # ------------------------------------------------------------------------------------------ text
     @staticmethod
     def _check_texts(texts) -> list:
-        if isinstance(texts, (str, bytes)):
-            raise ValueError("texts must be a list of strings, not one string; wrap it in a list: [text]")
+        from tfemde.text import check_texts
+
         if isinstance(texts, np.ndarray) and texts.ndim != 1:
             raise ValueError(f"texts must be a 1-D sequence of strings [N]; got an array of shape {texts.shape}")
-        try:
-            texts = list(texts)
-        except TypeError:
-            raise ValueError(f"texts must be a list of strings; got {type(texts).__name__}") from None
-        out = []
-        for i, text in enumerate(texts):
-            if isinstance(text, bytes):
-                text = text.decode("utf-8")
-            if not isinstance(text, str):
-                raise ValueError(f"texts must be strings; item {i} is {type(text).__name__}: {text!r}")
-            out.append(text)
-        return out
+        return check_texts(texts)
 
     def tokenize(self, texts) -> tuple:
         """Token ids as the text encoder takes them.
@@ -285,6 +281,11 @@ class Encoder:
         mask = ids > 0 if caption_mask is None else np.asarray(caption_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"caption_mask must have the shape of caption_ids {ids.shape}; got shape {mask.shape}")
+        vocab_size = int(self.manifest["text"]["vocab_size"])
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            bad = ids[(ids < 0) | (ids >= vocab_size)][0]
+            raise ValueError(f"caption_ids must be token ids in [0, {vocab_size}) of the export's tokenizer; got "
+                             f"{int(bad)}")
         return self._encode_ids(ids.astype(np.int32), mask.astype(bool), self._check_batch_size(
             batch_size or self.batch_size))
 

@@ -43,6 +43,25 @@ def export_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+def contained_path(folder, name) -> Path:
+    """`folder / name` for a manifest's relative POSIX `name` that stays inside `folder`, symbolic links followed.
+
+    Raises:
+        ExportFileError: `name` is not a string, is absolute, has a `..` part, or resolves outside `folder`.
+    """
+    folder = Path(folder)
+    parts = name.split("/") if isinstance(name, str) else None
+    if not parts or name.startswith("/") or "\\" in name or "\x00" in name or any(p in ("", ".", "..") for p in parts):
+        raise ExportFileError(f"the {MANIFEST_NAME} of {str(folder)!r} names the file {name!r}, which is not a "
+                              "relative path inside the export folder; the manifest was not written by tfemde export")
+    root = os.path.realpath(folder)
+    resolved = os.path.realpath(folder / name)
+    if os.path.commonpath([root, resolved]) != root:
+        raise ExportFileError(f"export file {name!r} in {str(folder)!r} resolves to {resolved!r}, outside the "
+                              "export folder; refusing to read it")
+    return folder / name
+
+
 def file_records(folder, exclude: Iterable[str] = (MANIFEST_NAME,)) -> dict:
     """`{relative POSIX path: {"sha256", "bytes"}}` of every file under `folder`, sorted by path."""
     folder = Path(folder)
@@ -86,6 +105,13 @@ def read_manifest(export_dir) -> dict:
                               f"tfemde reads version {FORMAT_VERSION}. Re-export it with this tfemde.")
     if not isinstance(manifest.get("files"), dict):
         raise ExportFileError(f"export file {MANIFEST_NAME!r} in {str(export_dir)!r} has no 'files' checksums")
+    for name in manifest["files"]:
+        contained_path(export_dir, name)
+    for what, entry in (manifest.get("quantized") or {}).items():
+        listed = isinstance(entry, dict) and entry.get("file") in manifest["files"]
+        if not listed or entry.get("of") not in (IMAGE_ONNX, TEXT_ONNX):
+            raise ExportFileError(f"the {MANIFEST_NAME} of {str(export_dir)!r} has a quantized {what!r} entry whose "
+                                  "file is not one of the export's checksummed files; re-export the model")
     return manifest
 
 
@@ -99,8 +125,21 @@ def verify_files(export_dir, manifest: dict, names: Optional[Iterable[str]] = No
             A name under a folder listed in the manifest (`"saved_model"`) checks every file below it.
 
     Raises:
-        ExportFileError: naming the first file that is missing, not listed, or whose checksum does not match.
+        ExportFileError: naming the first file that is missing, not listed, outside the folder, or whose checksum
+            does not match.
     """
+    _check_files(export_dir, manifest, names, keep=False)
+
+
+def read_verified(export_dir, manifest: dict, names: Iterable[str]) -> dict:
+    """`{name: bytes}` of export files read once and checked against the manifest (as `verify_files`).
+
+    A reader that runs these bytes runs what was verified, even if the folder is replaced afterwards.
+    """
+    return _check_files(export_dir, manifest, names, keep=True)
+
+
+def _check_files(export_dir, manifest, names, keep):
     export_dir = Path(export_dir)
     records = manifest["files"]
     if names is None:
@@ -113,14 +152,19 @@ def verify_files(export_dir, manifest: dict, names: Optional[Iterable[str]] = No
                 raise ExportFileError(f"export file {name!r} is not listed in the {MANIFEST_NAME} of "
                                       f"{str(export_dir)!r}")
             wanted.extend([name] if name in records else below)
+    contents = {}
     for name in wanted:
         record = records[name]
-        path = export_dir / name
+        path = contained_path(export_dir, name)
         if not path.is_file():
             raise ExportFileError(f"export file {name!r} is missing from {str(export_dir)!r} (the manifest lists "
                                   "it); re-export the model")
-        size = os.path.getsize(path)
-        actual = sha256_file(path)
+        if keep:
+            data = path.read_bytes()
+            size, actual = len(data), hashlib.sha256(data).hexdigest()
+            contents[name] = data
+        else:
+            size, actual = os.path.getsize(path), sha256_file(path)
         if actual != record.get("sha256"):
             detail = f"{size} bytes, expected {record.get('bytes')}" if size != record.get("bytes") else \
                 "same size, different content"
@@ -128,3 +172,4 @@ def verify_files(export_dir, manifest: dict, names: Optional[Iterable[str]] = No
                                   f"sha256 checksum does not match the manifest (expected "
                                   f"{str(record.get('sha256'))[:16]}…, got {actual[:16]}…; {detail}). "
                                   "Re-export the model.")
+    return contents

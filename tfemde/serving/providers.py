@@ -82,10 +82,10 @@ def _tensorflow_loaded() -> bool:
 
 def make_session(path, providers=None, custom_ops: bool = False, threads: Optional[int] = None,
                  spinning: bool = False):
-    """An `onnxruntime.InferenceSession` for one ONNX file.
+    """An `onnxruntime.InferenceSession` for one ONNX model.
 
     Args:
-        path: the `.onnx` file.
+        path: the `.onnx` file, or the model's bytes (what `Encoder.load` read and verified).
         providers: as for `choose_providers` (None: CUDA when available, else CPU).
         custom_ops: register the onnxruntime-extensions op library (needed by `text_e2e.onnx`).
         threads: intra-op threads (None: onnxruntime's default, one per core).
@@ -108,9 +108,10 @@ def make_session(path, providers=None, custom_ops: bool = False, threads: Option
     if custom_ops:
         if _tensorflow_loaded():
             raise RuntimeError(
-                f"cannot load {path}: it needs the onnxruntime-extensions op library, and registering that library "
+                f"cannot load {'this model' if isinstance(path, (bytes, bytearray)) else path}: it needs the onnxruntime-extensions op library, and registering that library "
                 "in a process that has imported TensorFlow crashes it. Use the sentencepiece text route "
                 "(Encoder.load(..., text_route='sentencepiece')) or a process without TensorFlow.")
         options.register_custom_ops_library(extensions_library_path())
     chosen = choose_providers(ort.get_available_providers(), providers)
-    return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    model = bytes(path) if isinstance(path, (bytes, bytearray)) else str(path)
+    return ort.InferenceSession(model, sess_options=options, providers=chosen)
