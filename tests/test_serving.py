@@ -511,18 +511,73 @@ def test_serve_app_http_on_loopback(setup, app_index):
             assert json.loads(r.read())["items"] == 6
         with pytest.raises(urllib.error.HTTPError, match="400"):
             urllib.request.urlopen(f"{base}/search?q=x&k=0", timeout=30)
+        _hostile_requests(base)
     finally:
         app.terminate()
         app.wait(timeout=30)
 
 
+def _raw_http(base, data, timeout=30):
+    """Send raw bytes to the app; `(status, JSON payload)` of its answer."""
+    import socket
+
+    host, port = base.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    if not answer.startswith(b"HTTP/"):  # http.server answers an unparsable request line as HTTP/0.9: body only
+        return 400, json.loads(answer)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _hostile_requests(base):
+    """A half-sent request holds only its own connection; malformed requests get a 4xx JSON error, never a reset."""
+    import socket
+    import time
+
+    host, port = base.rsplit("/", 1)[-1].split(":")
+    stalled = socket.create_connection((host, int(port)), timeout=30)
+    stalled.sendall(b"POST /search HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"queries\"")  # never finished
+    try:
+        started = time.perf_counter()
+        with urllib.request.urlopen(f"{base}/health", timeout=5) as r:  # answered while the other one waits
+            assert json.loads(r.read())["status"] == "ok"
+        assert time.perf_counter() - started < 5
+        def post(body, length=None):
+            length = str(len(body)) if length is None else length
+            return _raw_http(base, b"POST /search HTTP/1.1\r\nContent-Length: " + length.encode() + b"\r\n\r\n" + body)
+
+        cases = {
+            "k huge": post(b'{"queries": ["car"], "k": 1e999}'),
+            "k float": post(b'{"queries": ["car"], "k": 2.5}'),
+            "bad length": post(b'{"queries": ["car"]}', length="abc"),
+            "nested": post(b"[" * 100000 + b"]" * 100000),
+            "not an object": post(b'["car"]'),
+            "too many queries": post(json.dumps({"queries": [""] * 100000}).encode()),
+            "not JSON": post(b"{queries"),
+            "GET k": _raw_http(base, b"GET /search?q=car&k=1e999 HTTP/1.1\r\n\r\n"),
+            "bad request line": _raw_http(base, b"NONSENSE\r\n\r\n"),
+        }
+        for name, (status, payload) in cases.items():
+            assert 400 <= status < 500 and isinstance(payload.get("error"), str), (name, status, payload)
+        assert "at most 256 queries" in cases["too many queries"][1]["error"]
+        assert "k must be an integer between 1 and 1000" in cases["k huge"][1]["error"]
+    finally:
+        stalled.close()
+
+
 def test_serve_app_stdin(setup, app_index):
     encoder, index, path = app_index
     done = subprocess.run([sys.executable, str(ROOT / "export" / "serve_app.py"), str(setup["export"]), path,
-                           "--stdin", "-k", "2"], input="a red heart\n\ncat\n", capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    answers = [json.loads(line) for line in done.stdout.splitlines()]
+                           "--stdin", "-k", "2"], input="a red heart\n\ncaf\xe9\ncat\n".encode("latin-1"),
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    lines = [json.loads(line) for line in done.stdout.decode("utf-8").splitlines()]
+    assert lines[1]["line"] == 3 and "UnicodeDecodeError" in lines[1]["error"]  # a non-UTF-8 line: an error line
+    answers = [lines[0], lines[2]]
     assert [a["query"] for a in answers] == ["a red heart", "cat"]
     ids, _ = index.search(encoder.encode_texts(["a red heart", "cat"]), k=2)
     assert [[x["id"] for x in a["results"]] for a in answers] == ids.tolist()
