@@ -90,14 +90,16 @@ def test_karpathy_missing_image_skipped_with_one_warning(karpathy):
 
 def test_karpathy_unreadable_image(karpathy):
     (karpathy.parent / "val2014/b.png").write_bytes(b"this is not an image")
-    write_png(karpathy.parent / "d.png", fmt="TIFF")  # Pillow reads it; tf.data would not
+    Image.new("1", (9000, 5000)).save(karpathy.parent / "d.png")  # 45 megapixels in a few kB: over the limit
     with pytest.warns(DataWarning, match=r"skipped 2 of 5 .*b\.png \(not a readable image"):
         ds = load(karpathy)
     assert list(ds.item_names) == ["train2014/a.png", "val2014/c.png", "train2014/a.png"]
     with pytest.raises(ValueError, match=r"image .*val2014/b\.png is not a readable image"):
         load(karpathy, strict=True)
-    with pytest.raises(ValueError, match=r"d\.png is in format TIFF, which tf\.data cannot decode"):
+    with pytest.raises(ValueError, match=r"d\.png' is 9000 x 5000 = 45,000,000 pixels, more than the limit"):
         load(karpathy, strict=True, split="test")
+    write_png(karpathy.parent / "d.png", fmt="TIFF")  # any format Pillow reads is decoded (training and serving)
+    assert load(karpathy, strict=True, split="test").num_items == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load(karpathy, check_images=False).num_items == 5  # existence only

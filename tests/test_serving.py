@@ -404,25 +404,78 @@ def test_index_save_reload_search_identical(setup, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- image files
-def test_image_files_follow_the_training_preprocessing(tmp_path):
-    """Pillow vs `decode_image_file`: PNG (alpha composite, down/up-sizing) exact; JPEG within TF's fast DCT."""
-    import tensorflow as tf
+def _format_zoo(folder, size=16):
+    """Files of many kinds at the model size, each with the pixels a correct decoder must give (NumPy reference)."""
     from PIL import Image
 
-    from tfemde.data.pipelines import decode_image_file
-
     rng = np.random.default_rng(3)
-    for i, (h, w, size) in enumerate([(50, 37, 16), (10, 12, 16), (16, 16, 16), (33, 80, 24)]):
-        path = _write_png(tmp_path / f"rgba{i}.png", rng.integers(0, 256, size=(h, w, 4), dtype=np.uint8))
-        want = decode_image_file(tf.constant(path), (size, size)).numpy()
-        np.testing.assert_array_equal(load_image(path, size), want)
-    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).resize((90, 120),
-                                                                                                   Image.BICUBIC))
-    Image.fromarray(smooth).save(tmp_path / "photo.jpg", quality=90)
-    want = decode_image_file(tf.constant(str(tmp_path / "photo.jpg")), (40, 40)).numpy().astype(int)
-    diff = np.abs(load_image(tmp_path / "photo.jpg", 40).astype(int) - want)
-    # TensorFlow decodes JPEG with libjpeg's INTEGER_FAST DCT, Pillow with the accurate one: about 1 level apart.
-    assert diff.mean() < 2.0 and diff.max() <= 10
+    rgba = rng.integers(0, 256, size=(size, size, 4), dtype=np.uint8)
+    over_white = np.rint(rgba[..., :3] * (rgba[..., 3:] / 255.0) + 255.0 * (1 - rgba[..., 3:] / 255.0))
+    grey16 = rng.integers(0, 65536, size=(size, size), dtype=np.uint16)
+    grey = rng.integers(0, 256, size=(size, size), dtype=np.uint8)
+    palette = Image.fromarray(rng.integers(0, 4, size=(size, size), dtype=np.uint8), mode="P")
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9] + [0] * 756)
+    palette_rgb = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]])[np.asarray(palette)]
+    files = {}
+    Image.fromarray(rgba).save(folder / "rgba.png")
+    files["rgba.png"] = over_white
+    Image.fromarray(grey16).save(folder / "grey16.png")  # Pillow keeps 16 bits (mode I;16)
+    files["grey16.png"] = np.repeat(np.rint(grey16 / 257.0)[..., None], 3, axis=-1)
+    Image.fromarray(grey).save(folder / "grey.png")
+    files["grey.png"] = np.repeat(grey[..., None], 3, axis=-1)
+    palette.save(folder / "palette.png", transparency=3)  # colour 3 is transparent: white
+    files["palette.png"] = palette_rgb
+    Image.fromarray(rgba).save(folder / "alpha.webp", lossless=True)
+    files["alpha.webp"] = over_white
+    Image.fromarray(rgba[..., :3]).save(folder / "photo.jpg", quality=95)
+    files["photo.jpg"] = None  # lossy: only training == serving is checked
+    Image.fromarray(rgba[..., :3]).convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    files["cmyk.jpg"] = None
+    palette.save(folder / "frames.gif", save_all=True, append_images=[palette.rotate(90)], transparency=3)
+    files["frames.gif"] = palette_rgb  # the first frame
+    Image.fromarray(rgba).resize((40, 23)).save(folder / "resized.png")
+    files["resized.png"] = None
+    return files
+
+
+def test_one_image_decoding_for_training_and_serving(tmp_path):
+    """Every format decodes to the same pixels in the training pipeline and in the TF-free runtime, and to the
+    NumPy reference where one exists (16-bit grey scaled by 1/257, transparency over white, first GIF frame)."""
+    from tfemde.data import Dataset, eval_dataset
+    from tfemde.text import Tokenizer
+
+    files = _format_zoo(tmp_path)
+    names = sorted(files)
+    paths = [str(tmp_path / name) for name in names]
+    dataset = Dataset("zoo", captions=[f"image {i}" for i in range(len(names))], caption_item=np.arange(len(names)),
+                      item_split=["train"] * len(names), item_group=np.arange(len(names)), image_paths=paths)
+    tokenizer = Tokenizer.train(dataset.captions * 5, vocab_size=19)
+    batches = eval_dataset(dataset, tokenizer, batch_size=4, image_size=16).items
+    training = np.rint(np.concatenate([b["image"].numpy() for b in batches]) * 255).astype(np.uint8)
+    for name, path, trained in zip(names, paths, training):
+        served = load_image(path, 16)
+        np.testing.assert_array_equal(served, trained, err_msg=name)
+        if files[name] is not None:
+            np.testing.assert_array_equal(served, files[name].astype(np.uint8), err_msg=name)
+
+
+def test_image_size_limit_and_unreadable_files(tmp_path):
+    from PIL import Image
+
+    Image.new("1", (9000, 5000)).save(tmp_path / "bomb.png")  # a few kB that would decode to 45 megapixels
+    with pytest.raises(ValueError, match=r"bomb\.png' is 9000 x 5000 = 45,000,000 pixels, more than the limit of "
+                                         r"40,000,000"):
+        load_image(tmp_path / "bomb.png", 16)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (20, 20), (10, 20, 30)).save(small)
+    with pytest.raises(ValueError, match="more than the limit of 100"):
+        load_image(small, 16, max_pixels=100)
+    big_jpeg = tmp_path / "big.jpg"
+    Image.new("RGB", (1600, 1200), (200, 100, 50)).save(big_jpeg)
+    assert load_image(big_jpeg, 16, max_pixels=400_000).shape == (16, 16, 3)  # decoded at 1/8 scale, not refused
+    (tmp_path / "broken.png").write_bytes(small.read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"broken\.png' is not an image Pillow can read"):
+        load_image(tmp_path / "broken.png", 16)
 
 
 # ---------------------------------------------------------------------------------------------- CLI and app
@@ -448,6 +501,22 @@ def test_cli_embed_index_search(setup, tmp_path, capsys):
         assert z["ids"].tolist() == ["p0.png", "p1.png", "p2.png", "p3.png"] and z["sets"].shape == (4, 2, 16)
     assert main(["index", export, "--images", str(folder), "--out", str(tmp_path / "idx")]) == 0
     assert len(SetIndex.load(tmp_path / "idx")) == 4
+
+    # one unreadable file is reported and skipped; --strict stops at it and writes nothing
+    broken = tmp_path / "with_broken"
+    shutil.copytree(folder, broken)
+    (broken / "p1.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    assert main(["embed", export, "--images", str(broken), "--out", str(tmp_path / "b.npz")]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 of 4 images" in err and "p1.png" in err, err
+    with np.load(tmp_path / "b.npz") as z, np.load(tmp_path / "i.npz") as full:
+        assert z["ids"].tolist() == ["p0.png", "p2.png", "p3.png"]
+        np.testing.assert_allclose(z["sets"], full["sets"][[0, 2, 3]], atol=1e-6)
+    assert main(["index", export, "--images", str(broken), "--out", str(tmp_path / "strict.idx"), "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "p1.png' is not an image Pillow can read" in err[0], err
+    assert not (tmp_path / "strict.idx").exists()
     capsys.readouterr()
     assert main(["search", export, "--index", str(tmp_path / "idx"), "--query", "a red heart", "--query", "car",
                  "-k", "2"]) == 0

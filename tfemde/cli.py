@@ -135,10 +135,41 @@ def _read_lines(path):
     return texts
 
 
-def cmd_embed(args):
+def _encode_image_folder(encoder, folder, strict, command, chunk=1024):
+    """`(ids, Embeddings)` of the readable images in `folder`, decoded and encoded `chunk` at a time; the others are
+    reported on one line and skipped, or with `strict` the first one is the error."""
     import numpy as np
 
-    from tfemde.serving.images import list_images
+    from tfemde.serving import Embeddings
+    from tfemde.serving.images import list_images, load_image
+
+    if encoder.image_size is None:
+        raise UserError(f"this export's model takes region features, not images; {command} --images needs an image "
+                        "model")
+    paths = list_images(folder)
+    ids, parts, skipped = [], [], []
+    for start in range(0, len(paths), chunk):
+        pixels = []
+        for path in paths[start:start + chunk]:
+            try:
+                pixels.append(load_image(path, encoder.image_size))
+                ids.append(os.path.basename(path))
+            except ValueError as error:
+                if strict:
+                    raise
+                skipped.append(str(error))
+        if pixels:
+            parts.append(encoder.encode_images(np.stack(pixels)))
+    if skipped:
+        print(f"tfemde {command}: warning: skipped {len(skipped)} of {len(paths)} images (pass --strict to stop "
+              f"instead): {'; '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}", file=sys.stderr)
+    if not ids:
+        raise UserError(f"no readable image in {folder}")
+    return ids, Embeddings.concat(parts)
+
+
+def cmd_embed(args):
+    import numpy as np
 
     out = _out_file(args.out)
     encoder = _serving_encoder(args)
@@ -146,9 +177,7 @@ def cmd_embed(args):
         ids = _read_lines(args.texts)
         embeddings = encoder.encode_texts(ids)
     else:
-        paths = list_images(args.images)
-        ids = [os.path.basename(p) for p in paths]
-        embeddings = encoder.encode_images(paths)
+        ids, embeddings = _encode_image_folder(encoder, args.images, args.strict, "embed")
     arrays = {"ids": np.asarray(ids, dtype=str), "sets": embeddings.sets}
     if embeddings.sketches is not None:
         arrays.update(sketches=embeddings.sketches, sketch_depth=np.int64(embeddings.sketch_depth))
@@ -191,13 +220,11 @@ def cmd_index(args):
     import numpy as np
 
     from tfemde.serving import Embeddings, SetIndex
-    from tfemde.serving.images import list_images
 
     out = _out_file(args.out)
     encoder = _serving_encoder(args)
     if args.images:
-        paths = list_images(args.images)
-        ids, embeddings = [os.path.basename(p) for p in paths], encoder.encode_images(paths)
+        ids, embeddings = _encode_image_folder(encoder, args.images, args.strict, "index")
     else:
         ids, kind, items = _dataset_items(args.data, args.split)
         if kind == "regions":
@@ -290,6 +317,7 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--texts", help="a UTF-8 file with one text per line")
     what.add_argument("--images", help="a folder of image files")
     em.add_argument("--out", required=True, help="the .npz to write (ids, sets, sketches, sketch_depth)")
+    em.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     em.set_defaults(func=cmd_embed)
 
     ix = sub.add_parser("index", help="build a SetIndex file of images with an export")
@@ -299,6 +327,7 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--data", help="a data set: 'emoji' or a path tfemde.data.load reads")
     ix.add_argument("--split", default="all", choices=("all", "train", "val", "test"), help="with --data")
     ix.add_argument("--out", required=True, help="the index file to write")
+    ix.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     ix.set_defaults(func=cmd_index)
 
     se = sub.add_parser("search", help="search an index with text queries")

@@ -12,9 +12,10 @@ Batches are dicts:
   `caption_id` `[B]` int64 (the caption index); training batches also carry `text_id` `[B]` int64, equal for
   captions whose texts are equal up to case and spacing (the loss treats those as positives of each other's images).
 
-Image preprocessing (the serving side must do the same): files are decoded with `tf.io` (PNG, JPEG, GIF, BMP);
-PNG transparency is composited over white; images are resized (squashed, aspect ratio not kept) to `image_size`
-with antialiased bilinear interpolation, rounded to uint8, and divided by 255.
+Image preprocessing: files are decoded by `tfemde.images.decode_image` (Pillow, run through `tf.numpy_function`), the
+serving runtime's decoder too: any format Pillow reads, first frame, high bit depths scaled to 8 bits, transparency
+composited over white, squashed to `image_size` with antialiased bilinear interpolation, rounded to uint8; the model
+sees the uint8 values divided by 255.
 
 Augmentations (training only, each switchable, all drawn from stateless random ops seeded per batch):
 
@@ -41,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfemde.data.dataset import SPLITS, Dataset
+from tfemde.images import decode_image
 from tfemde.text import Tokenizer
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -194,23 +196,19 @@ def _read_regions(dataset, items, num_regions, num_features):
 
 # ---------------------------------------------------------------------------------------------- images
 def decode_image_file(path, image_size):
-    """Reads and decodes one image file to `[H, W, 3]` uint8 at `image_size` (see the module doc for the rules)."""
-    data = tf.io.read_file(path)
+    """Reads and decodes one image file to `[H, W, 3]` uint8 at `image_size`, inside tf.data.
 
-    def png():
-        rgba = tf.cast(tf.io.decode_png(data, channels=4), tf.float32)
-        alpha = rgba[..., 3:] / 255.0
-        return rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+    It runs `tfemde.images.decode_image` (Pillow; the serving runtime's decoder too) through `tf.numpy_function`, so
+    training and serving see the same pixels for every format; an unreadable file fails with a message naming it.
+    """
+    height, width = image_size
 
-    def other():
-        return tf.cast(tf.io.decode_image(data, channels=3, expand_animations=False), tf.float32)
+    def decode(file_name):
+        return decode_image(file_name, (height, width))
 
-    image = tf.cond(tf.strings.substr(data, 0, 4) == b"\x89PNG", png, other)
-    image.set_shape([None, None, 3])
-    same_size = tf.reduce_all(tf.shape(image)[:2] == tf.constant(image_size))
-    image = tf.cond(same_size, lambda: tf.reshape(image, list(image_size) + [3]),
-                    lambda: tf.image.resize(image, image_size, method="bilinear", antialias=True))
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    image = tf.numpy_function(decode, [path], tf.uint8, stateful=False, name="decode_image")
+    image.set_shape([height, width, 3])
+    return image
 
 
 def _resize_uint8(images, image_size, chunk=512):

@@ -21,8 +21,6 @@ from tfemde.data.dataset import SPLITS, Dataset
 
 # Split names found in files, mapped to Dataset splits (Karpathy's `restval` is training data).
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "test": "test"}
-# Formats tf.io.decode_image reads; others would fail later inside tf.data.
-DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 
 
 class DataWarning(UserWarning):
@@ -59,20 +57,11 @@ def check_split(split, allowed=()) -> Optional[str]:
 
 
 def _image_problem(path: str, check: bool) -> Optional[str]:
-    if not os.path.isfile(path):
-        return "missing"
     if not check:
-        return None
-    from PIL import Image
+        return None if os.path.isfile(path) else "missing"
+    from tfemde.images import image_problem
 
-    try:
-        with Image.open(path) as im:  # reads the header only
-            fmt = im.format
-    except Exception as e:
-        return f"not a readable image ({type(e).__name__}: {e})"
-    if fmt not in DECODABLE_FORMATS:
-        return f"in format {fmt}, which tf.data cannot decode (use one of {', '.join(DECODABLE_FORMATS)})"
-    return None
+    return image_problem(path)
 
 
 def filter_images(paths, source, strict: bool, check: bool = True) -> np.ndarray:
