@@ -84,11 +84,18 @@ def main(argv=None):
             print(f"  {name:<11} seed {seed}: RSUM {run.metrics['rsum']:6.1f}, train-split RSUM {train_rsum:6.1f}, "
                   f"concept hit@5 train {concepts['train']['hit@5']:.1f} / test {concepts['test']['hit@5']:.1f}  "
                   f"({time.time() - started:.0f} s)", flush=True)
+            if args.json:  # after every run, so an interrupted benchmark keeps what it measured
+                write_json(args.json, {"budget": budget, "seeds": args.seeds, "results": raw})
 
     report(raw)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"budget": budget, "seeds": args.seeds, "results": raw}, indent=2))
     return 0
+
+
+def write_json(path, results):
+    text = json.dumps(results, indent=2) + "\n"
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def report(raw):

@@ -107,9 +107,11 @@ def read_manifest(export_dir) -> dict:
         raise ExportFileError(f"export file {MANIFEST_NAME!r} in {str(export_dir)!r} has no 'files' checksums")
     for name in manifest["files"]:
         contained_path(export_dir, name)
-    for what, entry in (manifest.get("quantized") or {}).items():
+    quantized = manifest.get("quantized") or {}
+    for what in ("image", "text") if quantized else ():
+        entry = quantized.get(what)
         listed = isinstance(entry, dict) and entry.get("file") in manifest["files"]
-        if not listed or entry.get("of") not in (IMAGE_ONNX, TEXT_ONNX):
+        if not listed or entry.get("of") != {"image": IMAGE_ONNX, "text": TEXT_ONNX}[what]:
             raise ExportFileError(f"the {MANIFEST_NAME} of {str(export_dir)!r} has a quantized {what!r} entry whose "
                                   "file is not one of the export's checksummed files; re-export the model")
     return manifest
