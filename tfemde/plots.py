@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tfemde.files import atomic_write
+
 
 def _pyplot():
     import matplotlib
@@ -15,6 +17,16 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path, dpi) -> Path:
+    """Write `fig` as a PNG through a temporary file (never a half-written picture), then close it."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        _pyplot().close(fig)
+    return path
 
 
 def plot_history(history, path, title=None) -> Path:
@@ -55,10 +67,7 @@ def plot_history(history, path, title=None) -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def plot_text_to_image(queries, images, top_items, path, scores=None, relevant=None, title=None) -> Path:
@@ -93,10 +102,7 @@ def plot_text_to_image(queries, images, top_items, path, scores=None, relevant=N
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=100)
 
 
 def plot_image_to_text(images, top_captions, path, relevant=None, title=None) -> Path:
@@ -115,10 +121,7 @@ def plot_image_to_text(images, top_captions, path, relevant=None, title=None) ->
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=100)
 
 
 def _wrap(text, width):
