@@ -426,7 +426,7 @@ def evaluate_encoded(model, eval_data, protocol="full", progress=False, **protoc
 
 def _resolve(model, tokenizer, dataset):
     """`(DualEncoder, tokenizer, Dataset)` from a model, a `Run` or a run folder, and a data set or its name/path."""
-    from tfemde.runs import Run, open_run, resolve_dataset
+    from tfemde.run_folder import Run, open_run, resolve_dataset
 
     if isinstance(model, (str, os.PathLike)):
         model = open_run(model)

@@ -86,7 +86,7 @@ def _resolve(run_dir_or_model, tokenizer):
                          f"{type(tokenizer).__name__}")
     source = None
     if isinstance(run_dir_or_model, (str, os.PathLike)):
-        from tfemde.runs import open_run
+        from tfemde.run_folder import open_run
 
         run_dir_or_model = open_run(run_dir_or_model)
     if all(hasattr(run_dir_or_model, a) for a in ("path", "config", "tokenizer", "model")):  # a Run

@@ -10,7 +10,8 @@ from tfemde.data.build_emoji import build_emoji
 from tfemde.data.builtin import read_emoji_file
 from tfemde.data.dataset import SPLITS, Dataset
 from tfemde.data.precomp import StackedRows, read_precomp
-from tfemde.data.readers import DataWarning, load, read_jsonl, read_karpathy
+from tfemde.data.common import DataWarning
+from tfemde.data.readers import load, read_jsonl, read_karpathy
 from tfemde.data.readers import load as load_dataset
 
 _PIPELINES = ("EvalData", "caption_text_ids", "eval_dataset", "train_dataset", "decode_image_file")

@@ -24,12 +24,12 @@ variants of one emoji share a group and never cross splits.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from tfemde.data.common import stable_hash
 from tfemde.data.dataset import Dataset
 
 FORMAT = "tfemde-emoji-v1"
@@ -49,19 +49,14 @@ def group_key(emoji_text: str) -> str:
     return key or emoji_text
 
 
-def _hash64(text: str, person: bytes) -> int:
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=person).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def group_ids(keys) -> np.ndarray:
     """`[N]` int64 stable group ids (a 63-bit BLAKE2b hash of each group key)."""
-    return np.array([_hash64(k, b"tfemde-group") for k in keys], dtype=np.int64)
+    return np.array([stable_hash(k, b"tfemde-group") for k in keys], dtype=np.int64)
 
 
 def group_splits(keys) -> np.ndarray:
     """`[N]` str split per key, 80/10/10 train/val/test by a hash of the key (same key, same split)."""
-    bucket = np.array([_hash64(k, b"tfemde-split") % 100 for k in keys], dtype=np.int64)
+    bucket = np.array([stable_hash(k, b"tfemde-split") % 100 for k in keys], dtype=np.int64)
     train, val = SPLIT_PERCENT["train"], SPLIT_PERCENT["train"] + SPLIT_PERCENT["val"]
     return np.where(bucket < train, "train", np.where(bucket < val, "val", "test"))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from tfemde.data.dataset import Dataset
-from tfemde.data.readers import DataWarning, check_split, read_text, stable_ids
+from tfemde.data.common import DataWarning, check_split, read_text, stable_ids
 
 # File split name -> Dataset split. `testall` is COCO's 5K test set; `test` is then its first 1K fold.
 FILE_SPLITS = {"train": "train", "dev": "val", "val": "val", "test": "test", "testall": "test"}

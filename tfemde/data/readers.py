@@ -7,7 +7,6 @@ those are counted in one `DataWarning` (or raise with `strict=True`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -17,44 +16,8 @@ from typing import Optional
 
 import numpy as np
 
-from tfemde.data.dataset import SPLITS, Dataset
-
-# Split names found in files, mapped to Dataset splits (Karpathy's `restval` is training data).
-SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "test": "test"}
-
-
-class DataWarning(UserWarning):
-    """Something in the input data was skipped or reinterpreted (missing images, repeated region rows)."""
-
-
-def stable_ids(keys, person: bytes = b"tfemde-item") -> np.ndarray:
-    """`[N]` int64 ids that depend only on each key string (63-bit BLAKE2b), equal keys giving equal ids."""
-    return np.array([int.from_bytes(hashlib.blake2b(str(k).encode("utf-8"), digest_size=8, person=person).digest(),
-                                    "little") & 0x7FFF_FFFF_FFFF_FFFF for k in keys], dtype=np.int64)
-
-
-def read_text(path, what: str) -> str:
-    """The UTF-8 text of `path` (a leading BOM is dropped); errors name the file, line and byte."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} not found")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}: {what} must be UTF-8 text; line {line} has invalid byte "
-                         f"0x{data[e.start]:02x} at offset {e.start}") from None
-    return text[1:] if text.startswith("\ufeff") else text
-
-
-def check_split(split, allowed=()) -> Optional[str]:
-    """Validates the `split` argument: None, a Dataset split, or one of `allowed` (file-specific names)."""
-    if split is None or split in SPLITS or split in allowed:
-        return split
-    names = ", ".join(repr(s) for s in tuple(SPLITS) + tuple(allowed))
-    raise ValueError(f"split must be None or one of {names}; got {split!r}")
-
+from tfemde.data.common import SPLIT_NAMES, DataWarning, check_split, read_text, stable_ids
+from tfemde.data.dataset import Dataset
 
 def _image_problem(path: str, check: bool) -> Optional[str]:
     if not check:
