@@ -22,6 +22,7 @@ __all__ = [
     "info_nce_loss",
     "mmd_loss",
     "diversity_loss",
+    "positive_mask",
 ]
 
 
@@ -446,3 +447,27 @@ def diversity_loss(sets, t=2.0, mask=None):
     has_pairs = num_pairs > 0
     count = ops.maximum(ops.sum(ops.cast(has_pairs, "float32")), 1.0)
     return ops.sum(ops.where(has_pairs, per_set, 0.0)) / count
+
+
+def positive_mask(batch):
+    """`[Bi, Bc]` bool: which (image, caption) pairs of a batch are positives.
+
+    Paired batches (caption i belongs with image i, what `tfemde.data.train_dataset` yields) carry `image_id` and
+    optionally `group_id`, both `[B]`: pairs with equal ids (or groups) are positives, so several captions of one
+    image are masked out of each other's negatives. When `text_id [B]` is present too, a caption is also a positive
+    of every image whose caption in the batch has the same text (the emoji data holds 261 images captioned "flag").
+    Separately batched items and captions (DivE's B images with their 5B captions, each image encoded once) carry
+    `image_id [Bi]` and `caption_image_id [Bc]`, and optionally `group_id [Bi]` with `caption_group_id [Bc]`.
+    """
+    if "caption_image_id" in batch:
+        if "group_id" in batch and "caption_group_id" in batch:
+            image_key, caption_key = batch["group_id"], batch["caption_group_id"]
+        else:
+            image_key, caption_key = batch["image_id"], batch["caption_image_id"]
+        return ops.equal(ops.expand_dims(image_key, 1), ops.expand_dims(caption_key, 0))
+    key = batch["group_id"] if "group_id" in batch else batch["image_id"]
+    positives = ops.equal(ops.expand_dims(key, 1), ops.expand_dims(key, 0))
+    if "text_id" in batch:
+        text = batch["text_id"]
+        positives = ops.logical_or(positives, ops.equal(ops.expand_dims(text, 1), ops.expand_dims(text, 0)))
+    return positives

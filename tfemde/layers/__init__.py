@@ -1,6 +1,9 @@
 """Keras layers of tfemde: the T-EMDE sketch, set prediction, slot attention and pooling."""
 
 from tfemde.layers.activations import gelu_erf
+from tfemde.layers.attention import SelfAttentionBlock
+from tfemde.layers.masking import AllValidMask
+from tfemde.layers.normalization import UnitNormalize
 from tfemde.layers.pooling import GPO, MaskedMaxPooling, MaskedMeanPooling
 from tfemde.layers.positional import rank_positional_encoding, sine_positional_encoding
 from tfemde.layers.recurrent import AveragedBiGRU

@@ -1,5 +1,6 @@
 """Shared argument checks and mask handling for tfemde layers and losses."""
 
+import keras
 from keras import ops
 
 
@@ -43,3 +44,14 @@ def float_mask(mask, like, dtype="float32"):
     if mask.dtype == "bool":
         return ops.cast(mask, dtype)
     return ops.cast(ops.not_equal(mask, 0), dtype)
+
+
+@keras.saving.register_keras_serializable(package="tfemde")
+class AllValidMask(keras.layers.Layer):
+    """`[B, L, D] -> [B, L]` bool of ones: the mask of a dense grid."""
+
+    def call(self, inputs):
+        return keras.ops.ones(keras.ops.shape(inputs)[:2], dtype="bool")
+
+    def compute_output_spec(self, inputs):
+        return keras.KerasTensor(inputs.shape[:2], dtype="bool")

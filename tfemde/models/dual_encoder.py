@@ -13,8 +13,10 @@ from tfemde.layers import (
     GPO,
     MaskedMaxPooling,
     MaskedMeanPooling,
+    SelfAttentionBlock,
     SetPrediction,
     TEMDESketch,
+    UnitNormalize,
     sketch_similarity,
 )
 from tfemde.models.config import DualEncoderConfig, preset
@@ -42,60 +44,6 @@ def text_inputs(config):
         "caption_ids": keras.Input((None,), name="caption_ids", dtype="int32"),
         "caption_mask": keras.Input((None,), name="caption_mask", dtype="bool"),
     }
-
-
-@keras.saving.register_keras_serializable(package="tfemde")
-class UnitNormalize(layers.Layer):
-    """L2-normalises the last axis with a floor on the norm (a zero vector stays zero, no NaN)."""
-
-    def call(self, inputs):
-        inputs = ops.cast(inputs, "float32")
-        return inputs / ops.maximum(ops.norm(inputs, axis=-1, keepdims=True), 1e-8)
-
-    def compute_output_spec(self, inputs):
-        return keras.KerasTensor(inputs.shape, dtype="float32")
-
-
-@keras.saving.register_keras_serializable(package="tfemde")
-class SelfAttentionBlock(layers.Layer):
-    """The `attention` preset's aggregator: x + MHA(LN(x)) over the valid elements, then masked mean pooling.
-
-    Call arguments:
-        inputs: `[B, L, D]`. mask: `[B, L]` bool.
-
-    Returns:
-        `[B, D]`.
-    """
-
-    def __init__(self, num_heads=8, dropout=0.1, **kwargs):
-        super().__init__(**kwargs)
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.supports_masking = True
-
-    def compute_mask(self, inputs, mask=None):
-        return None
-
-    def build(self, inputs_shape, mask_shape=None):
-        dim = inputs_shape[-1]
-        self.norm = layers.LayerNormalization(epsilon=1e-5, name="norm")
-        self.norm.build(inputs_shape)
-        self.attention = layers.MultiHeadAttention(self.num_heads, max(dim // self.num_heads, 1),
-                                                   dropout=self.dropout, name="attention")
-        self.attention.build(inputs_shape, inputs_shape)
-        self.pool = MaskedMeanPooling(name="pool")
-
-    def call(self, inputs, mask=None, training=None):
-        normed = self.norm(inputs)
-        pair_mask = None if mask is None else ops.logical_and(mask[:, :, None], mask[:, None, :])
-        attended = self.attention(normed, normed, attention_mask=pair_mask, training=training)
-        return self.pool(inputs + attended, mask=mask)
-
-    def compute_output_spec(self, inputs, mask=None, training=None):
-        return keras.KerasTensor((inputs.shape[0], inputs.shape[-1]), dtype=self.compute_dtype)
-
-    def get_config(self):
-        return {**super().get_config(), "num_heads": self.num_heads, "dropout": self.dropout}
 
 
 def _vector_head(config, tower, modality, shared):
@@ -239,7 +187,7 @@ class DualEncoder(keras.Model):
                              f"got {type(x).__name__} with keys {sorted(x) if isinstance(x, dict) else None}")
         score = self.similarity({"set": y_pred["image_set"], "sketch": y_pred.get("image_sketch")},
                                 {"set": y_pred["text_set"], "sketch": y_pred.get("text_sketch")})
-        positives = positive_mask(x)
+        positives = losses.positive_mask(x)
         if config.loss == "info_nce":
             loss = losses.info_nce_loss(score, positives, temperature=config.info_nce_temperature)
         else:
@@ -281,30 +229,6 @@ class DualEncoder(keras.Model):
             kwargs.setdefault("shuffle", False)  # a tf.data pipeline shuffles itself; Keras would only warn
         return super().fit(x, *args, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
                            initial_epoch=initial_epoch, **kwargs)
-
-
-def positive_mask(batch):
-    """`[Bi, Bc]` bool: which (image, caption) pairs of a batch are positives.
-
-    Paired batches (caption i belongs with image i, what `tfemde.data.train_dataset` yields) carry `image_id` and
-    optionally `group_id`, both `[B]`: pairs with equal ids (or groups) are positives, so several captions of one
-    image are masked out of each other's negatives. When `text_id [B]` is present too, a caption is also a positive
-    of every image whose caption in the batch has the same text (the emoji data holds 261 images captioned "flag").
-    Separately batched items and captions (DivE's B images with their 5B captions, each image encoded once) carry
-    `image_id [Bi]` and `caption_image_id [Bc]`, and optionally `group_id [Bi]` with `caption_group_id [Bc]`.
-    """
-    if "caption_image_id" in batch:
-        if "group_id" in batch and "caption_group_id" in batch:
-            image_key, caption_key = batch["group_id"], batch["caption_group_id"]
-        else:
-            image_key, caption_key = batch["image_id"], batch["caption_image_id"]
-        return ops.equal(ops.expand_dims(image_key, 1), ops.expand_dims(caption_key, 0))
-    key = batch["group_id"] if "group_id" in batch else batch["image_id"]
-    positives = ops.equal(ops.expand_dims(key, 1), ops.expand_dims(key, 0))
-    if "text_id" in batch:
-        text = batch["text_id"]
-        positives = ops.logical_or(positives, ops.equal(ops.expand_dims(text, 1), ops.expand_dims(text, 0)))
-    return positives
 
 
 def _is_tf_dataset(data) -> bool:

@@ -13,7 +13,7 @@ import pkgutil
 import keras
 from keras import layers
 
-from tfemde.layers import AveragedBiGRU, MaskedMaxPooling
+from tfemde.layers import AllValidMask, AveragedBiGRU, MaskedMaxPooling
 
 
 @dataclasses.dataclass
@@ -32,17 +32,6 @@ class TowerOutput:
     mask: object
     global_: object
     set_inputs: object
-
-
-@keras.saving.register_keras_serializable(package="tfemde")
-class AllValidMask(layers.Layer):
-    """`[B, L, D] -> [B, L]` bool of ones: the mask of a dense grid."""
-
-    def call(self, inputs):
-        return keras.ops.ones(keras.ops.shape(inputs)[:2], dtype="bool")
-
-    def compute_output_spec(self, inputs):
-        return keras.KerasTensor(inputs.shape[:2], dtype="bool")
 
 
 def _residual_projection(features, mask, config, prefix):
