@@ -340,3 +340,20 @@ def test_set_prediction_learning_rate_scale_defaults_by_image_input():
         "image_set_prediction": 0.5, "text_set_prediction": 0.5}
     with pytest.raises(ValueError, match="set_lr_scale must be a number > 0; got -1"):
         preset("dive", set_lr_scale=-1)
+
+
+def test_a_mixed_precision_model_changes_no_global_state(tmp_path):
+    """Building or loading a mixed_float16 model leaves the process-wide policy alone; its own layers are mixed."""
+    assert keras.config.dtype_policy().name == "float32"
+    mixed = build_dual_encoder("dive", **TINY, **REGIONS, mixed_precision=True)
+    assert keras.config.dtype_policy().name == "float32"
+    assert mixed.get_layer("image_fc").dtype_policy.name == "mixed_float16"
+    assert mixed.get_layer("image_fc").compute_dtype == "float16"
+    save_model(mixed, tmp_path / "mixed.keras")
+    loaded = load_model(tmp_path / "mixed.keras")
+    assert keras.config.dtype_policy().name == "float32"
+    assert loaded.get_layer("image_fc").compute_dtype == "float16"
+    plain = build_dual_encoder("dive", **TINY, **REGIONS)
+    assert plain.get_layer("image_fc").compute_dtype == "float32"
+    outputs = encode(mixed, region_batch(np.random.default_rng(0)))
+    assert all(np.isfinite(np.asarray(v)).all() for v in outputs.values())

@@ -133,9 +133,15 @@ class DualEncoder(keras.Model):
 
     def __init__(self, config=None, **kwargs):
         config = config if isinstance(config, DualEncoderConfig) else DualEncoderConfig.from_dict(config or {})
+        # The layers take the dtype policy in force when they are made; the process-wide policy is put back after,
+        # so building (or loading) a mixed-precision model changes no model built later.
+        previous = keras.config.dtype_policy()
         if config.mixed_precision:
-            keras.mixed_precision.set_global_policy("mixed_float16")
-        inputs, outputs, image_io, text_io = _build_graph(config)
+            keras.config.set_dtype_policy("mixed_float16")
+        try:
+            inputs, outputs, image_io, text_io = _build_graph(config)
+        finally:
+            keras.config.set_dtype_policy(previous)
         kwargs.pop("inputs", None), kwargs.pop("outputs", None)
         super().__init__(inputs=inputs, outputs=outputs, name=kwargs.pop("name", f"dual_encoder_{config.preset}"),
                          **kwargs)
