@@ -21,17 +21,17 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+
+from _machine import cpu_model, describe  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tfemde.layers.sketch import TEMDESketch  # noqa: E402
 
@@ -100,15 +100,6 @@ def available_memory_gib():
     return 24.0
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ---------------------------------------------------------------- aggregators: (tokens, mask) -> global output
@@ -209,7 +200,8 @@ def main():
 
     print("# tfemde layer benchmark: forward + backward, tf.function, float32")
     print(f"# date      {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# machine   {platform.node()}  {cpu_model()}  cores={os.cpu_count()}  "
+    print(f"# machine   {describe()}")
+    print(f"#           {platform.node()}  {cpu_model()}  cores={os.cpu_count()}  "
           f"mem_available={available_memory_gib():.1f} GiB  budget={args.memory_gib:.1f} GiB")
     print(f"# versions  python {platform.python_version()}  tensorflow {tf.__version__}  keras {keras.__version__}  "
           f"numpy {np.__version__}")

@@ -22,15 +22,14 @@ Usage: .venv/bin/python benchmarks/pipeline.py [--batches 40] [--step-rate STEPS
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+from _machine import describe  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -117,8 +116,7 @@ def epoch_gaps(epochs):
         print(f"  done: autotune {'on' if autotune else 'off'}", flush=True)
     print()
     print(f"fit stalls between epochs, vse at the quickstart size, batch {BUDGET['batch_size']}, {epochs} epochs")
-    print(f"machine: {platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
-          f"TF {tf.__version__}; date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"machine: {describe()}; TF {tf.__version__}")
     print("(epoch 1's stall includes tracing the train step)")
     print()
     print(f"| tf.data autotune | {' | '.join(f'epoch {e + 1} stall s' for e in range(epochs))} | median step ms | fit s")
@@ -183,13 +181,10 @@ def main():
                           item_split=["train"] * n, item_group=np.arange(n), regions=regions)
         run("precomp regions", precomp, f"memmap {n} x 36 x 2048 f32 ({regions.nbytes / 2**20:.0f} MiB)")
 
-    cpu = platform.processor() or platform.machine()
     print()
     print(f"tfemde input pipeline throughput, batch {BATCH}, default augmentations, median of 3 windows of "
           f"{args.batches} batches")
-    print(f"machine: {platform.node()} ({cpu}, {os.cpu_count()} cores), Python {platform.python_version()}, "
-          f"TF {tf.__version__}; date: {datetime.datetime.now().isoformat(timespec='seconds')}; "
-          f"load average {os.getloadavg()[0]:.1f} (other processes share the cores)")
+    print(f"machine: {describe()}; TF {tf.__version__} (other processes share the cores)")
     print()
     print(f"| {'source':<22} | {'batches/s':>9} | {'pairs/s':>8} | {'1st batch s':>11} | notes")
     print(f"|{'-' * 24}|{'-' * 11}|{'-' * 10}|{'-' * 13}|------")

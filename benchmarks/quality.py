@@ -13,10 +13,8 @@ their std).
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
+from _machine import describe
 
 from tfemde.evaluation import concept_queries, evaluate
 from tfemde.models import PRESETS
@@ -67,8 +66,7 @@ def main(argv=None):
     budget = {**BUDGET, "epochs": args.epochs}
     out = Path(args.out or tempfile.mkdtemp(prefix="tfemde-quality-"))
 
-    print(f"tfemde quality benchmark — {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.node()}, "
-          f"{os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"tfemde quality benchmark; machine: {describe()}")
     print(f"data: emoji (built-in), test split, group-aware; budget per run: {budget}; seeds {args.seeds}\n")
     raw = {}
     for name in args.presets:

@@ -27,7 +27,8 @@ if "--single-thread" in sys.argv:  # before NumPy loads BLAS
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _machine import cpu_model, describe
+
 
 from tfemde.serving import Embeddings, similarity  # noqa: E402
 
@@ -98,15 +99,6 @@ def blas_summary():
         return "unknown"
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None):
@@ -135,7 +127,8 @@ def main(argv=None):
     rows, cols = similarity_module._chunks(None, k, k)
 
     print(f"tfemde scoring benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+    print(f"machine: {describe()}")
+    print(f"         {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
           f"Python {platform.python_version()}, NumPy {np.__version__}, BLAS {blas_summary()}; "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, element-wise threads "
           f"{similarity_module._THREADS}")

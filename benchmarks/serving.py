@@ -21,10 +21,8 @@ matrix multiply (PyTorch: 61 s).
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,7 +31,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 BATCHES = (1, 8, 128)
@@ -190,7 +187,6 @@ def part_scoring(quick):
     """5,000 x 25,000 (1,000 x 5,000 with --quick) Smooth-Chamfer scoring vs its bare matrix multiply."""
     import numpy as np
 
-    sys.path.insert(0, HERE)
     from scoring import matmul_reference, timed_similarity, unit_sets  # benchmarks/scoring.py
 
     from tfemde.serving import Embeddings
@@ -227,9 +223,9 @@ def main(argv=None):
         fn = {"export": lambda: part_export(args.args[0])}[args.part]
         print(json.dumps(fn()))
         return
-    print(f"tfemde serving benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {os.cpu_count()} "
-          f"cores, {platform.system()} {platform.release()}, Python {platform.python_version()}; load average "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    from _machine import describe
+
+    print(f"tfemde serving benchmark; machine: {describe()}")
     with tempfile.TemporaryDirectory(prefix="tfemde-bench-") as tmp:
         export_dir = args.export or os.path.join(tmp, "export")
         if not args.export:

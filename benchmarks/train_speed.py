@@ -32,16 +32,16 @@ import datetime
 import os
 import platform
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import numpy as np  # noqa: E402
+import numpy as np
+
+from _machine import cpu_model, describe, load_average, memory_gib  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 REFERENCE_IMAGES_PER_SECOND = 8.5
 TARGET_IMAGES_PER_SECOND = 17.0
@@ -85,33 +85,10 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- machine
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def memory_gib():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 1024**2
-    except OSError:
-        pass
-    return float("nan")
 
 
-def load_average():
-    try:
-        return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def print_header(args):
@@ -119,7 +96,8 @@ def print_header(args):
 
     print("# tfemde train speed, DivE COCO configuration")
     print(f"# date      {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# machine   {platform.node()} | {cpu_model()} | {os.cpu_count()} CPUs | {memory_gib():.1f} GiB | "
+    print(f"# machine   {describe()}")
+    print(f"#           {platform.node()} | {cpu_model()} | {os.cpu_count()} CPUs | {memory_gib():.1f} GiB | "
           f"{platform.platform()}")
     print(f"# versions  python {platform.python_version()} | tensorflow {tf.__version__} | keras {keras.__version__} | "
           f"numpy {np.__version__}")
