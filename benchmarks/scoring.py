@@ -53,7 +53,7 @@ def unit_sketches(rng, n, depth, width):
 def matmul_reference(a_sets, b_sets, a_sketch=None, b_sketch=None):
     """The bare float32 matrix multiplies of `similarity`, in its chunks and loop order, into one reused buffer."""
     (n_a, k_a, d), (n_b, k_b, _) = a_sets.shape, b_sets.shape
-    rows, cols = similarity_module._chunks(None, k_a, k_b)
+    rows, cols = similarity_module.chunk_shape(None, k_a, k_b)
     a2, b2 = a_sets.reshape(-1, d), b_sets.reshape(-1, d)
     buf = np.empty((rows * k_a, cols * k_b), np.float32)
     start, cpu = time.perf_counter(), time.process_time()
@@ -124,7 +124,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     images = Embeddings(unit_sets(rng, n_images, k, d), sketches=unit_sketches(rng, n_images, depth, width))
     captions = Embeddings(unit_sets(rng, n_captions, k, d), sketches=unit_sketches(rng, n_captions, depth, width))
-    rows, cols = similarity_module._chunks(None, k, k)
+    rows, cols = similarity_module.chunk_shape(None, k, k)
 
     print(f"tfemde scoring benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
     print(f"machine: {describe()}")

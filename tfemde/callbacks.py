@@ -36,15 +36,13 @@ class RetrievalValidation(keras.callbacks.Callback):
         last = self.params.get("epochs") == epoch + 1
         if (epoch + 1) % self.every and not last:
             return
-        from tfemde.evaluation import evaluate_encoded
+        from tfemde.evaluation import evaluate_encoded, metrics_line
 
         metrics = evaluate_encoded(self.model, self.eval_data, protocol=self.protocol, progress=False)
         if logs is not None:
             logs.update({f"val_{name}": float(value) for name, value in metrics.items()})
         if self.verbose:
-            print(f" - val R@1/5/10 i2t {metrics['i2t_r1']:.1f}/{metrics['i2t_r5']:.1f}/{metrics['i2t_r10']:.1f}"
-                  f" t2i {metrics['t2i_r1']:.1f}/{metrics['t2i_r5']:.1f}/{metrics['t2i_r10']:.1f}"
-                  f" RSUM {metrics['rsum']:.1f}")
+            print(f" - val {metrics_line(metrics)}")
 
 
 class BestCheckpoint(keras.callbacks.Callback):

@@ -13,7 +13,8 @@ import numpy as np
 from tfemde.files import atomic_write
 
 from tfemde.serving.embeddings import Embeddings
-from tfemde.serving.similarity import _check_alpha, _check_mask, _chunks, _smooth_chamfer, sketch_similarity
+from tfemde.serving.similarity import (check_alpha, check_set_mask, chunk_shape, sketch_similarity,
+                                       smooth_chamfer_checked)
 
 FORMAT_NAME = "tfemde.SetIndex"
 FORMAT_VERSION = 1
@@ -63,14 +64,14 @@ class SetIndex:
 
     def __init__(self, alpha: float = 16.0, sketch_weight: float = 0.0, chunk_size=None,
                  export_digest: Optional[str] = None):
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha(alpha)
         if export_digest is not None and not isinstance(export_digest, str):
             raise ValueError(f"export_digest must be a str (Encoder.export_digest) or None; got {export_digest!r}")
         self.export_digest = export_digest
         self.sketch_weight = float(sketch_weight)
         if not np.isfinite(self.sketch_weight):
             raise ValueError(f"sketch_weight must be finite; got {sketch_weight!r}")
-        _chunks(chunk_size, 1, 1)  # validates
+        chunk_shape(chunk_size, 1, 1)  # validates
         self.chunk_size = None if chunk_size is None else (
             int(chunk_size) if isinstance(chunk_size, (int, np.integer)) else tuple(int(c) for c in chunk_size))
         self._parts = []
@@ -195,8 +196,8 @@ class SetIndex:
                              f"{(queries.sketch_dim, queries.sketch_depth)}")
         n, q = len(items), len(queries)
         k = min(k, n)
-        q_mask = _check_mask(queries.set_mask, queries.sets, "queries.set_mask", "queries.sets")
-        i_mask = _check_mask(items.set_mask, items.sets, "set_mask", "sets")
+        q_mask = check_set_mask(queries.set_mask, queries.sets, "queries.set_mask", "queries.sets")
+        i_mask = check_set_mask(items.set_mask, items.sets, "set_mask", "sets")
         out_pos = np.empty((q, k), np.int64)
         out_scores = np.empty((q, k), np.float32)
         for q0 in range(0, q, _QUERY_BLOCK):
@@ -208,7 +209,7 @@ class SetIndex:
                 if use_sketch:
                     sketch_similarity(queries.sketches[q0:q1], items.sketches[j0:j1], items.sketch_depth,
                                       weight=self.sketch_weight, out=s)
-                _smooth_chamfer(queries.sets[q0:q1], items.sets[j0:j1], self.alpha,
+                smooth_chamfer_checked(queries.sets[q0:q1], items.sets[j0:j1], self.alpha,
                                 None if q_mask is None else q_mask[q0:q1], None if i_mask is None else i_mask[j0:j1],
                                 queries.max_norm, items.max_norm, self.chunk_size, None, s, use_sketch)
                 pos = np.broadcast_to(np.arange(j0, j1), s.shape)

@@ -85,7 +85,7 @@ def _check_sets(x, name: str) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _check_mask(mask, sets: np.ndarray, name: str, sets_name: str) -> Optional[np.ndarray]:
+def check_set_mask(mask, sets: np.ndarray, name: str, sets_name: str) -> Optional[np.ndarray]:
     """A `[N, K]` bool mask, or None when there is no mask or it is all True."""
     if mask is None:
         return None
@@ -97,7 +97,7 @@ def _check_mask(mask, sets: np.ndarray, name: str, sets_name: str) -> Optional[n
     return None if mask.all() else mask
 
 
-def _check_alpha(alpha) -> float:
+def check_alpha(alpha) -> float:
     try:
         value = float(alpha)
     except (TypeError, ValueError):
@@ -107,7 +107,7 @@ def _check_alpha(alpha) -> float:
     return value
 
 
-def _chunks(chunk_size: ChunkSize, k_a: int, k_b: int) -> Tuple[int, int]:
+def chunk_shape(chunk_size: ChunkSize, k_a: int, k_b: int) -> Tuple[int, int]:
     if chunk_size is None:
         return max(1, _CHUNK_ROW_ELEMENTS // k_a), max(1, _CHUNK_COL_ELEMENTS // k_b)
     if isinstance(chunk_size, (int, np.integer)):
@@ -240,9 +240,9 @@ def smooth_chamfer(
     if a.shape[2] != b.shape[2]:
         raise ValueError(f"a_sets and b_sets must have the same element dimension D; got shapes {a.shape} and "
                          f"{b.shape}")
-    alpha = _check_alpha(alpha)
-    a_mask = _check_mask(a_mask, a, "a_mask", "a_sets")
-    b_mask = _check_mask(b_mask, b, "b_mask", "b_sets")
+    alpha = check_alpha(alpha)
+    a_mask = check_set_mask(a_mask, a, "a_mask", "a_sets")
+    b_mask = check_set_mask(b_mask, b, "b_mask", "b_sets")
     (n_a, k_a, d), (n_b, k_b, _) = a.shape, b.shape
     if out is None:
         if accumulate:
@@ -251,15 +251,15 @@ def smooth_chamfer(
     elif out.shape != (n_a, n_b) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape [N_a, N_b] = {(n_a, n_b)}; got "
                          f"shape {out.shape} dtype {out.dtype}")
-    return _smooth_chamfer(a, b, alpha, a_mask, b_mask, None, None, chunk_size, progress, out, accumulate)
+    return smooth_chamfer_checked(a, b, alpha, a_mask, b_mask, None, None, chunk_size, progress, out, accumulate)
 
 
-def _smooth_chamfer(a, b, alpha, a_mask, b_mask, a_norm, b_norm, chunk_size, progress, out, accumulate):
+def smooth_chamfer_checked(a, b, alpha, a_mask, b_mask, a_norm, b_norm, chunk_size, progress, out, accumulate):
     """`smooth_chamfer` on checked arrays; `a_norm`/`b_norm` are the max valid element norms (None: compute)."""
     (n_a, k_a, d), (n_b, k_b, _) = a.shape, b.shape
     if n_a == 0 or n_b == 0:
         return out
-    rows, cols = _chunks(chunk_size, k_a, k_b)
+    rows, cols = chunk_shape(chunk_size, k_a, k_b)
 
     a_norm = _max_norm(a, a_mask, "a_sets") if a_norm is None else a_norm
     b_norm = _max_norm(b, b_mask, "b_sets") if b_norm is None else b_norm
@@ -430,8 +430,8 @@ def similarity(
                              f"{(a.sketch_dim, a.sketch_depth)} and {(b.sketch_dim, b.sketch_depth)}")
         sketch_similarity(a.sketches, b.sketches, a.sketch_depth, weight=sketch_weight, out=out)
         accumulate = True
-    alpha = _check_alpha(alpha)
-    a_mask = _check_mask(a.set_mask, a.sets, "a.set_mask", "a.sets")
-    b_mask = _check_mask(b.set_mask, b.sets, "b.set_mask", "b.sets")
-    return _smooth_chamfer(a.sets, b.sets, alpha, a_mask, b_mask, a.max_norm, b.max_norm, chunk_size, progress,
+    alpha = check_alpha(alpha)
+    a_mask = check_set_mask(a.set_mask, a.sets, "a.set_mask", "a.sets")
+    b_mask = check_set_mask(b.set_mask, b.sets, "b.set_mask", "b.sets")
+    return smooth_chamfer_checked(a.sets, b.sets, alpha, a_mask, b_mask, a.max_norm, b.max_norm, chunk_size, progress,
                            out, accumulate)
