@@ -264,6 +264,10 @@ def cmd_search(args):
 
 
 def parser() -> argparse.ArgumentParser:
+    # Choices come from the library (both modules are TensorFlow-free, so the parser stays quick to build).
+    from tfemde.evaluation import PROTOCOLS
+    from tfemde.serving.encoder import PRECISIONS, TEXT_ROUTES
+
     top = argparse.ArgumentParser(prog="tfemde", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="command", required=True)
 
@@ -291,7 +295,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--data", default="emoji")
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
-    ev.add_argument("--protocol", default="full", choices=("full", "coco1k"))
+    ev.add_argument("--protocol", default="full", choices=tuple(PROTOCOLS))
     ev.add_argument("--out", help="the JSON to write (default RUN_DIR/metrics_SPLIT_PROTOCOL.json)")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -306,9 +310,9 @@ def parser() -> argparse.ArgumentParser:
     def serving_options(p):
         p.add_argument("export_dir", help="a folder written by `tfemde export`")
         p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--text-route", default="sentencepiece", choices=("sentencepiece", "e2e"),
+        p.add_argument("--text-route", default=TEXT_ROUTES[0], choices=TEXT_ROUTES,
                        help="tokenize with the sentencepiece library + text.onnx, or run text_e2e.onnx on strings")
-        p.add_argument("--precision", default="float32", choices=("float32", "int8"),
+        p.add_argument("--precision", default=PRECISIONS[0], choices=PRECISIONS,
                        help="int8: the quantized graphs of an export made with --quantize")
 
     em = sub.add_parser("embed", help="embed texts or images with an export (onnxruntime, no TensorFlow)")
