@@ -10,6 +10,7 @@ import tensorflow as tf
 from tfemde.layers.activations import gelu_erf
 from tfemde.layers.positional import sine_positional_encoding
 from tfemde.layers.set_prediction import SetPrediction
+from helpers import keras_round_trip
 
 B, L, DIN, D, K, T, H = 3, 5, 6, 8, 3, 2, 2
 MASK = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 1, 0], [0, 0, 0, 0, 0]], dtype="float32")
@@ -274,14 +275,8 @@ def test_keras_save_load_identical(rng, tmp_path):
     assert tuple(out.shape) == (None, K, D) and tuple(res.shape) == (None, K, D)
     model = keras.Model([local_in, glob_in, mask_in], {"set": out, "residual": res})
     local, glob = make_inputs(rng)
-    before = {k: npy(v) for k, v in model([local, glob, MASK > 0]).items()}
-    np.testing.assert_array_equal(before["set"], run(layer, local, glob))
-    path = tmp_path / "spm.keras"
-    model.save(path)
-    loaded = keras.models.load_model(path)
-    after = loaded([local, glob, MASK > 0])
-    for key in before:
-        np.testing.assert_array_equal(npy(after[key]), before[key])
+    np.testing.assert_array_equal(npy(model([local, glob, MASK > 0])["set"]), run(layer, local, glob))
+    loaded = keras_round_trip(model, [local, glob, MASK > 0], tmp_path / "spm.keras")
     assert loaded.layers[-1].get_config() == layer.get_config()
 
 
