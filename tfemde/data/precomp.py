@@ -171,9 +171,13 @@ def read_precomp(folder, split=None, captions_per_image: int = 5) -> Dataset:
         A `Dataset` with `regions` (a memory map or `StackedRows`) and `region_rows`.
 
     Example:
-        >>> ds = read_precomp("data/f30k_precomp", split="test")  # doctest: +SKIP
-        >>> ds.region_features([0, 1]).shape  # doctest: +SKIP
-        (2, 36, 2048)
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> np.save(folder / "test_ims.npy", np.zeros((2, 36, 8), np.float32))
+        >>> _ = (folder / "test_caps.txt").write_text("".join(f"caption {i}\\n" for i in range(10)))
+        >>> ds = read_precomp(folder, split="test")
+        >>> ds.kind, ds.num_items, ds.num_captions, ds.region_features([0, 1]).shape
+        ('regions', 2, 10, (2, 36, 8))
     """
     folder = Path(folder)
     split = check_split(split, allowed=("dev", "testall"))

@@ -104,7 +104,17 @@ def read_karpathy(path, split=None, strict: bool = False, image_root=None, check
         A `Dataset` of kind `"image_files"`.
 
     Example:
-        >>> ds = read_karpathy("data/dataset_flickr30k.json", image_root="data/flickr30k-images")  # doctest: +SKIP
+        >>> import json, tempfile
+        >>> from PIL import Image
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> (folder / "pics").mkdir()
+        >>> Image.new("RGB", (8, 8), "red").save(folder / "pics" / "red.png")
+        >>> images = [{"filepath": "pics", "filename": "red.png", "split": "train",
+        ...            "sentences": [{"raw": "a red square"}, {"raw": "red"}]}]
+        >>> _ = (folder / "dataset.json").write_text(json.dumps({"images": images}))
+        >>> ds = read_karpathy(folder / "dataset.json")
+        >>> ds.kind, ds.num_items, ds.captions
+        ('image_files', 1, ['a red square', 'red'])
     """
     path = Path(path)
     split = check_split(split)
@@ -161,7 +171,17 @@ def read_jsonl(path, split=None, strict: bool = False, image_root=None, check_im
         A `Dataset` of kind `"image_files"`.
 
     Example:
-        >>> ds = read_jsonl("my_pairs.jsonl", split="train")  # doctest: +SKIP
+        >>> import json, tempfile
+        >>> from PIL import Image
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> for name, colour in (("cat.png", "black"), ("dog.png", "white")):
+        ...     Image.new("RGB", (8, 8), colour).save(folder / name)
+        >>> lines = [{"image": "cat.png", "captions": ["a cat"], "split": "train"},
+        ...          {"image": "dog.png", "captions": ["a dog", "a puppy"], "split": "val", "group": "dogs"}]
+        >>> _ = (folder / "pairs.jsonl").write_text("\\n".join(json.dumps(line) for line in lines))
+        >>> ds = read_jsonl(folder / "pairs.jsonl", split="val")
+        >>> ds.num_items, ds.captions
+        (1, ['a dog', 'a puppy'])
     """
     path = Path(path)
     split = check_split(split)
