@@ -256,6 +256,8 @@ BAD_INPUTS = [
     ("backbone", ["train", "--data", "{data}", "--out", "{out}", "--set", *TINY, "image_input=backbone", "backbone=NoSuchNet"],
      "backbone must be a keras.applications model name"),
     ("train out is a file", ["train", "--data", "{data}", "--out", "{file}"], "exists and is not a folder"),
+    ("quickstart epochs 0", ["quickstart", "--out", "{out}", "--epochs", "0"], "epochs must be an integer >= 1"),
+    ("quickstart out is a file", ["quickstart", "--out", "{file}", "--fast"], "exists and is not a folder"),
     ("evaluate missing split", ["evaluate", "{run}", "--data", "{no_test}", "--split", "test"], "has no test split"),
     ("evaluate out is a folder", ["evaluate", "{run}", "--data", "{data}", "--out", "{folder}"], "is a folder"),
     ("corrupt config.json", ["evaluate", "{broken_config}", "--data", "{data}"], "config.json is not valid JSON"),

@@ -28,13 +28,17 @@ def quickstart(out="runs/quickstart", epochs=None, fast=False, print_fn=print) -
     from tfemde.evaluation import concept_queries
     from tfemde.runs import format_metrics, train
 
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be an integer >= 1 (or None for the quickstart budget); got {epochs!r}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {str(out)!r} exists and is not a folder")
+    budget = dict(FAST_BUDGET if fast else BUDGET)
+    if epochs is not None:
+        budget["epochs"] = epochs
     out.mkdir(parents=True, exist_ok=True)
     dataset = load("emoji")
     dataset.summary(print_fn=print_fn)
-    budget = dict(FAST_BUDGET if fast else BUDGET)
-    if epochs:
-        budget["epochs"] = epochs
     gallery = dataset  # every image, the fast run's too: what the concept queries search
     if fast:
         dataset = _small(dataset, per_split={"train": 240, "val": 60, "test": 60})

@@ -32,7 +32,12 @@ class Run:
     @property
     def metrics(self) -> Optional[dict]:
         path = self.path / "metrics.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"metrics file {path} is not valid JSON ({error})") from None
 
 
 def open_run(path) -> Run:
