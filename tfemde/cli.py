@@ -103,12 +103,13 @@ def cmd_build_emoji(args):
 
 def cmd_export(args):
     from tfemde.export import ExportError, export_run
+    from tfemde.serving.manifest import read_manifest
 
     try:
         out = export_run(args.run_dir, args.out, opset=args.opset, quantize=args.quantize)
     except ExportError as error:
         raise UserError(f"export failed its checks, nothing written: {error}") from error
-    manifest = json.loads((Path(out) / "manifest.json").read_text(encoding="utf-8"))
+    manifest = read_manifest(out)
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in manifest["verification"]["max_abs_diff"].items())
     print(f"exported {manifest['preset']} to {out} (K={manifest['embedding']['set_size']}, "
           f"D={manifest['embedding']['dim']}); max |ONNX/SavedModel - TF|: {diffs}")
