@@ -27,12 +27,13 @@ def load_image(path, size, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         ValueError: naming the file when it does not exist, is not an image Pillow can read, or is too large.
 
     Example:
-        >>> import numpy as np, tempfile, os
+        >>> import tempfile
         >>> from PIL import Image
-        >>> path = os.path.join(tempfile.mkdtemp(), "red.png")
-        >>> Image.new("RGBA", (10, 10), (255, 0, 0, 255)).save(path)
-        >>> load_image(path, 4).shape
-        (4, 4, 3)
+        >>> path = os.path.join(tempfile.mkdtemp(), "half.png")
+        >>> Image.new("LA", (12, 8), (0, 128)).save(path)  # black at half opacity: grey over white
+        >>> pixels = load_image(path, (4, 6))
+        >>> pixels.shape, int(pixels[0, 0, 0])
+        ((4, 6, 3), 127)
     """
     return decode_image(path, size, max_pixels=max_pixels)
 
