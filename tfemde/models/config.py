@@ -19,7 +19,7 @@ LOSSES = ("triplet", "info_nce")
 FIELD_RANGES = {
     **{field: ("int", 1, None) for field in (
         "image_size", "num_regions", "region_dim", "vocab_size", "max_length", "embed_dim", "word_dim", "num_slots",
-        "set_depth", "set_heads", "attention_heads", "sketch_depth", "sketch_bits")},
+        "set_depth", "set_heads", "attention_heads", "sketch_depth")},
     "sketch_bits": ("int", 1, 16),
     "cnn_blocks": ("int", 0, None),
     "warmup_epochs": ("int", 0, None),
