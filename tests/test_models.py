@@ -204,8 +204,9 @@ def _bad_values(kind, low, high):
     """Values outside a FIELD_RANGES entry: wrong types, non-finite numbers, and just beyond each bound."""
     if kind == "bool":
         return [1, 0, "true", None]
-    bad = ["x", True, float("nan"), float("inf"), [1]] + ([1.5, 2.0] if kind == "int" else [])
-    step = 1 if kind == "int" else 1e-6
+    integral = kind.endswith("int")
+    bad = ["x", True, float("nan"), float("inf"), [1]] + ([1.5, 2.0] if integral else [])
+    step = 1 if integral else 1e-6
     if isinstance(low, str):
         bad.append(float(low.strip("(")))
     elif low is not None:
@@ -340,6 +341,20 @@ def test_set_prediction_learning_rate_scale_defaults_by_image_input():
         "image_set_prediction": 0.5, "text_set_prediction": 0.5}
     with pytest.raises(ValueError, match="set_lr_scale must be a number > 0; got -1"):
         preset("dive", set_lr_scale=-1)
+
+
+def test_set_head_dim_sets_the_width_of_the_set_prediction_projections():
+    """None keeps the reference's 2 * D / H per head; an explicit width reaches every projection of both modules."""
+    default = build_dual_encoder("dive", **TINY, **REGIONS)
+    narrow = build_dual_encoder("dive", **TINY, **REGIONS, set_head_dim=3)
+    heads, dim = default.config.set_heads, default.config.embed_dim
+    for modality in ("image", "text"):
+        block = default.get_layer(f"{modality}_set_prediction").blocks[0]
+        assert tuple(block.key_proj.kernel.shape)[1:] == (heads, 2 * dim // heads)
+        block = narrow.get_layer(f"{modality}_set_prediction").blocks[0]
+        for projection in (block.query_proj, block.key_proj, block.value_proj):
+            assert tuple(projection.kernel.shape)[1:] == (heads, 3)
+        assert tuple(block.output_proj.kernel.shape) == (heads, 3, dim)
 
 
 def test_a_mixed_precision_model_changes_no_global_state(tmp_path):

@@ -29,6 +29,7 @@ FIELD_RANGES = {
         "sketch_weight", "margin", "mmd_weight", "diversity_weight", "weight_decay")},
     "dropout": ("float", 0, "1)"),
     "set_lr_scale": ("optional float", "(0", None),
+    "set_head_dim": ("optional int", 1, None),
     **{field: ("bool", None, None) for field in ("sketch", "share_weights", "reference_masking", "mixed_precision")},
 }
 
@@ -40,7 +41,7 @@ def _check_field(field, value, kind, low, high):
         if not isinstance(value, bool):
             raise ValueError(f"{field} must be true or false; got {value!r}")
         return value
-    if kind == "optional float" and value is None:
+    if kind.startswith("optional ") and value is None:
         return value
     is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     is_number = is_int or (isinstance(value, numbers.Real) and not isinstance(value, bool))
@@ -49,8 +50,8 @@ def _check_field(field, value, kind, low, high):
     high_value = float(high.strip(")")) if high_open else high
     bounds = (f"{'>' if low_open else '>='} {low_value:g}" if low is not None else "",
               f"{'<' if high_open else '<='} {high_value:g}" if high is not None else "")
-    wanted = f"{'an integer' if kind == 'int' else 'a number'} {' and '.join(b for b in bounds if b)}".strip()
-    if kind == "int" and not is_int or not is_number or not math.isfinite(value):
+    wanted = f"{'an integer' if kind.endswith('int') else 'a number'} {' and '.join(b for b in bounds if b)}".strip()
+    if kind.endswith("int") and not is_int or not is_number or not math.isfinite(value):
         raise ValueError(f"{field} must be {wanted}; got {value!r}")
     if low is not None and (value <= low_value if low_open else value < low_value):
         raise ValueError(f"{field} must be {wanted}; got {value!r}")
@@ -110,6 +111,8 @@ class DualEncoderConfig:
     num_slots: int = 4
     set_depth: int = 4
     set_heads: int = 4
+    # None: 2 * embed_dim // set_heads per head, the reference's ratio (4 x 512 at D = 1024).
+    set_head_dim: Optional[int] = None
     ff_mult: int = 4
     share_weights: bool = True
     reference_masking: bool = False

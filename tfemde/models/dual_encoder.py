@@ -69,6 +69,7 @@ def _set_head(config, tower, modality):
     """DivE's set prediction: `[B, K, D]` unit elements and the unit residual set (for the diversity loss)."""
     module = SetPrediction(
         num_slots=config.num_slots, dim=config.embed_dim, depth=config.set_depth, num_heads=config.set_heads,
+        head_dim=config.set_head_dim,
         ff_mult=config.ff_mult, dropout=config.dropout, share_weights=config.share_weights,
         positional_encoding=(modality == "text"), reference_masking=config.reference_masking,
         name=f"{modality}_set_prediction",
