@@ -18,6 +18,9 @@ W = 2**K
 def np_projections(x, layer):
     """z = ((x - mean) / std) R - b, reshaped [..., N, K], with the layer's weights read back as NumPy."""
     x = np.asarray(x, "float64")
+    if layer.layer_norm:
+        centred = x - x.mean(axis=-1, keepdims=True)
+        x = centred / np.sqrt((centred**2).mean(axis=-1, keepdims=True) + 1e-5)
     if layer.standardize:
         x = (x - layer.mean.numpy()) / layer.std.numpy()
     z = x @ layer.hyperplanes.numpy().astype("float64") - layer.biases.numpy()
@@ -93,6 +96,31 @@ def test_soft_matches_numpy(rng, data, normalize, standardize):
     out = layer(x, mask=mask)
     assert out.shape == (B, N, W) and out.dtype == "float32"
     np.testing.assert_allclose(out.numpy(), np_sketch(x, layer, mask), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_layer_norm_matches_numpy_and_ignores_each_tokens_scale_and_offset(rng, data, standardize):
+    """With layer_norm=True a token's sketch depends on its direction after centring, not its scale: a tower whose
+    features shrink (tanh states of a GRU) still spreads its tokens over the buckets."""
+    x, mask = data
+    layer = make(rng, temperature=0.7, layer_norm=True, standardize=standardize)
+    np.testing.assert_allclose(layer(x, mask=mask).numpy(), np_sketch(x, layer, mask), rtol=1e-4, atol=1e-5)
+    scale = rng.uniform(0.5, 20.0, size=(B, L, 1)).astype("float32")
+    shift = rng.normal(size=(B, L, 1)).astype("float32")
+    np.testing.assert_allclose(layer(x * scale + shift, mask=mask).numpy(), layer(x, mask=mask).numpy(),
+                               rtol=1e-4, atol=1e-5)
+    plain = make(rng, temperature=0.7, standardize=standardize)
+    assert not np.allclose(plain(0.01 * x, mask=mask).numpy(), plain(x, mask=mask).numpy(), atol=1e-3)
+    # tokens of a small scale at the initial weights: without the norm every bucket gets about the same mass, with
+    # it they do not
+    small = 0.01 * rng.normal(size=(1, 64, D)).astype("float32")
+    plain = TEMDESketch(depth=N, bits=K, standardize=standardize)
+    flat = plain(small).numpy()
+    np.testing.assert_allclose(flat, np.full_like(flat, 1.0 / np.sqrt(W)), atol=1e-3)
+    normed = TEMDESketch(depth=N, bits=K, layer_norm=True, standardize=standardize)
+    normed.build((None, None, D))
+    normed.hyperplanes.assign(plain.hyperplanes.numpy())
+    assert np.abs(normed(small).numpy() - 1.0 / np.sqrt(W)).max() > 0.05
 
 
 def test_hard_is_one_hot_sign_code(rng, data):
@@ -191,14 +219,19 @@ def test_keras_mask_propagates_from_embedding(rng):
 # ---------------------------------------------------------------- adapt (EMDE's data-dependent fit)
 
 
-def test_adapt_sets_standardisation_and_medians(rng):
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_adapt_sets_standardisation_and_medians(rng, layer_norm):
     samples = rng.normal(loc=3.0, scale=2.0, size=(2, 50, D)).astype("float32")
     mask = rng.uniform(size=(2, 50)) < 0.7
     samples_padded = np.where(mask[..., None], samples, 1e4).astype("float32")
-    layer = TEMDESketch(N, K).adapt(samples_padded, mask=mask)
+    layer = TEMDESketch(N, K, layer_norm=layer_norm).adapt(samples_padded, mask=mask)
     valid = samples[mask].astype("float64")
-    np.testing.assert_allclose(layer.mean.numpy(), valid.mean(0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(layer.std.numpy(), valid.std(0), rtol=1e-5)
+    seen = valid
+    if layer_norm:  # the statistics are those of the token-normalised samples
+        centred = valid - valid.mean(-1, keepdims=True)
+        seen = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(layer.mean.numpy(), seen.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.std.numpy(), seen.std(0), rtol=1e-5)
     z = np_projections(valid, layer).reshape(len(valid), N * K)
     above = (z > 0).sum(0)
     below = (z < 0).sum(0)
@@ -250,14 +283,16 @@ def test_save_load_identical(rng, data, tmp_path):
     x, mask = data
     tokens = keras.Input((None, D), name="tokens")
     token_mask = keras.Input((None,), dtype="bool", name="token_mask")
-    layer = TEMDESketch(N, K, temperature=0.5, name="sketch")
+    layer = TEMDESketch(N, K, temperature=0.5, layer_norm=True, name="sketch")
     model = keras.Model([tokens, token_mask], layer(tokens, mask=token_mask))
     randomize(layer, rng)
     layer.temperature_weight.assign(0.3)
     loaded = keras_round_trip(model, [x, mask.astype(bool)], tmp_path / "sketch.keras")
     config = loaded.get_layer("sketch").get_config()
-    assert {k: config[k] for k in ("depth", "bits", "temperature", "normalize", "hard", "standardize")} == {
+    assert {k: config[k] for k in ("depth", "bits", "temperature", "normalize", "hard", "standardize",
+                                   "layer_norm")} == {
         "depth": N, "bits": K, "temperature": 0.5, "normalize": True, "hard": False, "standardize": True,
+        "layer_norm": True,
     }
 
 

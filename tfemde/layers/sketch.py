@@ -7,6 +7,9 @@ from keras import ops
 from tfemde.layers.masking import check_mask_shape, check_rank, float_mask
 
 
+LAYER_NORM_EPSILON = 1e-5
+
+
 def _code_table(bits):
     """The binary code table C [2**bits, bits]: C[w, k] = bit k of w, so bucket w = sum_k C[w, k] 2**k."""
     buckets = np.arange(2**bits)[:, None]
@@ -52,6 +55,10 @@ class TEMDESketch(keras.layers.Layer):
         hard: use exact one-hot codes instead of the soft assignment (no gradient to the hyperplanes).
         standardize: subtract the non-trainable per-feature `mean` and divide by `std` (set by `adapt`)
             before projecting, as EMDE's StandardScaler. Initialised to 0 and 1 (identity).
+        layer_norm: first standardise each token over its features, `(x - mean(x)) / sqrt(var(x) + 1e-5)`
+            (a LayerNorm without gain and bias, which the hyperplanes and biases already provide). Features that
+            train (a tower's output) have no fixed scale; unnormalised, a small scale puts every token in every
+            bucket alike (`z` near 0) and the sketch carries nothing. Applied in `adapt` too.
         epsilon: rows are divided by `sqrt(max(||row||**2, epsilon**2))`.
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
@@ -87,6 +94,7 @@ class TEMDESketch(keras.layers.Layer):
         normalize=True,
         hard=False,
         standardize=True,
+        layer_norm=False,
         epsilon=1e-6,
         **kwargs,
     ):
@@ -105,6 +113,7 @@ class TEMDESketch(keras.layers.Layer):
         self.normalize = bool(normalize)
         self.hard = bool(hard)
         self.standardize = bool(standardize)
+        self.layer_norm = bool(layer_norm)
         self.epsilon = float(epsilon)
         self.width = 2**self.bits
         self.input_dim = None
@@ -165,8 +174,16 @@ class TEMDESketch(keras.layers.Layer):
         if token_weights is not None:
             check_mask_shape(token_weights.shape, inputs.shape, "token_weights")
 
+    def _token_norm(self, x):
+        """Each token standardised over its features when `layer_norm=True`, else `x`."""
+        if not self.layer_norm:
+            return x
+        centred = x - ops.mean(x, axis=-1, keepdims=True)
+        return centred * ops.rsqrt(ops.mean(ops.square(centred), axis=-1, keepdims=True) + LAYER_NORM_EPSILON)
+
     def _projections(self, x):
-        """`((x - mean) / std) @ hyperplanes - biases` for float32 `x [..., D]` -> `[..., depth * bits]`."""
+        """`((LN(x) - mean) / std) @ hyperplanes - biases` for float32 `x [..., D]` -> `[..., depth * bits]`."""
+        x = self._token_norm(x)
         if self.standardize:
             x = (x - self.mean) / self.std
         return ops.matmul(x, self.hyperplanes) - self.biases
@@ -252,6 +269,8 @@ class TEMDESketch(keras.layers.Layer):
             )
         if samples.shape[0] == 0:
             raise ValueError("samples must contain at least one valid vector; got none (all masked or empty)")
+        if self.layer_norm:
+            samples = np.asarray(self._token_norm(samples), dtype="float64")
         if self.standardize:
             mean = samples.mean(axis=0)
             std = samples.std(axis=0)
@@ -272,6 +291,7 @@ class TEMDESketch(keras.layers.Layer):
             normalize=self.normalize,
             hard=self.hard,
             standardize=self.standardize,
+            layer_norm=self.layer_norm,
             epsilon=self.epsilon,
         )
         return config

@@ -30,7 +30,8 @@ FIELD_RANGES = {
     "dropout": ("float", 0, "1)"),
     "set_lr_scale": ("optional float", "(0", None),
     "set_head_dim": ("optional int", 1, None),
-    **{field: ("bool", None, None) for field in ("sketch", "share_weights", "reference_masking", "mixed_precision")},
+    **{field: ("bool", None, None) for field in ("sketch", "sketch_layer_norm", "share_weights", "reference_masking",
+                                                      "mixed_precision")},
 }
 
 
@@ -122,6 +123,7 @@ class DualEncoderConfig:
     sketch_depth: int = 16
     sketch_bits: int = 6
     sketch_temperature: float = 1.0
+    sketch_layer_norm: bool = False
     sketch_weight: float = 0.5
     # similarity and loss (ALGORITHMS.md §3.3-3.4)
     alpha: float = 16.0

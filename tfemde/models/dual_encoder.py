@@ -88,6 +88,7 @@ def _build_graph(config):
     if config.sketch:
         # One sketch for both towers: both modalities are histograms over the same regions of the joint space.
         sketch = TEMDESketch(config.sketch_depth, config.sketch_bits, temperature=config.sketch_temperature,
+                             layer_norm=config.sketch_layer_norm,
                              name="sketch")
         shared["sketches"] = {m: sketch(t.local, mask=t.mask) for m, t in towers.items()}
         shared["flatten"] = {m: layers.Reshape((config.sketch_size,), name=f"{m}_sketch") for m in towers}
