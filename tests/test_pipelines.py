@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import sentencepiece as spm
 from PIL import Image
 
@@ -170,6 +171,42 @@ def test_every_pair_once_per_epoch_and_reshuffled(parts, tokenizer):
     endless = train_dataset(ds, tokenizer, batch_size=batch_size, repeat=True)
     seen = np.concatenate([b["caption_id"] for b in _epoch(endless.take(m))])  # m batches = batch_size epochs
     assert np.array_equal(np.bincount(seen, minlength=m), np.full(m, batch_size))
+
+
+@pytest.mark.parametrize("width", [2, 5])
+def test_length_buckets_pad_each_batch_to_a_multiple_of_the_width(parts, tokenizer, width):
+    """Batches of captions of about the same length, each padded only to the next multiple of `width` (at most
+    `max_length`), the ids those of the unbucketed encoding; as many whole batches per epoch as without buckets, every
+    caption at most once, reshuffled each epoch. (That padding changes no output: test_models'
+    test_outputs_do_not_change_with_padding.)"""
+    ds = _make(parts, "images")
+    batch_size, max_length = 3, 9
+    reference = _reference_ids(tokenizer, parts["captions"], max_length)
+    lengths = (reference > 0).sum(axis=1)
+    train = train_dataset(ds, tokenizer, batch_size=batch_size, max_length=max_length, caption_augment=0.0, seed=1,
+                          bucket_width=width)
+    assert int(train.cardinality()) == ds.num_captions // batch_size
+    epochs = []
+    for _ in range(2):
+        seen, mixed = [], 0
+        for batch in _epoch(train):
+            caption = batch["caption_id"]
+            length = batch["caption_ids"].shape[1]
+            assert length == min(max_length, -(-lengths[caption].max() // width) * width)
+            np.testing.assert_array_equal(batch["caption_ids"], reference[caption, :length])
+            np.testing.assert_array_equal(batch["caption_mask"], reference[caption, :length] > 0)
+            np.testing.assert_array_equal(batch["image_id"], parts["caption_item"][caption])
+            buckets = -(-np.minimum(lengths[caption], max_length) // width)
+            mixed += buckets.min() != buckets.max()
+            seen.append(caption)
+        seen = np.concatenate(seen)
+        assert len(seen) == ds.num_captions // batch_size * batch_size and len(np.unique(seen)) == len(seen)
+        assert mixed <= len(np.unique(-(-np.minimum(lengths, max_length) // width))) - 1  # only at bucket edges
+        epochs.append(seen)
+    assert not np.array_equal(epochs[0], epochs[1])
+    endless = train_dataset(ds, tokenizer, batch_size=batch_size, bucket_width=width, repeat=True)
+    assert int(endless.cardinality()) == tf.data.INFINITE_CARDINALITY
+    assert len(_epoch(endless.take(3 * len(epochs[0]) // batch_size))) == 3 * len(epochs[0]) // batch_size
 
 
 def _all_equal(a, b):
@@ -471,6 +508,9 @@ def test_errors(parts, tokenizer, image_files):
         train_dataset(ds, tokenizer, batch_size=2, caption_augment=-0.1)
     with pytest.raises(ValueError, match="crop_scale must be in"):
         train_dataset(ds, tokenizer, batch_size=2, crop_scale=0.0)
+    for width in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=f"bucket_width must be an int >= 0; got {width!r}"):
+            train_dataset(ds, tokenizer, batch_size=2, bucket_width=width)
     with pytest.raises(ValueError, match="split must be None or one of"):
         train_dataset(ds, tokenizer, batch_size=2, split="restval")
     with pytest.raises(ValueError, match="image_size must be None, a positive int or"):

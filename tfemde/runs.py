@@ -111,7 +111,7 @@ def _remove_run_files(out: Path):
 
 def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs/run", vocab_size=2000,
           max_length=DEFAULT_MAX_LENGTH, seed=0, verbose=1, validate_every=1, callbacks=(), overwrite=False,
-          **overrides) -> Run:
+          bucket_width=0, **overrides) -> Run:
     """Train a dual encoder with `model.fit` and write a complete run folder.
 
     Args:
@@ -127,6 +127,8 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs
         validate_every: validation R@K/RSUM every this many epochs.
         callbacks: more Keras callbacks for `fit`.
         overwrite: replace a run already in `out` (its run files only) instead of refusing.
+        bucket_width: batch captions of about the same length and pad each batch to a multiple of this
+            (`tfemde.data.train_dataset`); 0 pads every caption to `max_length`.
         **overrides: any `DualEncoderConfig` field.
 
     Returns:
@@ -144,7 +146,7 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs
     out = Path(out)
     for name, value, minimum in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("vocab_size", vocab_size, 4),
                                  ("max_length", max_length, 1), ("seed", seed, 0),
-                                 ("validate_every", validate_every, 1)):
+                                 ("validate_every", validate_every, 1), ("bucket_width", bucket_width, 0)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
     if not isinstance(overwrite, bool):
@@ -157,7 +159,7 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs
         if splits[name].num_items == 0:
             raise ValueError(f"data set {dataset.name!r} has no {name} items; train needs train and val splits")
     identity = {"preset": preset, "batch_size": batch_size, "vocab_size": vocab_size, "max_length": max_length,
-                "seed": seed, "overrides": json.loads(json.dumps(overrides, sort_keys=True, default=repr)),
+                "bucket_width": bucket_width, "seed": seed, "overrides": json.loads(json.dumps(overrides, sort_keys=True, default=repr)),
                 "data": data_digest(dataset)}
     state = _out_state(out, identity, overwrite)
     tokenizer_path = out / "tokenizer.model"
@@ -172,7 +174,7 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs
     model.compile()
     image_size = config.image_size if dataset.kind == "image_files" else None
     train_data = train_dataset(splits["train"], tokenizer, batch_size=min(batch_size, splits["train"].num_captions),
-                               max_length=max_length, seed=seed, image_size=image_size)
+                               max_length=max_length, seed=seed, image_size=image_size, bucket_width=bucket_width)
     val_data = eval_dataset(splits["val"], tokenizer, batch_size=256, max_length=max_length, image_size=image_size)
 
     if state == "replace":

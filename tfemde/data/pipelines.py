@@ -7,7 +7,8 @@ Batches are dicts:
 
 * `image` `[B, H, W, 3]` float32 in [0, 1] (datasets of kind `images` or `image_files`), or
   `regions` `[B, R, F]` float32 with `region_mask` `[B, R]` bool (kind `regions`);
-* `caption_ids` `[B, T]` int32 (0 = padding) and `caption_mask` `[B, T]` bool, `T = max_length`;
+* `caption_ids` `[B, T]` int32 (0 = padding) and `caption_mask` `[B, T]` bool, `T = max_length` (or less in
+  training batches grouped by length, see `train_dataset`'s `bucket_width`);
 * `image_id` `[B]` int64 (the item index in the dataset), `group_id` `[B]` int64 (the item's group) and
   `caption_id` `[B]` int64 (the caption index); training batches also carry `text_id` `[B]` int64, equal for
   captions whose texts are equal up to case and spacing (the loss treats those as positives of each other's images).
@@ -125,6 +126,7 @@ class _TokenTable:
         lengths = np.fromiter((min(len(p), max_tokens) for p in pieces), dtype=np.int64, count=len(pieces))
         values = np.fromiter((t for p in pieces for t in p[:max_tokens]), dtype=np.int32, count=int(lengths.sum()))
         row_splits = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.lengths = lengths
         self.values = tf.constant(values)
         self.row_splits = tf.constant(row_splits)
 
@@ -135,10 +137,13 @@ class _TokenTable:
 
 
 def _pad(tokens, max_length, batch_size=None):
+    """`[B, T]` ids and mask of ragged `tokens` cut to `T = max_length` (an int, or a scalar tensor)."""
     tokens = tokens[:, :max_length]
     ids = tokens.to_tensor(default_value=0, shape=[batch_size, max_length])
     mask = tf.sequence_mask(tokens.row_lengths(), max_length)
-    mask.set_shape([batch_size, max_length])
+    static_length = max_length if isinstance(max_length, int) else None
+    ids.set_shape([batch_size, static_length])
+    mask.set_shape([batch_size, static_length])
     return ids, mask
 
 
@@ -256,7 +261,7 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
                   image_size=None, region_drop: float = 0.2, caption_augment: float = 0.2,
                   image_augment: bool = True, flip: bool = True, crop_scale: float = 0.8, shuffle: bool = True,
                   repeat: bool = False, cache: bool = True, split: Optional[str] = None,
-                  cache_max_bytes: int = CACHE_MAX_BYTES) -> tf.data.Dataset:
+                  cache_max_bytes: int = CACHE_MAX_BYTES, bucket_width: int = 0) -> tf.data.Dataset:
     """Shuffled, augmented training batches of (item, caption) pairs, one element per caption.
 
     Args:
@@ -281,6 +286,11 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
             images need no cache and regions are read per batch from their memory map.
         split: if given, use only this split of `dataset` (`"train"`, `"val"` or `"test"`).
         cache_max_bytes: the memory budget of `cache`.
+        bucket_width: 0 pads every caption to `max_length`. A width `w > 0` batches captions of about the same
+            length together (each epoch's shuffled captions are grouped by `ceil(length / w)`, cut into batches,
+            and the batches shuffled) and pads each batch only to the next multiple of `w` above its longest
+            caption (at most `max_length`), so the text tower runs fewer steps; the model's outputs do not depend
+            on the padding. The batches of an epoch are as many as without buckets.
 
     Returns:
         A `tf.data.Dataset` of dict batches (see the module doc): `image` `[B, H, W, 3]` float32 or `regions`
@@ -321,9 +331,13 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
     mask_id = tokenizer.mask_id
     normal_ids = tf.constant(tokenizer.normal_ids, dtype=tf.int32)
 
+    bucket_width = _check_int("bucket_width", bucket_width, minimum=0)
+    caption_length = tf.constant(np.minimum(tokens.lengths, max_length), dtype=tf.int64)
     pairs = tf.data.Dataset.range(num_captions)
     if shuffle:
         pairs = pairs.shuffle(num_captions, seed=seed, reshuffle_each_iteration=True)
+    if bucket_width:
+        pairs = _grouped_by_length(pairs, num_captions, batch_size, caption_length, bucket_width, seed, shuffle)
     if repeat:
         pairs = pairs.repeat()
 
@@ -376,7 +390,11 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
         caption = tokens.gather(caption_index)
         if caption_augment > 0:
             caption = _augment_captions(caption, batch_seed + [3, 0], caption_augment, mask_id, normal_ids)
-        out["caption_ids"], out["caption_mask"] = _pad(caption, max_length, batch_size)
+        length = max_length
+        if bucket_width:
+            longest = tf.maximum(tf.reduce_max(tf.gather(caption_length, caption_index)), 1)
+            length = tf.minimum((longest + bucket_width - 1) // bucket_width * bucket_width, max_length)
+        out["caption_ids"], out["caption_mask"] = _pad(caption, length, batch_size)
         out["image_id"] = items
         out["group_id"] = tf.gather(item_group, items)
         out["caption_id"] = caption_index
@@ -384,7 +402,32 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
         return out
 
     result = tf.data.Dataset.zip(parts).map(make_batch, num_parallel_calls=AUTOTUNE)
+    if bucket_width:  # flat_map hides the length of an epoch, which fit's schedule needs
+        result = result.apply(tf.data.experimental.assert_cardinality(
+            tf.data.INFINITE_CARDINALITY if repeat else num_captions // batch_size))
     return result.with_options(pipeline_options()).prefetch(AUTOTUNE)
+
+
+def _grouped_by_length(order, num_captions, batch_size, caption_length, bucket_width, seed, shuffle):
+    """Each epoch of caption indices `order` reordered so that every `batch_size` run shares a length bucket.
+
+    The epoch's first `num_captions // batch_size * batch_size` indices (those that fill whole batches) are sorted by
+    `ceil(length / bucket_width)`, stably (so within a bucket the shuffled order stays), cut into batches, and the
+    batches put in a random order drawn from the epoch's shuffle.
+    """
+    num_batches = num_captions // batch_size
+    bucket = (caption_length + bucket_width - 1) // bucket_width
+
+    def regroup(epoch):
+        kept = epoch[:num_batches * batch_size]
+        grouped = tf.gather(kept, tf.argsort(tf.gather(bucket, kept), stable=True))
+        batches = tf.reshape(grouped, [num_batches, batch_size])
+        if shuffle:
+            batch_seed = tf.stack([tf.constant(seed + 2 * _AUGMENT_SEED_OFFSET, tf.int64), epoch[0]])
+            batches = tf.random.experimental.stateless_shuffle(batches, seed=batch_seed)
+        return tf.reshape(batches, [-1])
+
+    return order.batch(num_captions).map(regroup).unbatch()
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -431,6 +474,11 @@ def eval_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_le
             `cache_max_bytes`), so that evaluating every epoch decodes them once.
         split: if given, use only this split of `dataset`.
         cache_max_bytes: the memory budget of `cache`.
+        bucket_width: 0 pads every caption to `max_length`. A width `w > 0` batches captions of about the same
+            length together (each epoch's shuffled captions are grouped by `ceil(length / w)`, cut into batches,
+            and the batches shuffled) and pads each batch only to the next multiple of `w` above its longest
+            caption (at most `max_length`), so the text tower runs fewer steps; the model's outputs do not depend
+            on the padding. The batches of an epoch are as many as without buckets.
 
     Returns:
         An `EvalData` (`items`, `captions`, `caption_item` `[M]`, `item_group` `[N]`).
