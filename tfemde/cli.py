@@ -15,6 +15,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from tfemde.files import atomic_write  # noqa: E402 - after the log level, before anything imports TensorFlow
+from tfemde.runs import DEFAULT_BUCKET_WIDTH  # noqa: E402
 
 
 class UserError(Exception):
@@ -37,7 +38,8 @@ def _overrides(pairs):
 
 # `train`'s own options: a `--set` of one of these would reach `train` twice.
 TRAIN_OPTIONS = {"data": "--data", "preset": "--preset", "epochs": "--epochs", "batch_size": "--batch-size",
-                 "vocab_size": "--vocab-size", "seed": "--seed", "out": "--out", "overwrite": "--overwrite"}
+                 "vocab_size": "--vocab-size", "seed": "--seed", "out": "--out", "overwrite": "--overwrite",
+                 "bucket_width": "--bucket-width"}
 TRAIN_ONLY = ("verbose", "validate_every", "callbacks")
 
 
@@ -65,7 +67,8 @@ def cmd_train(args):
         if key in TRAIN_ONLY:
             raise UserError(f"--set {key}=...: {key} is not a config field")
     run = train(data=args.data, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, out=args.out,
-                vocab_size=args.vocab_size, seed=args.seed, overwrite=args.overwrite, **overrides)
+                vocab_size=args.vocab_size, seed=args.seed, overwrite=args.overwrite, bucket_width=args.bucket_width,
+                **overrides)
     print(format_metrics({args.preset: run.metrics}))
     print(f"run written to {run.path}")
 
@@ -286,6 +289,9 @@ def parser() -> argparse.ArgumentParser:
                     help="captions per batch (default 64: in a short run more, smaller steps learn faster)")
     tr.add_argument("--vocab-size", type=int, default=2000)
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--bucket-width", type=int, default=DEFAULT_BUCKET_WIDTH,
+                    help="batch captions of about the same length, padded to a multiple of this many tokens "
+                         f"(default {DEFAULT_BUCKET_WIDTH}; 0 pads every caption to max_length)")
     tr.add_argument("--out", required=True, help="the run folder to write (an interrupted run there with the same "
                     "settings resumes; any other run there is refused unless --overwrite)")
     tr.add_argument("--overwrite", action="store_true", help="replace a run already in --out")

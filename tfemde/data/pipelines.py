@@ -261,7 +261,8 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
                   image_size=None, region_drop: float = 0.2, caption_augment: float = 0.2,
                   image_augment: bool = True, flip: bool = True, crop_scale: float = 0.8, shuffle: bool = True,
                   repeat: bool = False, cache: bool = True, split: Optional[str] = None,
-                  cache_max_bytes: int = CACHE_MAX_BYTES, bucket_width: int = 0) -> tf.data.Dataset:
+                  cache_max_bytes: int = CACHE_MAX_BYTES, bucket_width: int = 0,
+                  balance_groups: bool = False) -> tf.data.Dataset:
     """Shuffled, augmented training batches of (item, caption) pairs, one element per caption.
 
     Args:
@@ -333,9 +334,16 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
 
     bucket_width = _check_int("bucket_width", bucket_width, minimum=0)
     caption_length = tf.constant(np.minimum(tokens.lengths, max_length), dtype=tf.int64)
-    pairs = tf.data.Dataset.range(num_captions)
-    if shuffle:
-        pairs = pairs.shuffle(num_captions, seed=seed, reshuffle_each_iteration=True)
+    if not isinstance(balance_groups, bool):
+        raise ValueError(f"balance_groups must be True or False; got {balance_groups!r}")
+    if balance_groups and not shuffle:
+        raise ValueError("balance_groups=True draws pairs at random, so it needs shuffle=True")
+    if balance_groups:
+        pairs = _group_balanced_draws(dataset, seed)
+    else:
+        pairs = tf.data.Dataset.range(num_captions)
+        if shuffle:
+            pairs = pairs.shuffle(num_captions, seed=seed, reshuffle_each_iteration=True)
     if bucket_width:
         pairs = _grouped_by_length(pairs, num_captions, batch_size, caption_length, bucket_width, seed, shuffle)
     if repeat:
@@ -406,6 +414,22 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
         result = result.apply(tf.data.experimental.assert_cardinality(
             tf.data.INFINITE_CARDINALITY if repeat else num_captions // batch_size))
     return result.with_options(pipeline_options()).prefetch(AUTOTUNE)
+
+
+def _group_balanced_draws(dataset, seed):
+    """`num_captions` caption indices per iteration, drawn with replacement with `P(c) ∝ 1 / captions of c's group`."""
+    caption_group = np.asarray(dataset.item_group)[np.asarray(dataset.caption_item)]
+    _, inverse, counts = np.unique(caption_group, return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[inverse.reshape(-1)]
+    cdf = tf.constant(np.cumsum(weights) / weights.sum(), dtype=tf.float64)
+    last = dataset.num_captions - 1
+
+    def draw(epoch_seed):
+        uniform = tf.random.stateless_uniform([dataset.num_captions], seed=tf.stack([epoch_seed, 0]), dtype=tf.float64)
+        return tf.minimum(tf.searchsorted(cdf, uniform, side="right", out_type=tf.int64), last)
+
+    epoch_seeds = tf.data.Dataset.random(seed=seed + 3 * _AUGMENT_SEED_OFFSET, rerandomize_each_iteration=True)
+    return epoch_seeds.take(1).map(draw).unbatch()
 
 
 def _grouped_by_length(order, num_captions, batch_size, caption_length, bucket_width, seed, shuffle):
