@@ -209,6 +209,34 @@ def test_length_buckets_pad_each_batch_to_a_multiple_of_the_width(parts, tokeniz
     assert len(_epoch(endless.take(3 * len(epochs[0]) // batch_size))) == 3 * len(epochs[0]) // batch_size
 
 
+def test_balanced_groups_draw_every_group_equally_often(parts, tokenizer):
+    """balance_groups: each epoch has as many batches as without it, of pairs drawn with every group equally likely
+    whatever its number of items and captions (the fixture's groups hold 2 to 7 captions); new draws every epoch."""
+    ds = _make(parts, "images")
+    caption_group = parts["item_group"][parts["caption_item"]]
+    groups, captions_per_group = np.unique(caption_group, return_counts=True)
+    assert captions_per_group.max() >= 2 * captions_per_group.min()
+    batch_size = 3
+    train = train_dataset(ds, tokenizer, batch_size=batch_size, seed=5, balance_groups=True, bucket_width=2)
+    epochs = [_epoch(train) for _ in range(2)]
+    assert {len(e) for e in epochs} == {ds.num_captions // batch_size} == {int(train.cardinality())}
+    for batch in epochs[0]:
+        np.testing.assert_array_equal(batch["image_id"], parts["caption_item"][batch["caption_id"]])
+    endless = train_dataset(ds, tokenizer, batch_size=ds.num_captions, seed=5, balance_groups=True, repeat=True)
+    drawn = np.concatenate([b["caption_id"] for b in _epoch(endless.take(12_000 // ds.num_captions))])
+    share = np.array([(caption_group[drawn] == g).mean() for g in groups])
+    np.testing.assert_allclose(share, 1.0 / len(groups), rtol=0.1)  # ~ 12k draws: 3 sigma is about 7 %
+    # within a group, its captions equally likely
+    first = groups[np.argmax(captions_per_group)]
+    within = np.bincount(drawn[caption_group[drawn] == first], minlength=ds.num_captions)[caption_group == first]
+    np.testing.assert_allclose(within / within.sum(), 1.0 / len(within), rtol=0.25)
+    assert not np.array_equal(epochs[0][0]["caption_id"], epochs[1][0]["caption_id"])
+    with pytest.raises(ValueError, match="balance_groups=True draws pairs at random, so it needs shuffle=True"):
+        train_dataset(ds, tokenizer, batch_size=2, balance_groups=True, shuffle=False)
+    with pytest.raises(ValueError, match="balance_groups must be True or False; got 1"):
+        train_dataset(ds, tokenizer, batch_size=2, balance_groups=1)
+
+
 def _all_equal(a, b):
     return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
 
