@@ -242,6 +242,22 @@ def test_every_config_field_checked_for_type_and_range():
             preset("dive", **{field: value})
 
 
+def test_a_config_saved_before_a_field_existed_rebuilds_its_own_model(tmp_path):
+    """sketch_layer_norm is on by default, but a config.json written before the field existed (without it) must
+    give the model it was trained as: the sketch without the token norm."""
+    from tfemde.models.config import FIELDS_ADDED_LATER
+
+    assert preset("dive_temde").sketch_layer_norm is True
+    saved = preset("dive_temde", **TINY, **REGIONS).to_dict()
+    for field in FIELDS_ADDED_LATER:
+        del saved[field]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    old = DualEncoderConfig.load(tmp_path / "config.json")
+    assert old.sketch_layer_norm is False
+    assert build_dual_encoder(old).get_layer("sketch").layer_norm is False
+    assert build_dual_encoder(preset("dive_temde", **TINY, **REGIONS)).get_layer("sketch").layer_norm is True
+
+
 def test_config_json_round_trip_and_errors(tmp_path):
     config = preset("dive", embed_dim=64)
     config.save(tmp_path / "config.json")

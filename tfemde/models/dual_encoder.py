@@ -134,7 +134,10 @@ class DualEncoder(keras.Model):
     """
 
     def __init__(self, config=None, **kwargs):
-        config = config if isinstance(config, DualEncoderConfig) else DualEncoderConfig.from_dict(config or {})
+        if config is None:
+            config = DualEncoderConfig()
+        elif not isinstance(config, DualEncoderConfig):
+            config = DualEncoderConfig.from_dict(config)
         # The layers take the dtype policy in force when they are made; the process-wide policy is put back after,
         # so building (or loading) a mixed-precision model changes no model built later.
         previous = keras.config.dtype_policy()
