@@ -245,6 +245,8 @@ BAD_INPUTS = [
     ("epochs 0", ["train", "--data", "{data}", "--out", "{out}", "--epochs", "0"], "epochs must be an integer >= 1; got 0"),
     ("epochs -1", ["train", "--data", "{data}", "--out", "{out}", "--epochs", "-1"], "epochs must be an integer >= 1; got -1"),
     ("batch 0", ["train", "--data", "{data}", "--out", "{out}", "--batch-size", "0"], "batch_size must be an integer >= 1"),
+    ("bucket width -1", ["train", "--data", "{data}", "--out", "{out}", "--bucket-width", "-1"],
+     "bucket_width must be an integer >= 0; got -1"),
     ("num_slots", ["train", "--data", "{data}", "--out", "{out}", "--set", *TINY, "num_slots=1.5"],
      "num_slots must be an integer >= 1; got 1.5"),
     ("embed_dim", ["train", "--data", "{data}", "--out", "{out}", "--set", *TINY, "embed_dim=16.7"],
