@@ -86,7 +86,7 @@ def test_test_command_is_the_one_ci_runs(tmp_path):
 
 
 def test_python_example_trains_evaluates_exports_and_serves(tmp_path):
-    code = small(block("python"), [("epochs=6", "epochs=1"), ("embed_dim=256, word_dim=128, set_depth=2", TINY_MODEL)])
+    code = small(block("python"), [("epochs=6", "epochs=1"), ("embed_dim=256, word_dim=128, set_depth=2, set_head_dim=64", TINY_MODEL)])
     out = run([sys.executable, "-c", code], cwd=tmp_path)
     metrics = json.loads(re.search(r"^\{.*'rsum'.*\}$", out, flags=re.M).group(0).replace("'", '"'))
     assert 0 <= metrics["rsum"] <= 600 and metrics["i2t_r1"] <= metrics["i2t_r5"] <= metrics["i2t_r10"]
@@ -101,7 +101,7 @@ def test_python_example_trains_evaluates_exports_and_serves(tmp_path):
 
 def test_command_line_block_runs_and_writes_what_the_readme_says(tmp_path):
     script = small(block("bash", index=2), [("--epochs 6", "--epochs 1 --vocab-size 300"),
-                                            ("embed_dim=256 word_dim=128 set_depth=2", TINY_MODEL.replace(",", ""))])
+                                            ("embed_dim=256 word_dim=128 set_depth=2 set_head_dim=64", TINY_MODEL.replace(",", ""))])
     lines = [line for line in script.splitlines() if line.strip()]
     outputs = [run(["bash", "-euo", "pipefail", "-c", line], cwd=tmp_path) for line in lines]
     run_dir = tmp_path / "runs" / "emoji"
