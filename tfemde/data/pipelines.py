@@ -410,7 +410,7 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
         return out
 
     result = tf.data.Dataset.zip(parts).map(make_batch, num_parallel_calls=AUTOTUNE)
-    if bucket_width:  # flat_map hides the length of an epoch, which fit's schedule needs
+    if bucket_width:  # unbatch hides the length of an epoch, which fit's schedule needs
         result = result.apply(tf.data.experimental.assert_cardinality(
             tf.data.INFINITE_CARDINALITY if repeat else num_captions // batch_size))
     return result.with_options(pipeline_options()).prefetch(AUTOTUNE)
@@ -498,11 +498,6 @@ def eval_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_le
             `cache_max_bytes`), so that evaluating every epoch decodes them once.
         split: if given, use only this split of `dataset`.
         cache_max_bytes: the memory budget of `cache`.
-        bucket_width: 0 pads every caption to `max_length`. A width `w > 0` batches captions of about the same
-            length together (each epoch's shuffled captions are grouped by `ceil(length / w)`, cut into batches,
-            and the batches shuffled) and pads each batch only to the next multiple of `w` above its longest
-            caption (at most `max_length`), so the text tower runs fewer steps; the model's outputs do not depend
-            on the padding. The batches of an epoch are as many as without buckets.
 
     Returns:
         An `EvalData` (`items`, `captions`, `caption_item` `[M]`, `item_group` `[N]`).
