@@ -167,7 +167,8 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs
         if splits[name].num_items == 0:
             raise ValueError(f"data set {dataset.name!r} has no {name} items; train needs train and val splits")
     identity = {"preset": preset, "batch_size": batch_size, "vocab_size": vocab_size, "max_length": max_length,
-                "bucket_width": bucket_width, "balance_groups": balance_groups, "seed": seed, "overrides": json.loads(json.dumps(overrides, sort_keys=True, default=repr)),
+                "bucket_width": bucket_width, "balance_groups": balance_groups, "seed": seed,
+                "overrides": json.loads(json.dumps(overrides, sort_keys=True, default=repr)),
                 "data": data_digest(dataset)}
     state = _out_state(out, identity, overwrite)
     tokenizer_path = out / "tokenizer.model"
