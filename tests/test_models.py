@@ -200,6 +200,43 @@ def test_scaled_adamw_scales_the_step_and_the_decay_of_matching_variables():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(variables[1]), adamw_step(np.ones((3, 1)), grad, 0.001), rtol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+def test_scaled_adamw_fused_steps_follow_a_numpy_adamw(compiled, rng):
+    """Five steps with a cosine schedule, global-norm clipping, decay and a scaled layer, in eager and in a graph
+    (where the fused TensorFlow kernels run), against AdamW written out in NumPy."""
+    layers = [keras.layers.Dense(4, name="tower"), keras.layers.Dense(2, name="image_set_prediction")]
+    for layer in layers:
+        layer.build((None, 3))
+    variables = [v for layer in layers for v in layer.trainable_variables]
+    start = [rng.normal(size=v.shape).astype("float32") for v in variables]
+    for v, value in zip(variables, start):
+        v.assign(value)
+    scales = [1.0, 1.0, 0.1, 0.1]
+    opt = ScaledAdamW(learning_rate=CosineDecayPerStep(0.05, decay_steps=6), weight_decay=0.3, global_clipnorm=1.0,
+                      lr_scales={"image_set_prediction": 0.1})
+    steps = [[rng.normal(size=v.shape).astype("float32") for v in variables] for _ in range(5)]
+    apply = tf.function(lambda grads: opt.apply(grads, variables)) if compiled else (lambda g: opt.apply(g, variables))
+    for grads in steps:
+        apply([tf.constant(g) for g in grads])
+
+    weights = [w.astype("float64") for w in start]
+    moments = [np.zeros_like(w) for w in weights]
+    velocities = [np.zeros_like(w) for w in weights]
+    for t, grads in enumerate(steps, start=1):
+        lr = 0.05 * 0.5 * (1 + np.cos(np.pi * min((t - 1) / 6, 1.0)))
+        norm = np.sqrt(sum((g.astype("float64") ** 2).sum() for g in grads))
+        grads = [g * min(1.0, 1.0 / norm) for g in grads]
+        for i, g in enumerate(grads):
+            step_lr = lr * scales[i]
+            weights[i] = weights[i] - weights[i] * 0.3 * step_lr
+            moments[i] = 0.9 * moments[i] + 0.1 * g
+            velocities[i] = 0.999 * velocities[i] + 0.001 * g**2
+            alpha = step_lr * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+            weights[i] = weights[i] - alpha * moments[i] / (np.sqrt(velocities[i]) + 1e-7)
+    for v, expected in zip(variables, weights):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(v), expected, rtol=1e-4, atol=1e-5, err_msg=v.path)
+
+
 def _bad_values(kind, low, high):
     """Values outside a FIELD_RANGES entry: wrong types, non-finite numbers, and just beyond each bound."""
     if kind == "bool":
