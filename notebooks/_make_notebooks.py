@@ -138,14 +138,18 @@ NB01 = [
     md("""
     ## Input pipelines
 
-    `train_dataset` yields shuffled, augmented (image, caption) pairs with the ids the loss needs to tell positives
-    from negatives; `eval_dataset` holds the validation images and captions in order, for the full similarity matrix.
+    `train_dataset` yields shuffled (image, caption) pairs with the ids the loss needs to tell positives from
+    negatives, in batches of captions of about the same length (`bucket_width`); its augmentations (the papers'
+    caption token masking, image crop and flip) are off here, as in `tfemde.runs.train`: in a short run from scratch
+    they slow fitting more than they help. `eval_dataset` holds the validation images and captions in order, for the
+    full similarity matrix.
     """),
     code("""
     from tfemde.data import eval_dataset, train_dataset
 
     batch_size = min(budget["batch_size"], train.num_captions)
-    train_data = train_dataset(train, tokenizer, batch_size=batch_size, max_length=MAX_LENGTH, seed=0)
+    train_data = train_dataset(train, tokenizer, batch_size=batch_size, max_length=MAX_LENGTH, seed=0, bucket_width=8,
+                               caption_augment=0.0, image_augment=False)
     val_data = eval_dataset(val, tokenizer, batch_size=256, max_length=MAX_LENGTH)
     batch = next(iter(train_data))
     print({name: tuple(value.shape) for name, value in batch.items()})

@@ -199,6 +199,30 @@ def test_train_with_its_defaults_learns_a_new_small_data_set(jsonl_data, tmp_pat
     assert learned > chance + 150, (learned, chance)
 
 
+@pytest.mark.parametrize("argv, augmented", [([], False), (["--augment"], True)], ids=["default", "--augment"])
+def test_train_augments_only_when_asked(argv, augmented, jsonl_data, tmp_path, monkeypatch):
+    """The default trains on the pairs as they are; --augment uses the papers' augmentations (the pipeline's own
+    defaults). What was chosen is part of the run's identity."""
+    import tfemde.data
+
+    seen, original = [], tfemde.data.train_dataset
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tfemde.data, "train_dataset", recording)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(jsonl_data), "--preset", "vse", "--epochs", "1", "--batch-size", "16",
+                 "--vocab-size", "40", "--out", str(out), "--set", *TINY, *argv]) == 0
+    (kwargs,) = seen
+    if augmented:
+        assert not {"caption_augment", "image_augment", "region_drop"} & set(kwargs)
+    else:
+        assert (kwargs["caption_augment"], kwargs["image_augment"], kwargs["region_drop"]) == (0.0, False, 0.0)
+    assert json.loads((out / "run.json").read_text())["augment"] is augmented
+
+
 def test_curves_of_a_run_validated_every_few_epochs(tmp_path, monkeypatch):
     """CSVLogger writes NA where an epoch has no validation; the curves plot the validated epochs at their place."""
     import matplotlib.axes

@@ -15,7 +15,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from tfemde.files import atomic_write  # noqa: E402 - after the log level, before anything imports TensorFlow
-from tfemde.runs import DEFAULT_BALANCE_GROUPS, DEFAULT_BUCKET_WIDTH  # noqa: E402
+from tfemde.runs import DEFAULT_AUGMENT, DEFAULT_BALANCE_GROUPS, DEFAULT_BUCKET_WIDTH  # noqa: E402
 
 
 class UserError(Exception):
@@ -39,7 +39,7 @@ def _overrides(pairs):
 # `train`'s own options: a `--set` of one of these would reach `train` twice.
 TRAIN_OPTIONS = {"data": "--data", "preset": "--preset", "epochs": "--epochs", "batch_size": "--batch-size",
                  "vocab_size": "--vocab-size", "seed": "--seed", "out": "--out", "overwrite": "--overwrite",
-                 "bucket_width": "--bucket-width", "balance_groups": "--balance-groups"}
+                 "bucket_width": "--bucket-width", "balance_groups": "--balance-groups", "augment": "--augment"}
 TRAIN_ONLY = ("verbose", "validate_every", "callbacks")
 
 
@@ -68,7 +68,7 @@ def cmd_train(args):
             raise UserError(f"--set {key}=...: {key} is not a config field")
     run = train(data=args.data, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, out=args.out,
                 vocab_size=args.vocab_size, seed=args.seed, overwrite=args.overwrite, bucket_width=args.bucket_width,
-                balance_groups=args.balance_groups, **overrides)
+                balance_groups=args.balance_groups, augment=args.augment, **overrides)
     print(format_metrics({args.preset: run.metrics}))
     print(f"run written to {run.path}")
 
@@ -295,6 +295,10 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--balance-groups", action=argparse.BooleanOptionalAction, default=DEFAULT_BALANCE_GROUPS,
                     help="draw each epoch's pairs so that every group (concept) is seen equally often instead of "
                          "every caption once")
+    tr.add_argument("--augment", action=argparse.BooleanOptionalAction, default=DEFAULT_AUGMENT,
+                    help="the papers' augmentations: caption tokens masked/replaced/dropped, images cropped and "
+                         "flipped, regions dropped (default off: in a short run from scratch they slow fitting more "
+                         "than they help)")
     tr.add_argument("--out", required=True, help="the run folder to write (an interrupted run there with the same "
                     "settings resumes; any other run there is refused unless --overwrite)")
     tr.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
