@@ -145,11 +145,11 @@ NB01 = [
     full similarity matrix.
     """),
     code("""
-    from tfemde.data import eval_dataset, train_dataset
+    from tfemde.data import NO_AUGMENTATION, eval_dataset, train_dataset
 
     batch_size = min(budget["batch_size"], train.num_captions)
     train_data = train_dataset(train, tokenizer, batch_size=batch_size, max_length=MAX_LENGTH, seed=0, bucket_width=8,
-                               caption_augment=0.0, image_augment=False)
+                               **NO_AUGMENTATION)
     val_data = eval_dataset(val, tokenizer, batch_size=256, max_length=MAX_LENGTH)
     batch = next(iter(train_data))
     print({name: tuple(value.shape) for name, value in batch.items()})

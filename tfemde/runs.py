@@ -152,7 +152,7 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs
     import keras
 
     from tfemde.callbacks import BestCheckpoint, RetrievalValidation
-    from tfemde.data import eval_dataset, train_dataset
+    from tfemde.data import NO_AUGMENTATION, eval_dataset, train_dataset
     from tfemde.evaluation import evaluate
     from tfemde.models import build_dual_encoder
     from tfemde.plots import plot_history
@@ -192,8 +192,7 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs
     image_size = config.image_size if dataset.kind == "image_files" else None
     train_data = train_dataset(splits["train"], tokenizer, batch_size=min(batch_size, splits["train"].num_captions),
                                max_length=max_length, seed=seed, image_size=image_size, bucket_width=bucket_width,
-                               balance_groups=balance_groups,
-                               **({} if augment else dict(caption_augment=0.0, image_augment=False, region_drop=0.0)))
+                               balance_groups=balance_groups, **({} if augment else NO_AUGMENTATION))
     val_data = eval_dataset(splits["val"], tokenizer, batch_size=256, max_length=max_length, image_size=image_size)
 
     if state == "replace":

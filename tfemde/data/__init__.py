@@ -14,7 +14,7 @@ from tfemde.data.common import DataWarning
 from tfemde.data.readers import load, read_jsonl, read_karpathy
 from tfemde.data.readers import load as load_dataset
 
-_PIPELINES = ("EvalData", "caption_text_ids", "eval_dataset", "train_dataset", "decode_image_file")
+_PIPELINES = ("EvalData", "NO_AUGMENTATION", "caption_text_ids", "eval_dataset", "train_dataset", "decode_image_file")
 
 
 def __getattr__(name):

@@ -50,6 +50,8 @@ AUTOTUNE = tf.data.AUTOTUNE
 CACHE_MAX_BYTES = 2 << 30
 # Offset between the shuffle seed and the augmentation seed stream, so the two never share a seed.
 _AUGMENT_SEED_OFFSET = 104_729
+# `train_dataset` keywords that turn off every augmentation (its defaults are the papers'): the pairs as they are.
+NO_AUGMENTATION = {"caption_augment": 0.0, "image_augment": False, "region_drop": 0.0}
 
 
 def pipeline_options() -> tf.data.Options:

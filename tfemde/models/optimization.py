@@ -55,9 +55,10 @@ class ScaledAdamW(keras.optimizers.AdamW):
         self._fused_step = None
         if self.fused and keras.backend.backend() == "tensorflow" and not self.amsgrad:
             step = ops.cast(self.iterations + 1, "float32")
+            beta_1, beta_2 = ops.cast(self.beta_1, "float32"), ops.cast(self.beta_2, "float32")
             self._fused_step = {
-                "beta_1_power": ops.power(ops.cast(self.beta_1, "float32"), step),
-                "beta_2_power": ops.power(ops.cast(self.beta_2, "float32"), step),
+                "beta_1": beta_1, "beta_2": beta_2, "epsilon": ops.cast(self.epsilon, "float32"),
+                "beta_1_power": ops.power(beta_1, step), "beta_2_power": ops.power(beta_2, step),
                 "learning_rate": ops.cast(learning_rate, "float32"),
                 "decay_rate": ops.cast(learning_rate, "float32") * ops.cast(self.weight_decay or 0.0, "float32"),
             }
@@ -87,8 +88,8 @@ class ScaledAdamW(keras.optimizers.AdamW):
         tf.raw_ops.ResourceApplyAdam(
             var=variable.handle, m=self._momentums[index].value.handle, v=self._velocities[index].value.handle,
             beta1_power=shared["beta_1_power"], beta2_power=shared["beta_2_power"], lr=learning_rate,
-            beta1=ops.cast(self.beta_1, "float32"), beta2=ops.cast(self.beta_2, "float32"),
-            epsilon=ops.cast(self.epsilon, "float32"), grad=tf.convert_to_tensor(ops.cast(gradient, "float32")))
+            beta1=shared["beta_1"], beta2=shared["beta_2"], epsilon=shared["epsilon"],
+            grad=tf.convert_to_tensor(ops.cast(gradient, "float32")))
 
     def get_config(self):
         return {**super().get_config(), "lr_scales": dict(self.lr_scales), "fused": self.fused}
