@@ -1,6 +1,6 @@
 """The papers' hardest-negative triplet loss beside InfoNCE, at a longer budget, on the validation split.
 
-Trains one preset on the built-in emoji data with each loss (everything else is `tfemde.runs.train`'s defaults with
+Trains one preset on the built-in emoji data with each loss (everything else is `tfemde.training.runs.train`'s defaults with
 the quickstart budget: the triplet runs warm up on all negatives (VSE0) for `warmup_epochs` before the hardest
 negative, as VSE++ does), then prints each run's validation RSUM per epoch and its best, and draws both curves in
 one PNG. Validation split only: this chooses a recipe, it does not report one.
@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from _machine import describe
 
 from tfemde.quickstart import BUDGET
-from tfemde.runs import train
+from tfemde.training.runs import train
 
 LOSSES = {"triplet (hardest negative, warm-up)": {"loss": "triplet"}, "InfoNCE (default)": {"loss": "info_nce"}}
 

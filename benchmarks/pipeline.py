@@ -83,7 +83,7 @@ def epoch_gaps(epochs):
 
     from tfemde.models import build_dual_encoder
     from tfemde.quickstart import BUDGET
-    from tfemde.runs import DEFAULT_MAX_LENGTH, config_for
+    from tfemde.training.runs import DEFAULT_MAX_LENGTH, config_for
 
     train_split = emoji_or_synthetic()[0]
     tokenizer = Tokenizer.train(train_split.captions, vocab_size=BUDGET["vocab_size"])

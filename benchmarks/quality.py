@@ -25,10 +25,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 from _machine import describe
 
-from tfemde.evaluation import concept_queries, evaluate
+from tfemde.evaluation import concept_queries, evaluate, format_metrics, mean_std
 from tfemde.models import PRESETS
 from tfemde.quickstart import BUDGET
-from tfemde.runs import format_metrics, mean_std, train
+from tfemde.training.runs import train
 
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 

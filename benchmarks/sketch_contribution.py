@@ -19,7 +19,7 @@ from _machine import describe
 
 from tfemde.data import eval_dataset
 from tfemde.evaluation import encode_dataset, full, retrieval_metrics
-from tfemde.runs import open_run, resolve_dataset
+from tfemde.training.runs import open_run, resolve_dataset
 
 
 def row_entropy(sketches: np.ndarray) -> float:

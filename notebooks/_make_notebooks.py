@@ -140,7 +140,7 @@ NB01 = [
 
     `train_dataset` yields shuffled (image, caption) pairs with the ids the loss needs to tell positives from
     negatives, in batches of captions of about the same length (`bucket_width`); its augmentations (the papers'
-    caption token masking, image crop and flip) are off here, as in `tfemde.runs.train`: in a short run from scratch
+    caption token masking, image crop and flip) are off here, as in `tfemde.training.runs.train`: in a short run from scratch
     they slow fitting more than they help. `eval_dataset` holds the validation images and captions in order, for the
     full similarity matrix.
     """),
@@ -162,7 +162,7 @@ NB01 = [
     `CSVLogger` writes `history.csv`.
     """),
     code("""
-    from tfemde.callbacks import BestCheckpoint, RetrievalValidation
+    from tfemde.training.callbacks import BestCheckpoint, RetrievalValidation
 
     callbacks = [
         RetrievalValidation(val_data, verbose=0),
@@ -175,7 +175,7 @@ NB01 = [
     print(f"{budget['epochs']} epochs in {time.time() - started:.0f} s")
     """),
     code("""
-    from tfemde.plots import plot_history
+    from tfemde.training.plots import plot_history
 
     plot_history(RUN / "history.csv", RUN / "curves.png", title=f"{config.preset} on {dataset.name}")
     Image(filename=str(RUN / "curves.png"))
@@ -187,8 +187,8 @@ NB01 = [
     recall at 1, 5 and 10 in percent. A retrieved image of the query's group counts as correct.
     """),
     code("""
-    from tfemde.evaluation import evaluate
-    from tfemde.runs import format_metrics, open_run
+    from tfemde.evaluation import evaluate, format_metrics
+    from tfemde.models.run_folder import open_run
 
     run = open_run(RUN)  # config.json + tokenizer.model + best.keras
     metrics = evaluate(run.model, test, tokenizer=run.tokenizer, progress=False)
@@ -208,7 +208,7 @@ NB01 = [
     """),
     code("""
     from tfemde.evaluation import encode_dataset
-    from tfemde.plots import plot_image_to_text, plot_text_to_image
+    from tfemde.training.plots import plot_image_to_text, plot_text_to_image
     from tfemde.serving import similarity
 
     image_embeddings, caption_embeddings = encode_dataset(run.model, test, run.tokenizer)
@@ -354,7 +354,7 @@ NB02 = [
         print(f"{query!r:>14} -> " + "  ".join(f"{hit} {s:.2f}" for hit, s in zip(row, row_scores)))
     """),
     code("""
-    from tfemde.plots import plot_text_to_image
+    from tfemde.training.plots import plot_text_to_image
 
     position = {name: i for i, name in enumerate(emoji.item_names)}
     top = np.vectorize(position.get)(ids)
@@ -459,7 +459,8 @@ NB03 = [
 
     import tfemde  # first: it quiets TensorFlow's logging before TensorFlow loads
     from tfemde.data import load
-    from tfemde.runs import format_metrics, train
+    from tfemde.evaluation import format_metrics
+    from tfemde.training.runs import train
 
     # Training several small models in a row: Keras notes that tf.data input is not reshuffled by fit (the
     # pipeline shuffles itself) and TensorFlow counts the retracing of each new model's functions. Both are harmless.
@@ -498,7 +499,7 @@ NB03 = [
     print(own.kind, own.image_paths[0])
     """),
     md("""
-    `tfemde.runs.train` takes the loaded `Dataset` or the JSON's path (`tfemde train --data path/dataset_x.json`);
+    `tfemde.training.runs.train` takes the loaded `Dataset` or the JSON's path (`tfemde train --data path/dataset_x.json`);
     the images are resized to the config's `image_size` (64 by default).
     """),
     code("""

@@ -96,14 +96,15 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_serving_never_imports_a_framework_at_module_level():
-    """Every tfemde module the serving runtime reaches at import time imports no TensorFlow/Keras at module level
-    (and tfemde.serving itself none anywhere); `tests/test_serving.py` checks the same at run time."""
+def test_serving_and_the_cli_never_import_a_framework_at_module_level():
+    """Every tfemde module the serving runtime or the CLI reaches at import time imports no TensorFlow/Keras at
+    module level (and tfemde.serving itself none anywhere); `tests/test_serving.py` checks the same at run time."""
     _, external = _graph()
     modules = _modules()
     module_level_edges = {name: {t for t, top in _imports(path, name, modules) if t in modules and top}
                           for name, path in modules.items()}
-    reached, todo = set(), [m for m in modules if m.startswith("tfemde.serving")] + ["tfemde"]
+    # the CLI parses its arguments (and runs its serving commands) before anything imports TensorFlow
+    reached, todo = set(), [m for m in modules if m.startswith("tfemde.serving")] + ["tfemde", "tfemde.cli"]
     while todo:
         name = todo.pop()
         if name in reached:
@@ -118,3 +119,46 @@ def test_serving_never_imports_a_framework_at_module_level():
         for target, module_level in external[name]:
             framework = target.split(".")[0] in FRAMEWORKS
             assert not (framework and (module_level or name.startswith("tfemde.serving"))), (name, target)
+
+
+# The layers of the package, lowest first: a module may import its own layer and the layers below, never above.
+# `serving` sits low although it runs last: it is the TF-free core that evaluation reuses (the NumPy similarity,
+# `Embeddings`) and that applications install alone.
+LAYERS = (
+    ("tfemde._moved", "tfemde.files", "tfemde.images", "tfemde.text"),
+    ("tfemde.serving",),
+    ("tfemde.data",),
+    ("tfemde.layers",),
+    ("tfemde.similarity", "tfemde.losses"),
+    ("tfemde.models",),
+    ("tfemde.evaluation",),
+    ("tfemde.training",),
+    ("tfemde.export",),
+    ("tfemde.quickstart", "tfemde.cli", "tfemde"),
+)
+
+
+def _layer(module: str) -> int:
+    best = None
+    for rank, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+                best = (rank, len(prefix))
+    assert best is not None, f"{module} belongs to no layer of LAYERS; add it where it belongs in the data flow"
+    return best[0]
+
+
+def _upward_imports(edges) -> list:
+    return sorted((name, target) for name, targets in edges.items() for target in targets
+                  if _layer(target) > _layer(name))
+
+
+def test_every_import_points_down_the_layers():
+    edges, _ = _graph()
+    assert {_layer(name) for name in edges} == set(range(len(LAYERS)))  # every layer has modules
+    assert _upward_imports(edges) == []
+
+
+def test_layer_check_finds_an_upward_import():
+    edges = {"tfemde.evaluation.model": {"tfemde.training.runs"}, "tfemde.training.runs": {"tfemde.evaluation"}}
+    assert _upward_imports(edges) == [("tfemde.evaluation.model", "tfemde.training.runs")]

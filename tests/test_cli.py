@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tfemde.cli import main
-from tfemde.runs import open_run, train
+from tfemde.training.runs import open_run, train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
            "black": (10, 10, 10), "white": (250, 250, 250)}
@@ -187,7 +187,7 @@ def test_train_with_its_defaults_learns_a_new_small_data_set(jsonl_data, tmp_pat
     """A user's first run on their own small data, default loss and learning rates (tiny sizes for speed): the
     training split is retrieved far better than by chance (the mean RSUM of random scores on the same split)."""
     from tfemde.evaluation import evaluate, retrieval_metrics
-    from tfemde.runs import resolve_dataset
+    from tfemde.training.runs import resolve_dataset
 
     run = train(data=str(jsonl_data), preset="dive_temde", epochs=40, batch_size=8, vocab_size=40, out=tmp_path / "r",
                 verbose=0, validate_every=20, **TINY_KWARGS)
@@ -227,7 +227,7 @@ def test_curves_of_a_run_validated_every_few_epochs(tmp_path, monkeypatch):
     """CSVLogger writes NA where an epoch has no validation; the curves plot the validated epochs at their place."""
     import matplotlib.axes
 
-    from tfemde.plots import plot_history
+    from tfemde.training.plots import plot_history
 
     (tmp_path / "history.csv").write_text("epoch,loss,val_rsum\n0,3.0,NA\n1,2.0,55.5\n2,1.5,NA\n3,1.2,80.0\n")
     drawn = []

@@ -253,10 +253,11 @@ def test_reshape_by_dynamic_shape_after_matmul_converts():
 def test_a_mismatch_fails_the_check(exported, monkeypatch):
     """The comparison itself: ORT outputs moved by 1e-3 (or other token ids) must be refused."""
     import tfemde.export as export
+    from tfemde.export import signatures, verify
 
     model, tokenizer = exported["model"], exported["tokenizer"]
-    image_fn, text_fn = export._functions(model, model.config)
-    real = export._run_onnx_subprocess
+    image_fn, text_fn = signatures._functions(model, model.config)
+    real = verify._run_onnx_subprocess
     results = real(exported["dir"], [("text.onnx", _caption_feeds(np.random.default_rng(0), 2, 4, 30), False)])
     assert set(results[0]) == {"set"}
 
@@ -265,9 +266,9 @@ def test_a_mismatch_fails_the_check(exported, monkeypatch):
         out[0]["set"] = out[0]["set"] + 1e-3
         return out
 
-    monkeypatch.setattr(export, "_run_onnx_subprocess", shifted)
+    monkeypatch.setattr(verify, "_run_onnx_subprocess", shifted)
     with pytest.raises(export.ExportError, match=r"differs from TensorFlow by more than 0.0001: image.onnx: 0.001"):
-        export._verify(exported["dir"], image_fn, text_fn, model.config, tokenizer)
+        verify._verify(exported["dir"], image_fn, text_fn, model.config, tokenizer)
 
     def other_ids(folder, cases):
         out = real(folder, cases)
@@ -276,22 +277,23 @@ def test_a_mismatch_fails_the_check(exported, monkeypatch):
                 result["token_ids"] = result["token_ids"] + 1
         return out
 
-    monkeypatch.setattr(export, "_run_onnx_subprocess", other_ids)
+    monkeypatch.setattr(verify, "_run_onnx_subprocess", other_ids)
     with pytest.raises(export.ExportError, match="text_e2e.onnx tokenizes differently from the training tokenizer"):
-        export._verify(exported["dir"], image_fn, text_fn, model.config, tokenizer)
+        verify._verify(exported["dir"], image_fn, text_fn, model.config, tokenizer)
 
 
 def test_failed_export_leaves_out_dir_untouched(exported, monkeypatch, capsys):
     import importlib.util
 
     import tfemde.export as export
+    import tfemde.export.folder
 
     before = (exported["dir"] / "manifest.json").read_bytes()
 
     def broken(*args, **kwargs):
         raise export.ExportError("simulated converter failure")
 
-    monkeypatch.setattr(export, "_save_saved_model", broken)
+    monkeypatch.setattr(tfemde.export.folder, "_save_saved_model", broken)
     spec = importlib.util.spec_from_file_location("export_encoders", ROOT / "export" / "export_encoders.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

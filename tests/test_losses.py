@@ -1,19 +1,13 @@
-"""Set similarities and losses against independent NumPy re-derivations (ALGORITHMS.md §1.3, §3.3, §3.4)."""
+"""Set similarities (`tfemde.similarity`) and losses against independent NumPy re-derivations (ALGORITHMS.md §1.3, §3.3, §3.4)."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfemde.losses import (
-    chamfer_similarity,
-    diversity_loss,
-    info_nce_loss,
-    max_similarity,
-    mmd_loss,
-    smooth_chamfer_similarity,
-    triplet_loss,
-)
+from tfemde import losses
+from tfemde.losses import diversity_loss, info_nce_loss, mmd_loss, triplet_loss
+from tfemde.similarity import chamfer, max_similarity, smooth_chamfer
 
 
 def unit(rng, *shape):
@@ -71,38 +65,38 @@ def np_max(x, y, x_mask=None, y_mask=None):
 def test_smooth_chamfer_matches_numpy(sets, alpha):
     x, y, x_mask, y_mask = sets
     np.testing.assert_allclose(
-        smooth_chamfer_similarity(x, y, alpha=alpha).numpy(), np_smooth_chamfer(x, y, alpha), rtol=1e-5, atol=1e-6
+        smooth_chamfer(x, y, alpha=alpha).numpy(), np_smooth_chamfer(x, y, alpha), rtol=1e-5, atol=1e-6
     )
-    out = smooth_chamfer_similarity(x, y, alpha=alpha, x_mask=x_mask, y_mask=y_mask).numpy()
+    out = smooth_chamfer(x, y, alpha=alpha, a_mask=x_mask, b_mask=y_mask).numpy()
     assert out.shape == (3, 5) and out.dtype == "float32"
     np.testing.assert_allclose(out, np_smooth_chamfer(x, y, alpha, x_mask, y_mask), rtol=1e-5, atol=1e-6)
 
 
 def test_chamfer_and_max_match_numpy(sets):
     x, y, x_mask, y_mask = sets
-    for fn, ref in ((chamfer_similarity, np_chamfer), (max_similarity, np_max)):
+    for fn, ref in ((chamfer, np_chamfer), (max_similarity, np_max)):
         np.testing.assert_allclose(fn(x, y).numpy(), ref(x, y), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(
-            fn(x, y, x_mask=x_mask, y_mask=y_mask).numpy(), ref(x, y, x_mask, y_mask), rtol=1e-6, atol=1e-6
+            fn(x, y, a_mask=x_mask, b_mask=y_mask).numpy(), ref(x, y, x_mask, y_mask), rtol=1e-6, atol=1e-6
         )
 
 
 def test_smooth_chamfer_large_alpha_approaches_chamfer(sets):
     x, y, x_mask, y_mask = sets
-    chamfer = np_chamfer(x, y, x_mask, y_mask)
+    hard = np_chamfer(x, y, x_mask, y_mask)
     gaps = []
     for alpha in (4.0, 64.0, 4096.0):
-        smooth = smooth_chamfer_similarity(x, y, alpha=alpha, x_mask=x_mask, y_mask=y_mask).numpy()
-        assert np.all(smooth >= chamfer - 1e-6)
-        assert np.all(smooth <= chamfer + np.log(4) / alpha + 1e-6)  # bias bounded by log|set| / alpha
-        gaps.append(np.abs(smooth - chamfer).max())
+        smooth = smooth_chamfer(x, y, alpha=alpha, a_mask=x_mask, b_mask=y_mask).numpy()
+        assert np.all(smooth >= hard - 1e-6)
+        assert np.all(smooth <= hard + np.log(4) / alpha + 1e-6)  # bias bounded by log|set| / alpha
+        gaps.append(np.abs(smooth - hard).max())
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-3
 
 
 def test_single_element_sets_reduce_to_cosine(rng):
     x, y = unit(rng, 4, 1, 8), unit(rng, 6, 1, 8)
     cos = x[:, 0].astype("float64") @ y[:, 0].T
-    for fn in (smooth_chamfer_similarity, chamfer_similarity, max_similarity):
+    for fn in (smooth_chamfer, chamfer, max_similarity):
         np.testing.assert_allclose(fn(x, y).numpy(), cos, rtol=1e-5, atol=1e-6)
 
 
@@ -111,10 +105,10 @@ def test_masked_elements_change_nothing(sets, fill):
     x, y, x_mask, y_mask = sets
     x_pad = np.where(x_mask[..., None] > 0, x, fill).astype("float32")
     y_pad = np.where(y_mask[..., None] > 0, y, fill).astype("float32")
-    for fn in (smooth_chamfer_similarity, chamfer_similarity, max_similarity):
+    for fn in (smooth_chamfer, chamfer, max_similarity):
         np.testing.assert_allclose(
-            fn(x_pad, y_pad, x_mask=x_mask.astype(bool), y_mask=y_mask.astype(bool)).numpy(),
-            fn(x, y, x_mask=x_mask, y_mask=y_mask).numpy(),
+            fn(x_pad, y_pad, a_mask=x_mask.astype(bool), b_mask=y_mask.astype(bool)).numpy(),
+            fn(x, y, a_mask=x_mask, b_mask=y_mask).numpy(),
             rtol=1e-6,
         )
 
@@ -126,16 +120,16 @@ def test_empty_sets_are_finite_zero_with_finite_gradients(sets):
     y_mask = y_mask.copy()
     y_mask[3] = 0
     x_t, y_t = tf.constant(x), tf.constant(y)
-    for fn in (smooth_chamfer_similarity, chamfer_similarity, max_similarity):
+    for fn in (smooth_chamfer, chamfer, max_similarity):
         with tf.GradientTape() as tape:
             tape.watch([x_t, y_t])
-            out = fn(x_t, y_t, x_mask=x_mask, y_mask=y_mask)
+            out = fn(x_t, y_t, a_mask=x_mask, b_mask=y_mask)
             total = tf.reduce_sum(out)
         out = out.numpy()
         assert np.all(np.isfinite(out)) and np.all(out[1] == 0) and np.all(out[:, 3] == 0)
         for grad in tape.gradient(total, [x_t, y_t]):
             assert np.all(np.isfinite(grad.numpy()))
-    all_masked = smooth_chamfer_similarity(x, y, x_mask=np.zeros((3, 4)), y_mask=np.zeros((5, 3))).numpy()
+    all_masked = smooth_chamfer(x, y, a_mask=np.zeros((3, 4)), b_mask=np.zeros((5, 3))).numpy()
     np.testing.assert_array_equal(all_masked, np.zeros((3, 5)))
 
 
@@ -149,7 +143,7 @@ def test_smooth_chamfer_mixed_float16_is_finite(sets):
         assert x16.dtype == "float16"
         with tf.GradientTape() as tape:
             tape.watch([x16, y16])
-            out = smooth_chamfer_similarity(x16, y16, alpha=16.0, x_mask=x_mask, y_mask=y_mask)
+            out = smooth_chamfer(x16, y16, alpha=16.0, a_mask=x_mask, b_mask=y_mask)
         grads = tape.gradient(out, [x16, y16])
     finally:
         keras.config.set_dtype_policy(previous)
@@ -163,16 +157,16 @@ def test_smooth_chamfer_mixed_float16_is_finite(sets):
 def test_similarity_errors(sets):
     x, y, x_mask, _ = sets
     with pytest.raises(ValueError, match=r"same element dim D.*\(3, 4, 8\) and \(5, 3, 6\)"):
-        smooth_chamfer_similarity(x, y[..., :6])
-    with pytest.raises(ValueError, match=r"x must have shape \[batch, set_size, dim\].*got shape \(3, 8\)"):
-        chamfer_similarity(x[:, 0], y)
-    with pytest.raises(ValueError, match=r"x_mask must have shape \[batch, set_size\].*got shape \(3, 3\)"):
-        max_similarity(x, y, x_mask=x_mask[:, :3])
+        smooth_chamfer(x, y[..., :6])
+    with pytest.raises(ValueError, match=r"a_sets must have shape \[batch, set_size, dim\].*got shape \(3, 8\)"):
+        chamfer(x[:, 0], y)
+    with pytest.raises(ValueError, match=r"a_mask must have shape \[batch, set_size\].*got shape \(3, 3\)"):
+        max_similarity(x, y, a_mask=x_mask[:, :3])
     for alpha in (0.0, np.float32(0), -1, float("nan"), np.float64("inf")):
         with pytest.raises(ValueError, match=r"^alpha must be a finite number > 0; got "):
-            smooth_chamfer_similarity(x, y, alpha=alpha)
+            smooth_chamfer(x, y, alpha=alpha)
     with pytest.raises(ValueError, match=r"^alpha must be a number > 0; got True"):
-        smooth_chamfer_similarity(x, y, alpha=True)
+        smooth_chamfer(x, y, alpha=True)
     scores, positives = np.eye(3, dtype="float32"), np.eye(3, dtype=bool)
     for temperature in (np.float32(0), float("nan")):
         with pytest.raises(ValueError, match=r"^temperature must be a finite number > 0"):
@@ -404,7 +398,7 @@ def test_losses_trace_with_unknown_shapes(rng, sets):
     @tf.function(input_signature=[spec3, spec3, spec2, spec2, spec2, tf.TensorSpec([None, None], tf.bool)])
     def all_losses(x, y, x_mask, y_mask, s, positives):
         return [
-            smooth_chamfer_similarity(x, y, x_mask=x_mask, y_mask=y_mask),
+            smooth_chamfer(x, y, a_mask=x_mask, b_mask=y_mask),
             triplet_loss(s, positives, hardest=True),
             triplet_loss(s, positives, hardest=False),
             info_nce_loss(s, positives),
@@ -420,3 +414,12 @@ def test_losses_trace_with_unknown_shapes(rng, sets):
     expected_mmd = np_mmd(x[x_mask != 0].astype("float64"), y[y_mask != 0].astype("float64"), 0.5)
     np.testing.assert_allclose(got[4].numpy(), expected_mmd, atol=2e-6)
     np.testing.assert_allclose(got[5].numpy(), np_diversity(x, 2.0, x_mask), rtol=1e-5)
+
+
+def test_the_01_names_in_losses_give_the_same_numbers(sets):
+    """`tfemde.losses.smooth_chamfer_similarity` & co. (old argument names) stay for one release, same results."""
+    x, y, x_mask, y_mask = sets
+    for old, new in ((losses.smooth_chamfer_similarity, smooth_chamfer), (losses.chamfer_similarity, chamfer),
+                     (losses.max_similarity, max_similarity)):
+        np.testing.assert_array_equal(old(x, y, x_mask=x_mask, y_mask=y_mask).numpy(),
+                                      new(x, y, a_mask=x_mask, b_mask=y_mask).numpy())

@@ -102,7 +102,7 @@ def test_matches_brute_force_with_many_ties(with_groups, seed):
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("seed", [3, 4])
 def test_matches_brute_force_in_small_rank_blocks(monkeypatch, dense, seed):
-    import tfemde.evaluation as evaluation
+    import tfemde.evaluation.metrics as evaluation
 
     monkeypatch.setattr(evaluation, "_RANK_BLOCK", 7)  # a few rows / columns per block
     if dense:  # the fallback for huge groups: dense match masks instead of listed matching pairs

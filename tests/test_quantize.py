@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tfemde.quantize import inline_loop_weights, int8_name, quantize_int8
+from tfemde.export.quantize import inline_loop_weights, int8_name, quantize_int8
 from tfemde.serving import Encoder
 from tfemde.serving import manifest as mf
 from test_export import _caption_feeds, _keras, _region_feeds, _write_run
@@ -171,8 +171,9 @@ def test_int8_errors(quantized, tmp_path):
 
 def test_int8_below_the_cosine_floor_fails_the_export_and_writes_nothing(quantized, monkeypatch):
     import tfemde.export as export
+    import tfemde.export.verify
 
-    monkeypatch.setattr(export, "INT8_MIN_COSINE", 1.0 + 1e-9)
+    monkeypatch.setattr(tfemde.export.verify, "INT8_MIN_COSINE", 1.0 + 1e-9)
     out = quantized["tmp"] / "refused"
     with pytest.raises(export.ExportError, match="int8 graphs are too far from TensorFlow"):
         export.export_run(quantized["tmp"] / "run", out, quantize=True)

@@ -10,19 +10,25 @@ T-EMDE sketching, slot-attention set prediction and the Smooth-Chamfer loss in a
 import importlib
 import os
 
+from tfemde import _moved
+
 __version__ = "0.1.0"
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+_moved.install()  # tfemde.runs, tfemde.callbacks, ...: the 0.1 module names, at their new homes
+
 # public name -> module that defines it
 _LAZY = {
     "layers": "tfemde.layers",
     "losses": "tfemde.losses",
+    "similarity": "tfemde.similarity",
     "data": "tfemde.data",
     "text": "tfemde.text",
     "models": "tfemde.models",
     "evaluation": "tfemde.evaluation",
+    "training": "tfemde.training",
     "export": "tfemde.export",
     "serving": "tfemde.serving",
     "TEMDESketch": "tfemde.layers",

@@ -15,7 +15,11 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from tfemde.files import atomic_write  # noqa: E402 - after the log level, before anything imports TensorFlow
-from tfemde.runs import DEFAULT_AUGMENT, DEFAULT_BALANCE_GROUPS, DEFAULT_BUCKET_WIDTH  # noqa: E402
+from tfemde.data.dataset import SPLITS  # noqa: E402
+from tfemde.export.convert import DEFAULT_OPSET, SUPPORTED_OPSETS  # noqa: E402
+from tfemde.models.config import DEFAULT_PRESET  # noqa: E402
+from tfemde.training.runs import (DEFAULT_AUGMENT, DEFAULT_BALANCE_GROUPS, DEFAULT_BATCH_SIZE,  # noqa: E402
+                                  DEFAULT_BUCKET_WIDTH, DEFAULT_EPOCHS, DEFAULT_VOCAB_SIZE)
 
 
 class UserError(Exception):
@@ -55,7 +59,8 @@ def _out_file(path, option="--out"):
 
 def cmd_train(args):
     from tfemde.models import PRESETS
-    from tfemde.runs import format_metrics, train
+    from tfemde.evaluation import format_metrics
+    from tfemde.training.runs import train
 
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
@@ -75,7 +80,8 @@ def cmd_train(args):
 
 def cmd_evaluate(args):
     from tfemde.evaluation import evaluate
-    from tfemde.runs import format_metrics, open_run, resolve_dataset
+    from tfemde.evaluation import format_metrics
+    from tfemde.models.run_folder import open_run, resolve_dataset
 
     out = _out_file(args.out) if args.out else None
     run = open_run(args.run_dir)
@@ -283,11 +289,12 @@ def parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a dual encoder with model.fit and write a run folder")
     tr.add_argument("--data", default="emoji", help="'emoji', a Karpathy JSON, a precomp folder or a JSONL file")
-    tr.add_argument("--preset", default="dive_temde")
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--batch-size", type=int, default=64,
-                    help="captions per batch (default 64: in a short run more, smaller steps learn faster)")
-    tr.add_argument("--vocab-size", type=int, default=2000)
+    tr.add_argument("--preset", default=DEFAULT_PRESET)
+    tr.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    tr.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                    help=f"captions per batch (default {DEFAULT_BATCH_SIZE}: in a short run more, smaller steps learn "
+                         "faster)")
+    tr.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--bucket-width", type=int, default=DEFAULT_BUCKET_WIDTH,
                     help="batch captions of about the same length, padded to a multiple of this many tokens "
@@ -308,7 +315,7 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="R@K, RSUM, median and mean rank of a run on a split")
     ev.add_argument("run_dir")
     ev.add_argument("--data", default="emoji")
-    ev.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ev.add_argument("--split", default="test", choices=SPLITS)
     ev.add_argument("--protocol", default="full", choices=tuple(PROTOCOLS))
     ev.add_argument("--out", help="the JSON to write (default RUN_DIR/metrics_SPLIT_PROTOCOL.json)")
     ev.set_defaults(func=cmd_evaluate)
@@ -316,7 +323,8 @@ def parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a run's encoders to ONNX + SavedModel, checked against TensorFlow")
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True, help="the export folder to write (an earlier export there is replaced)")
-    ex.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-18 (default 17)")
+    ex.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                    help=f"ONNX opset, {SUPPORTED_OPSETS[0]}-{SUPPORTED_OPSETS[-1]} (default {DEFAULT_OPSET})")
     ex.add_argument("--quantize", action="store_true",
                     help="also write int8 image/text graphs (faster on CPUs, checked by cosine to TF)")
     ex.set_defaults(func=cmd_export)
@@ -343,7 +351,7 @@ def parser() -> argparse.ArgumentParser:
     source = ix.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="a folder of image files (ids are the file names)")
     source.add_argument("--data", help="a data set: 'emoji' or a path tfemde.data.load reads")
-    ix.add_argument("--split", default="all", choices=("all", "train", "val", "test"), help="with --data")
+    ix.add_argument("--split", default="all", choices=("all", *SPLITS), help="with --data")
     ix.add_argument("--out", required=True, help="the index file to write")
     ix.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     ix.set_defaults(func=cmd_index)

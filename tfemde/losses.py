@@ -1,4 +1,4 @@
-"""Set similarities and retrieval losses (ALGORITHMS.md §1.3, §3.3, §3.4, §9).
+"""Retrieval losses (ALGORITHMS.md §1.3, §3.4, §9); the similarities they take live in `tfemde.similarity`.
 
 Pure `keras.ops`. Every function casts its inputs to float32 and computes in float32, so it is safe under
 `mixed_float16` (exp(16) overflows float16; the log-sum-exps here are stable anyway). Masks are `[B, K]` (bool or
@@ -10,9 +10,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfemde.layers.masking import check_mask_shape, check_rank, float_mask
-
-NEGATIVE = -1e9  # the "minus infinity" of masked logits (float32)
+from tfemde import similarity as _similarity
+from tfemde.layers.masking import (NEGATIVE, as_float32, check_number, check_positive, check_rank, float_mask,
+                                   masked_set)
 
 __all__ = [
     "smooth_chamfer_similarity",
@@ -26,164 +26,24 @@ __all__ = [
 ]
 
 
-def _float32(x):
-    return ops.cast(ops.convert_to_tensor(x), "float32")
-
-
-def _check_number(value, arg, positive=True):
-    """One `ValueError` unless a Python or NumPy number is finite and > 0 (or >= 0); tensors pass unchecked."""
-    if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
-        raise ValueError(f"{arg} must be a number {'>' if positive else '>='} 0; got {value!r}")
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        if not np.isfinite(value) or not (value > 0 if positive else value >= 0):
-            raise ValueError(f"{arg} must be a finite number {'>' if positive else '>='} 0; got {value!r}")
-
-
-def _check_positive(value, arg):
-    _check_number(value, arg, positive=True)
-
-
-def _masked_set(x, mask, arg, mask_arg):
-    """float32 `x [B, K, D]` with masked elements zeroed, and its 0/1 mask `[B, K]`."""
-    x = _float32(x)
-    check_rank(x.shape, 3, arg, "[batch, set_size, dim]")
-    if mask is not None:
-        mask = ops.convert_to_tensor(mask)
-        check_mask_shape(mask.shape, x.shape, mask_arg, "[batch, set_size]")
-    valid = float_mask(mask, x)
-    x = ops.where(ops.expand_dims(valid, -1) > 0, x, ops.zeros_like(x))
-    return x, valid
-
-
-def _pairwise_cosines(x, y, x_mask, y_mask):
-    """Inner products of all element pairs `[Bx, By, Kx, Ky]`, the masks broadcast to it, and set sizes."""
-    x, mx = _masked_set(x, x_mask, "x", "x_mask")
-    y, my = _masked_set(y, y_mask, "y", "y_mask")
-    if x.shape[-1] is not None and y.shape[-1] is not None and x.shape[-1] != y.shape[-1]:
-        raise ValueError(
-            f"x and y must have the same element dim D: x [Bx, Kx, D], y [By, Ky, D]; "
-            f"got shapes {tuple(x.shape)} and {tuple(y.shape)}"
-        )
-    cos = ops.einsum("akd,bld->abkl", x, y)
-    mx4 = mx[:, None, :, None]  # [Bx, 1, Kx, 1]
-    my4 = my[None, :, None, :]  # [1, By, 1, Ky]
-    nx = ops.sum(mx, axis=1)[:, None]  # [Bx, 1]
-    ny = ops.sum(my, axis=1)[None, :]  # [1, By]
-    return cos, mx4, my4, nx, ny
-
-
-def _both_nonempty(nx, ny):
-    return ops.logical_and(nx > 0, ny > 0)  # [Bx, By]
-
-
-@keras.saving.register_keras_serializable(package="tfemde")
+# The set similarities' 0.1 names and argument names (x, y, x_mask, y_mask); they go away after tfemde 0.1.
 def smooth_chamfer_similarity(x, y, alpha=16.0, x_mask=None, y_mask=None):
-    """Smooth-Chamfer similarity of two batches of sets (DivE, ALGORITHMS.md §3.3).
-
-    `s(X, Y) = 1/(2 alpha |X|) sum_{x in X} logsumexp_{y in Y}(alpha <x, y>)
-             + 1/(2 alpha |Y|) sum_{y in Y} logsumexp_{x in X}(alpha <x, y>)`,
-    with a stable log-sum-exp in float32. Elements are used as given (L2-normalise them for cosines). |X| and |Y|
-    count valid elements; masked elements are left out of the log-sum-exps and the means. A pair in which either
-    set is empty scores 0.
-
-    Args:
-        x: `[Bx, Kx, D]` sets (e.g. image embeddings).
-        y: `[By, Ky, D]` sets (e.g. caption embeddings).
-        alpha: the inverse temperature (16 in DivE's script). As alpha grows, this tends to `chamfer_similarity`.
-        x_mask: optional `[Bx, Kx]` validity mask of x's elements.
-        y_mask: optional `[By, Ky]` validity mask of y's elements.
-
-    Returns:
-        `[Bx, By]` float32 similarity matrix.
-
-    Example:
-
-    ```python
-    import numpy as np
-    from tfemde.losses import smooth_chamfer_similarity
-
-    x = np.random.normal(size=(2, 4, 8)); x /= np.linalg.norm(x, axis=-1, keepdims=True)
-    y = np.random.normal(size=(3, 4, 8)); y /= np.linalg.norm(y, axis=-1, keepdims=True)
-    s = smooth_chamfer_similarity(x, y, alpha=16.0)  # [2, 3]
-    ```
-    """
-    _check_positive(alpha, "alpha")
-    cos, mx4, my4, nx, ny = _pairwise_cosines(x, y, x_mask, y_mask)
-    logits = alpha * cos
-    # x -> Y: one log-sum-exp over Y per element of X; then the mean over valid x.
-    x_to_y = ops.logsumexp(ops.where(my4 > 0, logits, NEGATIVE), axis=3) / alpha  # [Bx, By, Kx]
-    x_valid = ops.logical_and(mx4[..., 0] > 0, ny[:, :, None] > 0)
-    x_term = ops.sum(ops.where(x_valid, x_to_y, 0.0), axis=2) / ops.maximum(nx, 1.0)
-    y_to_x = ops.logsumexp(ops.where(mx4 > 0, logits, NEGATIVE), axis=2) / alpha  # [Bx, By, Ky]
-    y_valid = ops.logical_and(my4[:, :, 0, :] > 0, nx[:, :, None] > 0)
-    y_term = ops.sum(ops.where(y_valid, y_to_x, 0.0), axis=2) / ops.maximum(ny, 1.0)
-    return ops.where(_both_nonempty(nx, ny), 0.5 * (x_term + y_term), 0.0)
+    """Deprecated: `tfemde.similarity.smooth_chamfer(a_sets, b_sets, alpha, a_mask, b_mask)`."""
+    return _similarity.smooth_chamfer(x, y, alpha, x_mask, y_mask)
 
 
-@keras.saving.register_keras_serializable(package="tfemde")
 def chamfer_similarity(x, y, x_mask=None, y_mask=None):
-    """Chamfer similarity: the mean nearest-neighbour inner product, both ways, halved (ALGORITHMS.md §3.3).
-
-    `s(X, Y) = 1/(2|X|) sum_x max_y <x, y> + 1/(2|Y|) sum_y max_x <x, y>`, over valid elements; 0 if a set is empty.
-
-    Args:
-        x: `[Bx, Kx, D]` sets.
-        y: `[By, Ky, D]` sets.
-        x_mask: optional `[Bx, Kx]` validity mask.
-        y_mask: optional `[By, Ky]` validity mask.
-
-    Returns:
-        `[Bx, By]` float32 similarity matrix.
-
-    Example:
-
-    ```python
-    import numpy as np
-    from tfemde.losses import chamfer_similarity
-
-    s = chamfer_similarity(np.ones((2, 3, 4)), np.ones((5, 1, 4)))  # [2, 5], all 4.0
-    ```
-    """
-    cos, mx4, my4, nx, ny = _pairwise_cosines(x, y, x_mask, y_mask)
-    x_to_y = ops.max(ops.where(my4 > 0, cos, NEGATIVE), axis=3)  # [Bx, By, Kx]
-    x_valid = ops.logical_and(mx4[..., 0] > 0, ny[:, :, None] > 0)
-    x_term = ops.sum(ops.where(x_valid, x_to_y, 0.0), axis=2) / ops.maximum(nx, 1.0)
-    y_to_x = ops.max(ops.where(mx4 > 0, cos, NEGATIVE), axis=2)  # [Bx, By, Ky]
-    y_valid = ops.logical_and(my4[:, :, 0, :] > 0, nx[:, :, None] > 0)
-    y_term = ops.sum(ops.where(y_valid, y_to_x, 0.0), axis=2) / ops.maximum(ny, 1.0)
-    return ops.where(_both_nonempty(nx, ny), 0.5 * (x_term + y_term), 0.0)
+    """Deprecated: `tfemde.similarity.chamfer(a_sets, b_sets, a_mask, b_mask)`."""
+    return _similarity.chamfer(x, y, x_mask, y_mask)
 
 
-@keras.saving.register_keras_serializable(package="tfemde")
 def max_similarity(x, y, x_mask=None, y_mask=None):
-    """Max-of-max (MIL / PVSE) similarity: the largest inner product over all valid element pairs; 0 if empty.
-
-    Args:
-        x: `[Bx, Kx, D]` sets.
-        y: `[By, Ky, D]` sets.
-        x_mask: optional `[Bx, Kx]` validity mask.
-        y_mask: optional `[By, Ky]` validity mask.
-
-    Returns:
-        `[Bx, By]` float32 similarity matrix.
-
-    Example:
-
-    ```python
-    import numpy as np
-    from tfemde.losses import max_similarity
-
-    s = max_similarity(np.eye(3)[None], np.eye(3)[None])  # [[1.0]]
-    ```
-    """
-    cos, mx4, my4, nx, ny = _pairwise_cosines(x, y, x_mask, y_mask)
-    pair_valid = ops.logical_and(mx4 > 0, my4 > 0)
-    best = ops.max(ops.where(pair_valid, cos, NEGATIVE), axis=(2, 3))
-    return ops.where(_both_nonempty(nx, ny), best, 0.0)
+    """Deprecated: `tfemde.similarity.max_similarity(a_sets, b_sets, a_mask, b_mask)`."""
+    return _similarity.max_similarity(x, y, x_mask, y_mask)
 
 
 def _similarity_and_positives(similarity, positive_mask):
-    similarity = _float32(similarity)
+    similarity = as_float32(similarity)
     check_rank(similarity.shape, 2, "similarity", "[num_queries, num_candidates]")
     if positive_mask is None:
         rows, cols = similarity.shape
@@ -272,7 +132,7 @@ def triplet_loss(similarity, positive_mask, margin=0.2, hardest=True, reduction=
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f'reduction must be "mean" or "sum"; got {reduction!r}')
-    _check_number(margin, "margin", positive=False)
+    check_number(margin, "margin", positive=False)
     similarity, positive = _similarity_and_positives(similarity, positive_mask)
     negative = ops.logical_not(positive)
     if hardest:
@@ -318,7 +178,7 @@ def info_nce_loss(similarity, positive_mask, temperature=0.05):
     loss = info_nce_loss(np.random.uniform(size=(3, 3)), np.eye(3), temperature=0.05)
     ```
     """
-    _check_positive(temperature, "temperature")
+    check_positive(temperature, "temperature")
     similarity, positive = _similarity_and_positives(similarity, positive_mask)
     logits = similarity / temperature
     positive_logits = ops.where(positive, logits, NEGATIVE)
@@ -334,7 +194,7 @@ def info_nce_loss(similarity, positive_mask, temperature=0.05):
 
 def _flat_points(x, mask, arg, mask_arg):
     """float32 points `[N, D]` and 0/1 weights `[N]` from `[N, D]` (mask `[N]`) or `[B, K, D]` (mask `[B, K]`)."""
-    x = _float32(x)
+    x = as_float32(x)
     if len(x.shape) not in (2, 3):
         raise ValueError(f"{arg} must have shape [num_points, dim] or [batch, set_size, dim]; got shape {tuple(x.shape)}")
     if mask is not None:
@@ -395,7 +255,7 @@ def mmd_loss(x, y, gamma=0.5, x_mask=None, y_mask=None):
     loss = mmd_loss(np.random.normal(size=(4, 2, 8)), np.random.normal(size=(6, 8)))
     ```
     """
-    _check_positive(gamma, "gamma")
+    check_positive(gamma, "gamma")
     x, wx = _flat_points(x, x_mask, "x", "x_mask")
     y, wy = _flat_points(y, y_mask, "y", "y_mask")
     if x.shape[-1] is not None and y.shape[-1] is not None and x.shape[-1] != y.shape[-1]:
@@ -432,8 +292,8 @@ def diversity_loss(sets, t=2.0, mask=None):
     loss = diversity_loss(np.random.normal(size=(3, 4, 8)), t=2.0)
     ```
     """
-    _check_positive(t, "t")
-    x, valid = _masked_set(sets, mask, "sets", "mask")
+    check_positive(t, "t")
+    x, valid = masked_set(sets, mask, "sets", "mask")
     e = x / ops.maximum(ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True)), 1e-12)
     sq_norm = ops.sum(ops.square(e), axis=-1)  # 1, or 0 for a zero element
     gram = ops.einsum("bkd,bld->bkl", e, e)

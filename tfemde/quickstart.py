@@ -28,8 +28,8 @@ MODELS = ("dive_temde", "vse")
 def quickstart(out="runs/quickstart", epochs=None, fast=False, print_fn=print) -> dict:
     """Run the main job; returns `{preset: test metrics}`. `fast=True` is a tiny smoke run on a subset."""
     from tfemde.data import load
-    from tfemde.evaluation import concept_queries
-    from tfemde.runs import format_metrics, train
+    from tfemde.evaluation import concept_queries, format_metrics
+    from tfemde.training.runs import train
 
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise ValueError(f"epochs must be an integer >= 1 (or None for the quickstart budget); got {epochs!r}")
@@ -87,7 +87,7 @@ def _small(dataset, per_split):
 def retrieval_examples(run, test, path, num_queries=6, k=5):
     """Text queries (captions of test items) with their top test images, and a picture of them."""
     from tfemde.evaluation import encode_dataset
-    from tfemde.plots import plot_text_to_image
+    from tfemde.training.plots import plot_text_to_image
     from tfemde.serving import similarity
 
     image_embeddings, text_embeddings = encode_dataset(run.model, test, run.tokenizer, run.config.max_length)

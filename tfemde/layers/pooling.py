@@ -3,17 +3,12 @@
 import keras
 from keras import ops
 
-from tfemde.layers.masking import check_mask_shape, check_rank, float_mask
+from tfemde.layers.masking import check_mask_shape, check_rank, float_mask, lowest
 from tfemde.layers.positional import rank_positional_encoding
 from tfemde.layers.recurrent import AveragedBiGRU
 
 # VSE-infinity's fill value for padded features before sorting and for padded rank scores.
 GPO_FILL = -1.0e4
-
-
-def _lowest(dtype):
-    """The lowest finite value of a float dtype (the fill that never wins a max over valid values)."""
-    return {"float16": -65504.0, "float64": -1.79e308}.get(keras.backend.standardize_dtype(dtype), -3.38e38)
 
 
 def _checked_mask(inputs, mask, dtype):
@@ -60,7 +55,7 @@ class MaskedMaxPooling(_MaskedPooling):
     def call(self, inputs, mask=None):
         x = ops.cast(inputs, self.compute_dtype)
         m = ops.expand_dims(_checked_mask(x, mask, x.dtype), -1) > 0
-        filled = ops.where(m, x, ops.full_like(x, _lowest(x.dtype)))
+        filled = ops.where(m, x, ops.full_like(x, lowest(x.dtype)))
         pooled = ops.max(filled, axis=1)
         return ops.where(ops.any(m, axis=1), pooled, ops.zeros_like(pooled))
 

@@ -6,32 +6,12 @@ import keras
 from keras import ops
 
 from tfemde.layers.activations import gelu_erf
-from tfemde.layers.masking import check_mask_shape, check_rank, float_mask
+from tfemde.layers.masking import check_mask_shape, check_rank, float_mask, mask_value
+from tfemde.layers.normalization import l2_normalize
 from tfemde.layers.positional import sine_positional_encoding
 
 # PyTorch's LayerNorm epsilon; the Keras default (1e-3) would change the reference's numbers.
 TORCH_LAYER_NORM_EPSILON = 1e-5
-
-
-def l2_normalize(x, axis=-1, epsilon=1e-12):
-    """`x / max(||x||, epsilon)` along `axis`, computed in float32 and cast back (as `F.normalize`).
-
-    Args:
-        x: a float tensor.
-        axis: the axis to normalise.
-        epsilon: the smallest norm divided by.
-
-    Returns:
-        A tensor of the shape and dtype of `x`.
-    """
-    x32 = ops.cast(x, "float32")
-    sq = ops.sum(ops.square(x32), axis=axis, keepdims=True)
-    return ops.cast(x32 * ops.rsqrt(ops.maximum(sq, epsilon * epsilon)), x.dtype)
-
-
-def mask_value(dtype):
-    """A large finite negative for masked logits in `dtype` (never -inf)."""
-    return -3.0e4 if keras.backend.standardize_dtype(dtype) == "float16" else -1.0e9
 
 
 @keras.saving.register_keras_serializable(package="tfemde")

@@ -5,6 +5,7 @@ import numpy as np
 from keras import ops
 
 from tfemde.layers.masking import check_mask_shape, check_rank, float_mask
+from tfemde.layers.normalization import l2_normalize
 
 
 LAYER_NORM_EPSILON = 1e-5
@@ -14,12 +15,6 @@ def _code_table(bits):
     """The binary code table C [2**bits, bits]: C[w, k] = bit k of w, so bucket w = sum_k C[w, k] 2**k."""
     buckets = np.arange(2**bits)[:, None]
     return ((buckets >> np.arange(bits)[None, :]) & 1).astype("float32")
-
-
-def _l2_rows(x, epsilon):
-    """`x / sqrt(max(sum(x**2), epsilon**2))` over the last axis: finite value and gradient for all-zero rows."""
-    sum_sq = ops.sum(ops.square(x), axis=-1, keepdims=True)
-    return x / ops.sqrt(ops.maximum(sum_sq, epsilon**2))
 
 
 @keras.saving.register_keras_serializable(package="tfemde")
@@ -219,7 +214,7 @@ class TEMDESketch(keras.layers.Layer):
         flat = ops.reshape(assignment, (batch, length, self.depth * self.width))
         sketch = ops.reshape(ops.matmul(ops.expand_dims(weights, 1), flat), (batch, self.depth, self.width))
         if self.normalize:
-            sketch = _l2_rows(sketch, self.epsilon)
+            sketch = l2_normalize(sketch, epsilon=self.epsilon)
         return sketch
 
     def compute_mask(self, inputs, previous_mask):
@@ -333,4 +328,4 @@ def sketch_similarity(a, b, epsilon=1e-6):
                 f"a and b must have the same {name} (axis {axis}); got shapes {tuple(a.shape)} and {tuple(b.shape)}"
             )
     depth = ops.cast(ops.shape(a)[1], "float32")
-    return ops.einsum("anw,bnw->ab", _l2_rows(a, epsilon), _l2_rows(b, epsilon)) / depth
+    return ops.einsum("anw,bnw->ab", l2_normalize(a, epsilon=epsilon), l2_normalize(b, epsilon=epsilon)) / depth

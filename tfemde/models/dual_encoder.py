@@ -8,6 +8,7 @@ import keras
 from keras import layers, ops
 
 from tfemde import losses
+from tfemde.similarity import similarity as set_similarity
 from tfemde.files import atomic_write
 from tfemde.layers import (
     GPO,
@@ -17,7 +18,6 @@ from tfemde.layers import (
     SetPrediction,
     TEMDESketch,
     UnitNormalize,
-    sketch_similarity,
 )
 from tfemde.models.config import DualEncoderConfig, preset
 from tfemde.models.optimization import CosineDecayPerStep, make_optimizer
@@ -184,12 +184,9 @@ class DualEncoder(keras.Model):
     def similarity(self, image_outputs, text_outputs):
         """`[Bi, Bc]` float32: Smooth-Chamfer over the sets + sketch_weight · sketch cosine (config's α and λ)."""
         config = self.config
-        score = losses.smooth_chamfer_similarity(image_outputs["set"], text_outputs["set"], alpha=config.alpha)
-        if config.sketch:
-            shape = (-1, config.sketch_depth, 2**config.sketch_bits)
-            score = score + config.sketch_weight * sketch_similarity(
-                ops.reshape(image_outputs["sketch"], shape), ops.reshape(text_outputs["sketch"], shape))
-        return score
+        return set_similarity(image_outputs, text_outputs, alpha=config.alpha,
+                              sketch_weight=config.sketch_weight if config.sketch else 0.0,
+                              sketch_depth=config.sketch_depth)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         config = self.config

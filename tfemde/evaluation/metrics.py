@@ -1,4 +1,4 @@
-"""Retrieval evaluation: recall@K, RSUM, median and mean rank, the full and COCO 1K (five-fold) protocols.
+"""Retrieval metrics from scores: recall@K, RSUM, median and mean rank, the full and COCO 1K (five-fold) protocols.
 
 ALGORITHMS.md §0. Image→text (i2t): every item with at least one caption of its own is a query, and its rank is
 the best rank among its matching captions. Text→image (t2i): every caption is a query, and its rank is the rank of
@@ -11,12 +11,12 @@ RSUM = the six recalls summed (600 at best).
 
 This module imports only NumPy (tqdm for the optional progress bar). The protocol helpers take embeddings and
 score them in chunks with `tfemde.serving.similarity`, the same similarity serving uses, so evaluating a model
-only needs its embeddings.
+only needs its embeddings (`tfemde.evaluation.encode`). `concept_ranks` scores concept queries (a concept's name
+against the whole gallery).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
@@ -30,11 +30,6 @@ RECALL_AT = (1, 5, 10)
 _RANK_BLOCK = 1 << 24
 # Matching (item, caption) pairs are listed when there are at most this many per query (else dense masks).
 _MAX_PAIRS_PER_QUERY = 64
-
-__all__ = ["METRIC_KEYS", "PROTOCOLS", "coco1k", "concept_names", "concept_queries", "concept_ranks",
-           "encode_dataset", "evaluate", "evaluate_encoded", "full", "metrics_from_ranks", "metrics_line",
-           "protocol_metrics", "retrieval_metrics", "retrieval_ranks"]
-
 
 def _progress_bar(enabled: bool, total: int, desc: str):
     if not enabled:
@@ -346,153 +341,24 @@ def metrics_line(metrics: Dict[str, float]) -> str:
             f"medr {m['i2t_medr']:.0f}/{m['t2i_medr']:.0f} | meanr {m['i2t_meanr']:.1f}/{m['t2i_meanr']:.1f}")
 
 
-# -- Model evaluation and Keras callbacks (training side) go below; they import keras inside functions so that
-# -- this module stays importable without TensorFlow.
+def format_metrics(rows: dict) -> str:
+    """A table of `{name: metrics}` with R@1/5/10 both ways and RSUM (values may be floats or 'mean ± std')."""
+    keys = METRIC_KEYS[:7]
+    header = f"{'model':<14}" + "".join(f"{k:>14}" for k in keys)
+    lines = [header, "-" * len(header)]
+    for name, metrics in rows.items():
+        cells = [metrics[k] if isinstance(metrics[k], str) else f"{metrics[k]:.1f}" for k in keys]
+        lines.append(f"{name:<14}" + "".join(f"{c:>14}" for c in cells))
+    return "\n".join(lines)
 
 
-def embeddings_from_outputs(outputs, config) -> Embeddings:
-    """`Embeddings` from an encoder's `{"set", "sketch"}` outputs (NumPy arrays), using the config's sketch depth."""
-    sketches = outputs.get("sketch") if config.sketch else None
-    return Embeddings(np.asarray(outputs["set"], dtype=np.float32),
-                      sketches=None if sketches is None else np.asarray(sketches, dtype=np.float32),
-                      sketch_depth=config.sketch_depth if sketches is not None else None)
+def mean_std(values) -> str:
+    """`"mean ± std"` of a list of numbers, one decimal (population std, as NumPy gives)."""
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():.1f} ± {values.std():.1f}"
 
 
-def _compiled(encoder):
-    """One `tf.function` per encoder, kept on it, tolerant of the smaller last batch (no retracing per call)."""
-    compiled = getattr(encoder, "_tfemde_inference_fn", None)
-    if compiled is None:
-        import tensorflow as tf
-
-        compiled = tf.function(lambda inputs: encoder(inputs, training=False), reduce_retracing=True)
-        object.__setattr__(encoder, "_tfemde_inference_fn", compiled)
-    return compiled
-
-
-def _predict(encoder, data, config, progress, desc="encoding"):
-    """Run a Keras encoder over a tf.data dataset of dict batches and return its `Embeddings`."""
-    names = [tensor.name for tensor in encoder.inputs]
-    run = _compiled(encoder)
-    outputs = {}
-    batches = data.map(lambda batch: {name: batch[name] for name in names})
-    bar = _progress_bar(progress, int(batches.cardinality()) if int(batches.cardinality()) > 0 else None, desc)
-    for batch in batches:
-        for key, value in run(batch).items():
-            outputs.setdefault(key, []).append(value.numpy())
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return embeddings_from_outputs({key: np.concatenate(parts) for key, parts in outputs.items()}, config)
-
-
-def encode_dataset(model, dataset, tokenizer=None, max_length=None, batch_size=256, progress=False):
-    """Embeddings of every item and every caption, in order.
-
-    Args:
-        model: a `DualEncoder`.
-        dataset: a `tfemde.data.Dataset` (tokenised here with `tokenizer`) or an `EvalData` from `eval_dataset`.
-        tokenizer: the run's `Tokenizer` (needed for a `Dataset`).
-        max_length: caption length in tokens (default: the model config's).
-        batch_size: encoder batch size.
-        progress: show Keras progress bars.
-
-    Returns:
-        `(items, captions)`: two `tfemde.serving.Embeddings`.
-    """
-    from tfemde.data import EvalData, eval_dataset
-
-    config = model.config
-    if not isinstance(dataset, EvalData):
-        if tokenizer is None:
-            raise ValueError("encode_dataset needs tokenizer= (the run's Tokenizer) to encode a Dataset's captions")
-        image_size = config.image_size if dataset.kind == "image_files" else None
-        dataset = eval_dataset(dataset, tokenizer, batch_size, max_length=max_length or config.max_length,
-                               image_size=image_size)
-    return (_predict(model.image_encoder, dataset.items, config, progress, "encoding items"),
-            _predict(model.text_encoder, dataset.captions, config, progress, "encoding captions"))
-
-
-def _similarity_kwargs(config):
-    return {"alpha": config.alpha, "sketch_weight": config.sketch_weight if config.sketch else 0.0}
-
-
-def evaluate_encoded(model, eval_data, protocol="full", progress=False, **protocol_kwargs) -> Dict[str, float]:
-    """Metrics of `model` on an `EvalData` (what the validation callback uses)."""
-    items, captions = encode_dataset(model, eval_data, progress=progress)
-    return protocol_metrics(protocol, items, captions, eval_data.caption_item, groups=eval_data.item_group,
-                            progress=progress, **_similarity_kwargs(model.config), **protocol_kwargs)
-
-
-def _resolve(model, tokenizer, dataset):
-    """`(DualEncoder, tokenizer, Dataset)` from a model, a `Run` or a run folder, and a data set or its name/path."""
-    from tfemde.run_folder import Run, open_run, resolve_dataset
-
-    if isinstance(model, (str, os.PathLike)):
-        model = open_run(model)
-    if isinstance(model, Run):
-        tokenizer = tokenizer or model.tokenizer
-        model = model.model
-    return model, tokenizer, resolve_dataset(dataset)
-
-
-def evaluate(model, dataset, split=None, protocol="full", tokenizer=None, max_length=None, batch_size=256,
-             progress=True, **protocol_kwargs) -> Dict[str, float]:
-    """Retrieval metrics of a trained model on a data set: embeddings once, the similarity in chunks.
-
-    Args:
-        model: a `DualEncoder`, a `tfemde.runs.Run`, or the path of a run folder (which also gives the tokenizer).
-        dataset: a `Dataset`, or a name/path for `tfemde.data.load` (e.g. `"emoji"`).
-        split: evaluate this split of `dataset` (`"val"`, `"test"`); None uses all of `dataset`.
-        protocol: `"full"` (all items against all captions) or `"coco1k"` (mean over five folds of 1,000 items).
-        tokenizer: the run's `Tokenizer` (not needed when `model` is a run).
-        max_length, batch_size: encoding settings (default max_length: the model config's).
-        progress: progress bars while encoding and scoring.
-        **protocol_kwargs: passed to the protocol (e.g. `fold_size`, `chunk_size`).
-
-    Returns:
-        the metric dict of `retrieval_metrics` (recalls in percent, `rsum`, median and mean ranks).
-
-    Example:
-        >>> # metrics = evaluate("runs/quickstart/dive_temde", "emoji", split="test")
-    """
-    model, tokenizer, dataset = _resolve(model, tokenizer, dataset)
-    if split is not None:
-        dataset = dataset.split(split)
-    if dataset.num_items == 0 or dataset.num_captions == 0:
-        where = f"split {split!r}" if split is not None else "it"
-        raise ValueError(f"data set {dataset.name!r} has no items and captions to evaluate in {where} "
-                         f"({dataset.num_items} items, {dataset.num_captions} captions)")
-    items, captions = encode_dataset(model, dataset, tokenizer, max_length, batch_size, progress)
-    return protocol_metrics(protocol, items, captions, dataset.caption_item, groups=dataset.item_group,
-                            progress=progress, **_similarity_kwargs(model.config), **protocol_kwargs)
-
-
-# ---------------------------------------------------------------------------------------------- concept queries
 CONCEPT_HITS_AT = (1, 5, 10)
-
-
-def concept_names(dataset) -> Tuple[List[str], np.ndarray, np.ndarray]:
-    """One text query per concept (group): the first caption of the group's first item that has a caption.
-
-    For the emoji data that is the emoji's CLDR name ("red heart", "rocket"), what a person would type.
-
-    Returns:
-        `(names, groups, splits)`: `Q` query strings, their `[Q]` group ids and `[Q]` splits (of that first item).
-    """
-    first_caption = np.full(dataset.num_items, -1, dtype=np.int64)
-    for caption in range(len(dataset.caption_item) - 1, -1, -1):
-        first_caption[dataset.caption_item[caption]] = caption
-    names, groups, splits, seen = [], [], [], set()
-    for item in range(dataset.num_items):
-        group = int(dataset.item_group[item])
-        if group in seen or first_caption[item] < 0:
-            continue
-        seen.add(group)
-        names.append(dataset.captions[first_caption[item]])
-        groups.append(group)
-        splits.append(str(dataset.item_split[item]))
-    return names, np.asarray(groups, dtype=np.int64), np.asarray(splits, dtype=str)
 
 
 def concept_ranks(similarity, query_group, item_group) -> np.ndarray:
@@ -517,36 +383,3 @@ def concept_ranks(similarity, query_group, item_group) -> np.ndarray:
     best = np.where(match, sim, -np.inf).max(axis=1)
     return (np.where(match, -np.inf, sim) >= best[:, None]).sum(axis=1)
 
-
-def concept_queries(model, dataset, tokenizer=None, max_length=None, batch_size=256, progress=False) -> dict:
-    """Search every concept's name over the whole gallery (all splits): hit@1/5/10 per split of the concept.
-
-    A hit@K is a query whose concept has an image among the top K of all `dataset`'s items. With the emoji data
-    (split by concept) train-split concepts measure fitting, test-split ones generalisation to unseen concepts.
-
-    Args:
-        model: a `DualEncoder`, a `tfemde.runs.Run`, or the path of a run folder.
-        dataset: a `Dataset` or a name/path for `tfemde.data.load`; all of it is the gallery.
-        tokenizer, max_length, batch_size, progress: as in `evaluate`.
-
-    Returns:
-        `{split: {"hit@1", "hit@5", "hit@10" (percent), "queries"}}` for each split that has concepts.
-    """
-    from tfemde.data import Dataset
-
-    model, tokenizer, dataset = _resolve(model, tokenizer, dataset)
-    names, groups, splits = concept_names(dataset)
-    first_item = np.array([np.flatnonzero(dataset.item_group == g)[0] for g in groups], dtype=np.int64)
-    queries = Dataset(name=f"{dataset.name}:concepts", captions=names, caption_item=first_item,
-                      item_split=dataset.item_split, item_group=dataset.item_group, images=dataset.images,
-                      image_paths=dataset.image_paths, regions=dataset.regions, region_rows=dataset.region_rows)
-    items, texts = encode_dataset(model, queries, tokenizer, max_length, batch_size, progress)
-    scores = set_similarity(texts, items, **_similarity_kwargs(model.config))
-    ranks = concept_ranks(scores, groups, dataset.item_group)
-    out = {}
-    for split in ("train", "val", "test"):
-        chosen = ranks[splits == split]
-        if len(chosen):
-            out[split] = {**{f"hit@{k}": float(100.0 * (chosen < k).mean()) for k in CONCEPT_HITS_AT},
-                          "queries": int(len(chosen))}
-    return out

@@ -15,9 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from tfemde.files import TMP_PREFIX as _TMP_PREFIX
+from tfemde.evaluation.metrics import format_metrics, mean_std  # noqa: F401 - part of this module's API
 from tfemde.files import atomic_write
-from tfemde.run_folder import Run, open_run, resolve_dataset  # noqa: F401 - part of this module's API
+from tfemde.models.config import DEFAULT_PRESET
+from tfemde.models.run_folder import Run, open_run, resolve_dataset  # noqa: F401 - part of this module's API
 
+DEFAULT_EPOCHS = 10
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_VOCAB_SIZE = 2000
 DEFAULT_MAX_LENGTH = 24
 # Captions grouped into batches of about the same length and padded to a multiple of this: on the emoji captions the
 # text tower runs 12.8 steps on average instead of 24 (dive_temde at the quickstart size: 282 s instead of 315 s for
@@ -118,7 +123,8 @@ def _remove_run_files(out: Path):
             path.unlink()
 
 
-def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs/run", vocab_size=2000,
+def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_SIZE, out="runs/run",
+          vocab_size=DEFAULT_VOCAB_SIZE,
           max_length=DEFAULT_MAX_LENGTH, seed=0, verbose=1, validate_every=1, callbacks=(), overwrite=False,
           bucket_width=DEFAULT_BUCKET_WIDTH, balance_groups=DEFAULT_BALANCE_GROUPS, augment=DEFAULT_AUGMENT,
           **overrides) -> Run:
@@ -151,11 +157,11 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs
     """
     import keras
 
-    from tfemde.callbacks import BestCheckpoint, RetrievalValidation
+    from tfemde.training.callbacks import BestCheckpoint, RetrievalValidation
     from tfemde.data import NO_AUGMENTATION, eval_dataset, train_dataset
     from tfemde.evaluation import evaluate
     from tfemde.models import build_dual_encoder
-    from tfemde.plots import plot_history
+    from tfemde.training.plots import plot_history
     from tfemde.text import Tokenizer
 
     out = Path(out)
@@ -221,19 +227,3 @@ def train(data="emoji", preset="dive_temde", epochs=10, batch_size=64, out="runs
               "epochs": epochs, "batch_size": batch_size, "train_seconds": round(train_seconds, 1)}
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
     return run
-
-
-def format_metrics(rows: dict) -> str:
-    """A table of `{name: metrics}` with R@1/5/10 both ways and RSUM (values may be floats or 'mean ± std')."""
-    keys = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
-    header = f"{'model':<14}" + "".join(f"{k:>14}" for k in keys)
-    lines = [header, "-" * len(header)]
-    for name, metrics in rows.items():
-        cells = [metrics[k] if isinstance(metrics[k], str) else f"{metrics[k]:.1f}" for k in keys]
-        lines.append(f"{name:<14}" + "".join(f"{c:>14}" for c in cells))
-    return "\n".join(lines)
-
-
-def mean_std(values) -> str:
-    values = np.asarray(values, dtype=float)
-    return f"{values.mean():.1f} ± {values.std():.1f}"

@@ -1,6 +1,6 @@
 """Reading a run folder (`Run`, `open_run`) and naming a data set (`resolve_dataset`).
 
-The lowest layer of the training side: `tfemde.runs` writes run folders, `tfemde.evaluation` and `tfemde.export`
+The lowest layer of the training side: `tfemde.training.runs` writes run folders, `tfemde.evaluation` and `tfemde.export`
 read them, and both import this module, not each other.
 """
 

@@ -1,0 +1,21 @@
+"""Retrieval evaluation: metrics from scores (NumPy), embeddings of a data set (Keras), metrics of a trained model.
+
+* `metrics`: recall@K, RSUM, median and mean rank; the full and COCO 1K protocols on embeddings; concept ranks.
+  NumPy only, scored with `tfemde.serving.similarity` (the similarity serving uses).
+* `encode`: `encode_dataset`, the embeddings of every item and caption of a data set from a `DualEncoder`.
+* `model`: `evaluate` (a model, a `Run` or a run folder on a data set), `evaluate_encoded` (an `EvalData`, as the
+  validation callback uses it) and `concept_queries` (every concept's name searched over the whole gallery).
+
+Importing this package does not import TensorFlow; `encode` and `model` import it when called.
+"""
+
+from tfemde.evaluation.encode import embeddings_from_outputs, encode_dataset
+from tfemde.evaluation.metrics import (CONCEPT_HITS_AT, METRIC_KEYS, PROTOCOLS, RECALL_AT, coco1k, concept_ranks,
+                                       format_metrics, full, mean_std, metrics_from_ranks, metrics_line,
+                                       protocol_metrics, retrieval_metrics, retrieval_ranks)
+from tfemde.evaluation.model import concept_names, concept_queries, evaluate, evaluate_encoded
+
+__all__ = ["CONCEPT_HITS_AT", "METRIC_KEYS", "PROTOCOLS", "RECALL_AT", "coco1k", "concept_names",
+           "concept_queries", "concept_ranks", "embeddings_from_outputs", "encode_dataset", "evaluate",
+           "evaluate_encoded", "format_metrics", "full", "mean_std", "metrics_from_ranks", "metrics_line",
+           "protocol_metrics", "retrieval_metrics", "retrieval_ranks"]

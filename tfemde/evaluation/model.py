@@ -1,0 +1,127 @@
+"""Metrics of a trained model on a data set: `evaluate` (a model, a `Run` or a run folder), `evaluate_encoded`
+(an `EvalData`, what the validation callback uses) and `concept_queries` (every concept's name over the gallery).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from tfemde.evaluation.encode import encode_dataset
+from tfemde.evaluation.metrics import CONCEPT_HITS_AT, concept_ranks, protocol_metrics
+from tfemde.serving import similarity as set_similarity
+
+
+def _similarity_kwargs(config):
+    return {"alpha": config.alpha, "sketch_weight": config.sketch_weight if config.sketch else 0.0}
+
+
+def evaluate_encoded(model, eval_data, protocol="full", progress=False, **protocol_kwargs) -> Dict[str, float]:
+    """Metrics of `model` on an `EvalData` (what the validation callback uses)."""
+    items, captions = encode_dataset(model, eval_data, progress=progress)
+    return protocol_metrics(protocol, items, captions, eval_data.caption_item, groups=eval_data.item_group,
+                            progress=progress, **_similarity_kwargs(model.config), **protocol_kwargs)
+
+
+def _resolve(model, tokenizer, dataset):
+    """`(DualEncoder, tokenizer, Dataset)` from a model, a `Run` or a run folder, and a data set or its name/path."""
+    from tfemde.models.run_folder import Run, open_run, resolve_dataset
+
+    if isinstance(model, (str, os.PathLike)):
+        model = open_run(model)
+    if isinstance(model, Run):
+        tokenizer = tokenizer or model.tokenizer
+        model = model.model
+    return model, tokenizer, resolve_dataset(dataset)
+
+
+def evaluate(model, dataset, split=None, protocol="full", tokenizer=None, max_length=None, batch_size=256,
+             progress=True, **protocol_kwargs) -> Dict[str, float]:
+    """Retrieval metrics of a trained model on a data set: embeddings once, the similarity in chunks.
+
+    Args:
+        model: a `DualEncoder`, a `tfemde.training.runs.Run`, or the path of a run folder (which also gives the tokenizer).
+        dataset: a `Dataset`, or a name/path for `tfemde.data.load` (e.g. `"emoji"`).
+        split: evaluate this split of `dataset` (`"val"`, `"test"`); None uses all of `dataset`.
+        protocol: `"full"` (all items against all captions) or `"coco1k"` (mean over five folds of 1,000 items).
+        tokenizer: the run's `Tokenizer` (not needed when `model` is a run).
+        max_length, batch_size: encoding settings (default max_length: the model config's).
+        progress: progress bars while encoding and scoring.
+        **protocol_kwargs: passed to the protocol (e.g. `fold_size`, `chunk_size`).
+
+    Returns:
+        the metric dict of `retrieval_metrics` (recalls in percent, `rsum`, median and mean ranks).
+
+    Example:
+        >>> # metrics = evaluate("runs/quickstart/dive_temde", "emoji", split="test")
+    """
+    model, tokenizer, dataset = _resolve(model, tokenizer, dataset)
+    if split is not None:
+        dataset = dataset.split(split)
+    if dataset.num_items == 0 or dataset.num_captions == 0:
+        where = f"split {split!r}" if split is not None else "it"
+        raise ValueError(f"data set {dataset.name!r} has no items and captions to evaluate in {where} "
+                         f"({dataset.num_items} items, {dataset.num_captions} captions)")
+    items, captions = encode_dataset(model, dataset, tokenizer, max_length, batch_size, progress)
+    return protocol_metrics(protocol, items, captions, dataset.caption_item, groups=dataset.item_group,
+                            progress=progress, **_similarity_kwargs(model.config), **protocol_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- concept queries
+def concept_names(dataset) -> Tuple[List[str], np.ndarray, np.ndarray]:
+    """One text query per concept (group): the first caption of the group's first item that has a caption.
+
+    For the emoji data that is the emoji's CLDR name ("red heart", "rocket"), what a person would type.
+
+    Returns:
+        `(names, groups, splits)`: `Q` query strings, their `[Q]` group ids and `[Q]` splits (of that first item).
+    """
+    first_caption = np.full(dataset.num_items, -1, dtype=np.int64)
+    for caption in range(len(dataset.caption_item) - 1, -1, -1):
+        first_caption[dataset.caption_item[caption]] = caption
+    names, groups, splits, seen = [], [], [], set()
+    for item in range(dataset.num_items):
+        group = int(dataset.item_group[item])
+        if group in seen or first_caption[item] < 0:
+            continue
+        seen.add(group)
+        names.append(dataset.captions[first_caption[item]])
+        groups.append(group)
+        splits.append(str(dataset.item_split[item]))
+    return names, np.asarray(groups, dtype=np.int64), np.asarray(splits, dtype=str)
+
+
+def concept_queries(model, dataset, tokenizer=None, max_length=None, batch_size=256, progress=False) -> dict:
+    """Search every concept's name over the whole gallery (all splits): hit@1/5/10 per split of the concept.
+
+    A hit@K is a query whose concept has an image among the top K of all `dataset`'s items. With the emoji data
+    (split by concept) train-split concepts measure fitting, test-split ones generalisation to unseen concepts.
+
+    Args:
+        model: a `DualEncoder`, a `tfemde.training.runs.Run`, or the path of a run folder.
+        dataset: a `Dataset` or a name/path for `tfemde.data.load`; all of it is the gallery.
+        tokenizer, max_length, batch_size, progress: as in `evaluate`.
+
+    Returns:
+        `{split: {"hit@1", "hit@5", "hit@10" (percent), "queries"}}` for each split that has concepts.
+    """
+    from tfemde.data import Dataset
+
+    model, tokenizer, dataset = _resolve(model, tokenizer, dataset)
+    names, groups, splits = concept_names(dataset)
+    first_item = np.array([np.flatnonzero(dataset.item_group == g)[0] for g in groups], dtype=np.int64)
+    queries = Dataset(name=f"{dataset.name}:concepts", captions=names, caption_item=first_item,
+                      item_split=dataset.item_split, item_group=dataset.item_group, images=dataset.images,
+                      image_paths=dataset.image_paths, regions=dataset.regions, region_rows=dataset.region_rows)
+    items, texts = encode_dataset(model, queries, tokenizer, max_length, batch_size, progress)
+    scores = set_similarity(texts, items, **_similarity_kwargs(model.config))
+    ranks = concept_ranks(scores, groups, dataset.item_group)
+    out = {}
+    for split in ("train", "val", "test"):
+        chosen = ranks[splits == split]
+        if len(chosen):
+            out[split] = {**{f"hit@{k}": float(100.0 * (chosen < k).mean()) for k in CONCEPT_HITS_AT},
+                          "queries": int(len(chosen))}
+    return out
