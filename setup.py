@@ -12,7 +12,8 @@ def _requirements(name):
     return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 
-# The serving runtime needs no TensorFlow; training and export need the whole pinned set (DEPENDENCIES.md).
+# The base install is the serving runtime (tfemde.serving, `tfemde embed/index/search`): no TensorFlow. Training,
+# evaluation and export need the `train` extra, the whole pinned set of DEPENDENCIES.md.
 SERVE_REQUIRES = _requirements("requirements-serve.txt")
 TRAIN_REQUIRES = [
     "tensorflow==2.21.0",
@@ -25,7 +26,7 @@ TRAIN_REQUIRES = [
 ]
 # The emoji builder; pinned because the shipped data set's captions come from this release.
 BUILD_DATA_REQUIRES = ["emoji==2.16.0"]
-TEST_REQUIRES = ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"] + BUILD_DATA_REQUIRES
+TEST_REQUIRES = TRAIN_REQUIRES + ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"] + BUILD_DATA_REQUIRES
 
 setup(
     name="tfemde",
@@ -37,9 +38,10 @@ setup(
     packages=find_packages(include=["tfemde", "tfemde.*"]),
     package_data={"tfemde": ["data/builtin/*.npz", "data/builtin/NOTICE"]},
     include_package_data=True,
-    install_requires=SERVE_REQUIRES + TRAIN_REQUIRES,
+    install_requires=SERVE_REQUIRES,
     extras_require={
-        "serve": SERVE_REQUIRES,
+        "train": TRAIN_REQUIRES,
+        "serve": [],  # the base install; kept so that `tfemde[serve]` still resolves
         "test": TEST_REQUIRES,
         "build-data": BUILD_DATA_REQUIRES,
     },

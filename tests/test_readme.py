@@ -63,8 +63,8 @@ def test_every_block_is_one_this_file_runs():
 
 def test_main_command_installs_the_package_with_its_data_and_console_script(tmp_path):
     command = block("bash", marker="main-command").strip()
-    assert command == "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/tfemde quickstart"
-    # `pip install .` builds a wheel: it must carry the built-in data set and the `tfemde` console script.
+    assert command == 'python3 -m venv .venv && .venv/bin/pip install ".[train]" && .venv/bin/tfemde quickstart'
+    # `pip install ".[train]"` builds a wheel: it must carry the built-in data set and the `tfemde` console script.
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
          str(ROOT)], cwd=tmp_path)
     (wheel,) = tmp_path.glob("tfemde-*.whl")

@@ -17,28 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import WORDS, tiny_run
 from tfemde.serving import Encoder, ExportFileError, SetIndex, choose_providers
 from tfemde.serving.images import load_image
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = "a red blue green dog cat heart face smiling rocket car on the with small big two three happy sad".split()
 TEXTS = ["a red heart", "", "Café ÉCOLE ﬁne", "cat 😀", "   ",
          " ".join(["two big green rocket cars with a happy dog"] * 4),  # longer than max_length
          "a red\x00heart after a NUL"]  # the ONNX tokenizer op reads C strings: both routes must see a space
-
-
-def _tiny_run(tmp, preset="dive_temde", **overrides):
-    """A small untrained model and a tokenizer trained on a few captions (what a run folder holds)."""
-    from tfemde.models import build_dual_encoder
-    from tfemde.text import Tokenizer
-
-    rng = np.random.default_rng(0)
-    captions = [" ".join(rng.choice(WORDS, size=rng.integers(2, 9))) for _ in range(300)]
-    tokenizer = Tokenizer.train(captions, vocab_size=40)
-    sizes = dict(embed_dim=16, word_dim=8, vocab_size=tokenizer.vocab_size, num_slots=2, set_depth=1, set_heads=2,
-                 sketch_depth=2, sketch_bits=3, image_size=64, cnn_filters=(4, 8), max_length=12)
-    sizes.update(overrides)
-    return build_dual_encoder(preset, **sizes), tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +32,7 @@ def setup(tmp_path_factory):
     from tfemde.export import export_run
 
     tmp = tmp_path_factory.mktemp("serving")
-    model, tokenizer = _tiny_run(tmp)
+    model, tokenizer = tiny_run(tmp)
     export_dir = export_run(model, tmp / "export", tokenizer=tokenizer)
     return {"model": model, "tokenizer": tokenizer, "export": export_dir, "tmp": tmp}
 
@@ -372,7 +358,7 @@ def test_encoder_runs_the_bytes_it_verified(setup, tmp_path):
     from tfemde.export import export_run
     from tfemde.text import Tokenizer
 
-    other_model, other_tokenizer = _tiny_run(tmp_path, embed_dim=24)
+    other_model, other_tokenizer = tiny_run(tmp_path, embed_dim=24)
     replacement = export_run(other_model, tmp_path / "other", tokenizer=other_tokenizer)
     for name in ("image.onnx", "text.onnx"):
         (export / name).write_bytes((replacement / name).read_bytes())

@@ -50,11 +50,26 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
+# What only the `train` extra installs (`pip install "tfemde[train]"`); the base install is the serving runtime.
+TRAIN_ONLY_MODULES = ("tensorflow", "keras", "tensorflow_text", "tf2onnx", "onnx", "matplotlib", "tqdm")
+
+
+def train_extra_hint(module: str) -> str:
+    """The message for a training-side name used in a serving-only install (`module` is what failed to import)."""
+    return (f"{module} is not installed: training, evaluation and export need the train extra, "
+            "pip install \"tfemde[train]\" (the base install is the TensorFlow-free serving runtime)")
+
+
 def __getattr__(name):
     if name not in _LAZY:
         raise AttributeError(f"module 'tfemde' has no attribute {name!r}")
-    module = importlib.import_module(_LAZY[name])
-    value = module if _LAZY[name] == f"tfemde.{name}" else getattr(module, name)
+    try:
+        module = importlib.import_module(_LAZY[name])
+        value = module if _LAZY[name] == f"tfemde.{name}" else getattr(module, name)
+    except ModuleNotFoundError as error:
+        if error.name not in TRAIN_ONLY_MODULES:
+            raise
+        raise ModuleNotFoundError(train_extra_hint(error.name), name=error.name) from error
     globals()[name] = value
     return value
 

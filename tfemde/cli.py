@@ -14,6 +14,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from tfemde import TRAIN_ONLY_MODULES, train_extra_hint  # noqa: E402
 from tfemde.files import atomic_write  # noqa: E402 - after the log level, before anything imports TensorFlow
 from tfemde.data.dataset import SPLITS  # noqa: E402
 from tfemde.export.convert import DEFAULT_OPSET, SUPPORTED_OPSETS  # noqa: E402
@@ -383,6 +384,11 @@ def main(argv=None) -> int:
         if os.environ.get("TFEMDE_DEBUG"):
             raise
         print(f"tfemde {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        if os.environ.get("TFEMDE_DEBUG") or error.name not in TRAIN_ONLY_MODULES:
+            raise
+        print(f"tfemde {args.command}: error: {train_extra_hint(error.name)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tfemde {args.command}: interrupted", file=sys.stderr)

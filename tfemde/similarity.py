@@ -61,15 +61,11 @@ def smooth_chamfer(a_sets, b_sets, alpha=16.0, a_mask=None, b_mask=None):
         `[Ba, Bb]` float32 similarity matrix.
 
     Example:
-
-    ```python
-    import numpy as np
-    from tfemde.similarity import smooth_chamfer
-
-    x = np.random.normal(size=(2, 4, 8)); x /= np.linalg.norm(x, axis=-1, keepdims=True)
-    y = np.random.normal(size=(3, 4, 8)); y /= np.linalg.norm(y, axis=-1, keepdims=True)
-    s = smooth_chamfer(x, y, alpha=16.0)  # [2, 3]
-    ```
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).normal(size=(2, 4, 8))
+        >>> x /= np.linalg.norm(x, axis=-1, keepdims=True)
+        >>> tuple(smooth_chamfer(x, x[:1], alpha=16.0).shape)
+        (2, 1)
     """
     check_positive(alpha, "alpha")
     cos, mx4, my4, nx, ny = _pairwise_cosines(a_sets, b_sets, a_mask, b_mask)
@@ -100,13 +96,10 @@ def chamfer(a_sets, b_sets, a_mask=None, b_mask=None):
         `[Ba, Bb]` float32 similarity matrix.
 
     Example:
-
-    ```python
-    import numpy as np
-    from tfemde.similarity import chamfer
-
-    s = chamfer(np.ones((2, 3, 4)), np.ones((5, 1, 4)))  # [2, 5], all 4.0
-    ```
+        >>> import numpy as np
+        >>> np.asarray(chamfer(np.ones((2, 3, 4)), np.ones((1, 1, 4))))
+        array([[4.],
+               [4.]], dtype=float32)
     """
     cos, mx4, my4, nx, ny = _pairwise_cosines(a_sets, b_sets, a_mask, b_mask)
     x_to_y = ops.max(ops.where(my4 > 0, cos, NEGATIVE), axis=3)  # [Bx, By, Kx]
@@ -132,13 +125,9 @@ def max_similarity(a_sets, b_sets, a_mask=None, b_mask=None):
         `[Ba, Bb]` float32 similarity matrix.
 
     Example:
-
-    ```python
-    import numpy as np
-    from tfemde.similarity import max_similarity
-
-    s = max_similarity(np.eye(3)[None], np.eye(3)[None])  # [[1.0]]
-    ```
+        >>> import numpy as np
+        >>> np.asarray(max_similarity(np.eye(3)[None], np.eye(3)[None]))
+        array([[1.]], dtype=float32)
     """
     cos, mx4, my4, nx, ny = _pairwise_cosines(a_sets, b_sets, a_mask, b_mask)
     pair_valid = ops.logical_and(mx4 > 0, my4 > 0)

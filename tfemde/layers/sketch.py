@@ -67,18 +67,15 @@ class TEMDESketch(keras.layers.Layer):
         (the sum of their weights); a fully padded set gives zeros.
 
     Example:
-
-    ```python
-    import numpy as np
-    from tfemde.layers.sketch import TEMDESketch, sketch_similarity
-
-    tokens = np.random.normal(size=(2, 7, 32)).astype("float32")
-    mask = np.array([[1] * 7, [1] * 4 + [0] * 3])
-    layer = TEMDESketch(depth=4, bits=3)
-    layer.adapt(tokens, mask=mask)            # EMDE's data-dependent initialisation
-    sketch = layer(tokens, mask=mask)         # [2, 4, 8]
-    similarity = sketch_similarity(sketch, sketch)  # [2, 2]
-    ```
+        >>> import numpy as np
+        >>> tokens = np.random.default_rng(0).normal(size=(2, 7, 32)).astype("float32")
+        >>> mask = np.array([[1] * 7, [1] * 4 + [0] * 3])
+        >>> layer = TEMDESketch(depth=4, bits=3)
+        >>> layer.adapt(tokens, mask=mask)  # EMDE's data-dependent initialisation
+        <TEMDESketch name=temde_sketch, built=True>
+        >>> sketch = layer(tokens, mask=mask)
+        >>> tuple(sketch.shape), tuple(sketch_similarity(sketch, sketch).shape)
+        ((2, 4, 8), (2, 2))
     """
 
     def __init__(
@@ -309,14 +306,10 @@ def sketch_similarity(a, b, epsilon=1e-6):
         `[Ba, Bb]` float32 similarities in [-1, 1] ([0, 1] for histograms).
 
     Example:
-
-    ```python
-    import numpy as np
-    from tfemde.layers.sketch import sketch_similarity
-
-    a = np.random.uniform(size=(3, 4, 8)).astype("float32")
-    s = sketch_similarity(a, a)  # [3, 3], diagonal 1
-    ```
+        >>> import numpy as np
+        >>> a = np.random.default_rng(0).uniform(size=(3, 4, 8)).astype("float32")
+        >>> np.round(np.diag(np.asarray(sketch_similarity(a, a))), 4)
+        array([1., 1., 1.], dtype=float32)
     """
     a = ops.cast(ops.convert_to_tensor(a), "float32")
     b = ops.cast(ops.convert_to_tensor(b), "float32")
