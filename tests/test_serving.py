@@ -6,6 +6,7 @@ One tiny `dive_temde` model (64x64 pixels, K = 2, D = 16, a sketch) is exported 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -306,6 +307,39 @@ def test_missing_files_and_bad_manifests(setup, tmp_path):
         Encoder.load(export)
     with pytest.raises(ExportFileError, match="does not exist"):
         Encoder.load(tmp_path / "nowhere")
+
+
+def test_the_manifest_schema_is_typed_and_shared_by_writer_and_readers(setup, tmp_path):
+    """`Manifest.from_dict` gives the fields the Encoder uses (K, D, sketch, α, λ, text and image sizes) from what
+    the export wrote; a field missing or of the wrong type is one `ExportFileError` naming it, at read time."""
+    from tfemde.serving.manifest import Manifest, read_manifest
+
+    config = setup["model"].config
+    spec = Manifest.from_dict(read_manifest(setup["export"]))
+    assert (spec.preset, spec.set_size, spec.dim) == (config.preset, config.set_size, config.embed_dim)
+    assert (spec.sketch_size, spec.sketch_depth) == (config.sketch_size, config.sketch_depth)
+    assert (spec.alpha, spec.sketch_weight) == (config.alpha, config.sketch_weight)
+    assert (spec.max_length, spec.vocab_size) == (config.max_length, setup["tokenizer"].vocab_size)
+    assert (spec.image_input, spec.image_size, spec.region_dim, spec.int8_files) == (
+        config.image_input, (config.image_size, config.image_size), None, {})
+    encoder = Encoder.load(setup["export"])
+    assert (encoder.set_size, encoder.dim, encoder.sketch_depth, encoder.image_size) == (
+        spec.set_size, spec.dim, spec.sketch_depth, spec.image_size)
+
+    export = _copy(setup, tmp_path)
+    manifest = json.loads((export / "manifest.json").read_text())
+    for path, value, message in ((("embedding", "dim"), None, "'embedding.dim' (expected int, got None)"),
+                                 (("text", "max_length"), True, "'text.max_length' (expected int, got True)"),
+                                 (("similarity", "alpha"), "16", "'similarity.alpha' (expected int or float"),
+                                 (("image", "size"), [64], "'image.size' (expected [H, W]; got [64])")):
+        broken = json.loads(json.dumps(manifest))
+        if value is None:
+            del broken[path[0]][path[1]]
+        else:
+            broken[path[0]][path[1]] = value
+        (export / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(ExportFileError, match=re.escape(message)):
+            Encoder.load(export)
 
 
 def test_verify_files_checks_the_saved_model_too(setup, tmp_path):

@@ -113,20 +113,19 @@ def cmd_build_emoji(args):
 
 def cmd_export(args):
     from tfemde.export import ExportError, export_run
-    from tfemde.serving.manifest import read_manifest
+    from tfemde.serving.manifest import Manifest, read_manifest
 
     try:
         out = export_run(args.run_dir, args.out, opset=args.opset, quantize=args.quantize)
     except ExportError as error:
         raise UserError(f"export failed its checks, nothing written: {error}") from error
-    manifest = read_manifest(out)
-    diffs = ", ".join(f"{k} {v:.1e}" for k, v in manifest["verification"]["max_abs_diff"].items())
-    print(f"exported {manifest['preset']} to {out} (K={manifest['embedding']['set_size']}, "
-          f"D={manifest['embedding']['dim']}); max |ONNX/SavedModel - TF|: {diffs}")
-    if "quantized" in manifest:
+    spec = Manifest.from_dict(read_manifest(out), repr(str(out)))
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in spec.raw["verification"]["max_abs_diff"].items())
+    print(f"exported {spec.preset} to {out} (K={spec.set_size}, D={spec.dim}); max |ONNX/SavedModel - TF|: {diffs}")
+    if spec.int8_files:
+        cosines = spec.raw["verification"]["int8"]
         print("int8 graphs, smallest cosine to TF: " + ", ".join(
-            f"{entry['file']} {entry['min_cosine']:.4f}" for entry in (manifest["quantized"]["image"],
-                                                                       manifest["quantized"]["text"])))
+            f"{name} {cosines[name]['min_cosine']:.4f}" for name in spec.int8_files.values()))
 
 
 def _serving_encoder(args):

@@ -156,6 +156,7 @@ def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=
         verification = _verify(tmp, image_fn, text_fn, config, tokenizer, quantized=quantize)
         manifest = _manifest(config, tokenizer, opset, verification, source)
         manifest["files"] = mf.file_records(tmp)
+        mf.Manifest.from_dict(manifest, "this export")  # what readers need is there (one schema, both sides)
         (tmp / mf.MANIFEST_NAME).write_text(_dumps(manifest), encoding="utf-8")
         _move_into_place(tmp, out_dir)
     finally:

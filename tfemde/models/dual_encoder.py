@@ -174,11 +174,12 @@ class DualEncoder(keras.Model):
     def from_config(cls, config, custom_objects=None):
         return cls(**config)
 
-    def _standardize_inputs(self, inputs):
+    def __call__(self, inputs, *args, **kwargs):
         # Batches carry image_id / group_id for the loss; the graph takes only its named inputs.
-        if isinstance(inputs, dict) and isinstance(self._inputs_struct, dict):
-            inputs = {name: value for name, value in inputs.items() if name in self._inputs_struct}
-        return super()._standardize_inputs(inputs)
+        if isinstance(inputs, dict):
+            names = {tensor.name for tensor in self.inputs}
+            inputs = {name: value for name, value in inputs.items() if name in names}
+        return super().__call__(inputs, *args, **kwargs)
 
     # --- training -------------------------------------------------------------------------------------------
     def similarity(self, image_outputs, text_outputs):

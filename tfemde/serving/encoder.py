@@ -32,15 +32,14 @@ def _is_path(x) -> bool:
     return isinstance(x, (str, bytes, os.PathLike))
 
 
-def _model_files(manifest: dict, precision: str) -> dict:
+def _model_files(spec: mf.Manifest, precision: str) -> dict:
     """`{exported name: file to run}`: the int8 files of a quantized export for `precision="int8"`."""
     if precision != "int8":
         return {}
-    quantized = manifest.get("quantized")
-    if not quantized:
+    if not spec.int8_files:
         raise ValueError("this export has no int8 graphs; export with quantize=True (`tfemde export --quantize`) "
                          "or load with precision='float32'")
-    return {quantized[what]["of"]: quantized[what]["file"] for what in ("image", "text")}
+    return dict(spec.int8_files)
 
 
 class Encoder:
@@ -50,7 +49,7 @@ class Encoder:
     checked against the manifest's sha256 at load.
 
     Attributes:
-        manifest: the export's `manifest.json` as a dict.
+        manifest: the export's `manifest.json` as a dict; `spec` is its typed `tfemde.serving.manifest.Manifest`.
         set_size, dim: K and D of the set embeddings `[N, K, D]`.
         sketch_size, sketch_depth: S and the depth of the sketches `[N, S]` (0 and None without a sketch).
         alpha, sketch_weight: the similarity's α and λ; `similarity_kwargs` is `{"alpha", "sketch_weight"}`
@@ -73,7 +72,8 @@ class Encoder:
         # encoder runs what was verified even if the folder changes later.
         self._verified = dict(verified or {})
         self.precision = precision
-        self._files = _model_files(manifest, precision)
+        self.spec = spec = mf.Manifest.from_dict(manifest, repr(str(export_dir)))
+        self._files = _model_files(spec, precision)
         self.manifest = manifest
         self.export_digest = mf.export_digest(manifest)
         self.providers = providers
@@ -83,18 +83,11 @@ class Encoder:
         self._spinning = spinning
         self._sessions = {}
         self._tokenizer = None
-        embedding = manifest["embedding"]
-        self.set_size = int(embedding["set_size"])
-        self.dim = int(embedding["dim"])
-        self.sketch_size = int(embedding["sketch_size"]) if embedding["sketch"] else 0
-        self.sketch_depth = int(embedding["sketch_depth"]) if embedding["sketch"] else None
-        self.alpha = float(manifest["similarity"]["alpha"])
-        self.sketch_weight = float(manifest["similarity"]["sketch_weight"])
-        self.max_length = int(manifest["text"]["max_length"])
-        image = manifest["image"]
-        self.image_input = image["input"]
-        self.image_size = tuple(image["size"]) if self.image_input != "regions" else None
-        self.region_dim = int(image["region_dim"]) if self.image_input == "regions" else None
+        self.set_size, self.dim = spec.set_size, spec.dim
+        self.sketch_size, self.sketch_depth = spec.sketch_size, spec.sketch_depth
+        self.alpha, self.sketch_weight = spec.alpha, spec.sketch_weight
+        self.max_length = spec.max_length
+        self.image_input, self.image_size, self.region_dim = spec.image_input, spec.image_size, spec.region_dim
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -137,7 +130,7 @@ class Encoder:
                                "process that has imported TensorFlow; use text_route='sentencepiece' here")
         batch_size = cls._check_batch_size(batch_size)
         manifest = mf.read_manifest(export_dir)
-        files = _model_files(manifest, precision)
+        files = _model_files(mf.Manifest.from_dict(manifest, repr(str(export_dir))), precision)
         chosen = choose_providers(ort.get_available_providers(), providers)
         verified = None
         if verify:
@@ -281,7 +274,7 @@ class Encoder:
         mask = ids > 0 if caption_mask is None else np.asarray(caption_mask)
         if mask.shape != ids.shape:
             raise ValueError(f"caption_mask must have the shape of caption_ids {ids.shape}; got shape {mask.shape}")
-        vocab_size = int(self.manifest["text"]["vocab_size"])
+        vocab_size = self.spec.vocab_size
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
             bad = ids[(ids < 0) | (ids >= vocab_size)][0]
             raise ValueError(f"caption_ids must be token ids in [0, {vocab_size}) of the export's tokenizer; got "

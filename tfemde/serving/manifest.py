@@ -1,4 +1,4 @@
-"""The export folder's `manifest.json`: reading it, and checking every file against its recorded sha256.
+"""The export folder's `manifest.json`: its schema (`Manifest`), reading it, and checking every file's sha256.
 
 An export folder (written by `tfemde.export.export_run`) holds `image.onnx`, `text.onnx`, `text_e2e.onnx`,
 `tokenizer.model`, `saved_model/` and `manifest.json`. The manifest records, for every other file, its size and
@@ -8,11 +8,12 @@ TensorFlow-free: the standard library only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "tfemde.export"
@@ -27,6 +28,96 @@ SAVED_MODEL_DIR = "saved_model"
 
 class ExportFileError(ValueError):
     """An export folder or one of its files is missing, corrupt or changed since export (the message names it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """The fields of an export's `manifest.json` that readers use, typed and checked (`Manifest.from_dict`).
+
+    `tfemde.export` writes the JSON and checks it with `from_dict` before the export is moved into place;
+    `Encoder`, `SetIndex` and the CLI read it through `from_dict`, so writer and readers share one schema. The whole
+    JSON object (descriptions, versions, verification) stays available as `raw`.
+
+    Attributes:
+        preset: the config preset the model was built from.
+        set_size, dim: K and D of the set embeddings `[N, K, D]`.
+        sketch_size, sketch_depth: S and the depth of the sketches `[N, S]` (0 and None without a sketch).
+        alpha, sketch_weight: the similarity's α and λ (λ is 0 without a sketch).
+        max_length, vocab_size: captions are truncated to `max_length` ids below `vocab_size`.
+        image_input: `"pixels"`, `"backbone"` (images `[N, H, W, 3]`) or `"regions"` (features `[N, R, F]`).
+        image_size: `(H, W)` for image models, None for region models.
+        region_dim: F for region models, None for image models.
+        int8_files: `{float graph: its int8 graph}` of a quantized export, else `{}`.
+        files: `{relative path: {"sha256", "bytes"}}` of every other file of the export.
+        raw: the whole manifest as read.
+    """
+
+    preset: str
+    set_size: int
+    dim: int
+    sketch_size: int
+    sketch_depth: Optional[int]
+    alpha: float
+    sketch_weight: float
+    max_length: int
+    vocab_size: int
+    image_input: str
+    image_size: Optional[Tuple[int, int]]
+    region_dim: Optional[int]
+    int8_files: Dict[str, str]
+    files: Dict[str, dict]
+    raw: dict = dataclasses.field(repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, manifest: dict, where: str = "the export") -> "Manifest":
+        """Check and type a manifest dict.
+
+        Raises:
+            ExportFileError: a field is missing or of the wrong type (the message names it and `where`).
+        """
+
+        def get(path: str, kind, optional: bool = False):
+            value = manifest
+            for key in path.split("."):
+                value = value.get(key) if isinstance(value, dict) else None
+            if value is None and optional:
+                return None
+            if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                raise ExportFileError(f"the {MANIFEST_NAME} of {where} has no valid {path!r} (expected {expected}, "
+                                      f"got {value!r}); re-export the model with this tfemde")
+            return value
+
+        if not isinstance(manifest, dict):
+            raise ExportFileError(f"the {MANIFEST_NAME} of {where} is not a JSON object")
+        sketch = get("embedding.sketch", bool)
+        image_input = get("image.input", str)
+        regions = image_input == "regions"
+        size = None if regions else get("image.size", list)
+        if size is not None and (len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size)):
+            raise ExportFileError(f"the {MANIFEST_NAME} of {where} has no valid 'image.size' (expected [H, W]; got "
+                                  f"{size!r}); re-export the model with this tfemde")
+        quantized = get("quantized", dict, optional=True) or {}
+        int8_files = {}
+        for what in ("image", "text") if quantized else ():
+            int8_files[get(f"quantized.{what}.of", str)] = get(f"quantized.{what}.file", str)
+        return cls(
+            preset=get("preset", str),
+            set_size=get("embedding.set_size", int),
+            dim=get("embedding.dim", int),
+            sketch_size=get("embedding.sketch_size", int) if sketch else 0,
+            sketch_depth=get("embedding.sketch_depth", int) if sketch else None,
+            alpha=float(get("similarity.alpha", (int, float))),
+            sketch_weight=float(get("similarity.sketch_weight", (int, float))) if sketch else 0.0,
+            max_length=get("text.max_length", int),
+            vocab_size=get("text.vocab_size", int),
+            image_input=image_input,
+            image_size=None if size is None else (size[0], size[1]),
+            region_dim=get("image.region_dim", int) if regions else None,
+            int8_files=int8_files,
+            files=get("files", dict),
+            raw=manifest,
+        )
 
 
 def sha256_file(path, chunk_size: int = 1 << 20) -> str:
@@ -81,10 +172,11 @@ def read_manifest(export_dir) -> dict:
         export_dir: a folder written by `tfemde.export.export_run`.
 
     Returns:
-        The manifest as a dict.
+        The manifest as a dict (`Manifest.from_dict` gives its typed fields).
 
     Raises:
-        ExportFileError: the folder or its manifest is missing, unreadable, or of another format or version.
+        ExportFileError: the folder or its manifest is missing, unreadable, of another format or version, or
+            lacks a field readers use.
     """
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
@@ -107,6 +199,7 @@ def read_manifest(export_dir) -> dict:
         raise ExportFileError(f"export file {MANIFEST_NAME!r} in {str(export_dir)!r} has no 'files' checksums")
     for name in manifest["files"]:
         contained_path(export_dir, name)
+    Manifest.from_dict(manifest, repr(str(export_dir)))  # every field a reader uses is there, with its type
     quantized = manifest.get("quantized") or {}
     for what in ("image", "text") if quantized else ():
         entry = quantized.get(what)
