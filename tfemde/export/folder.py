@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tfemde.export.convert import DEFAULT_OPSET, SUPPORTED_OPSETS, _name_dims, convert_function
+from tfemde.export.convert import DEFAULT_OPSET, SUPPORTED_OPSETS, _name_dims
 from tfemde.export.describe import _dumps, _manifest
+from tfemde.export.native_rnn import NATIVE, convert_encoder
 from tfemde.export.quantize import inline_loop_weights, int8_name, quantize_int8
 from tfemde.export.signatures import _functions, _save_saved_model, _specs
 from tfemde.export.tokenizer_graph import text_e2e_model
@@ -92,7 +93,7 @@ def _move_into_place(tmp: Path, out_dir: Path):
 
 
 def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=None,
-               quantize: bool = False) -> Path:
+               quantize: bool = False, native_rnn: bool = True) -> Path:
     """Export a trained dual encoder's two encoders to ONNX and SavedModel, checked against TensorFlow.
 
     Args:
@@ -105,6 +106,8 @@ def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=
         quantize: also write `image.int8.onnx` and `text.int8.onnx` (int8 weights, faster on CPUs, not exact:
             each must keep a cosine of at least `INT8_MIN_COSINE` to TensorFlow's outputs). Load them with
             `Encoder.load(export_dir, precision="int8")`.
+        native_rnn: run the BiGRUs as ONNX `GRU` ops (onnxruntime's own kernel; `tfemde.export.native_rnn`);
+            False keeps tf2onnx's `Loop`s. The manifest's `recurrence` says which each graph has.
 
     Returns:
         `out_dir` as a `Path`, holding `image.onnx`, `text.onnx`, `text_e2e.onnx`, `saved_model/`,
@@ -125,6 +128,8 @@ def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=
     opset = int(opset)
     if not isinstance(quantize, bool):
         raise ValueError(f"quantize must be True or False; got {quantize!r}")
+    if not isinstance(native_rnn, bool):
+        raise ValueError(f"native_rnn must be True or False; got {native_rnn!r}")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     model, config, tokenizer, source = _resolve(run_dir_or_model, tokenizer)
@@ -139,22 +144,38 @@ def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=
         image_specs, text_specs, dims = _specs(config)
         image_fn, text_fn = _functions(model, config)
         _save_saved_model(tmp / mf.SAVED_MODEL_DIR, model, image_fn, text_fn, image_specs, text_specs)
-        image_proto = convert_function(image_fn, image_specs, opset, dims, what="image encoder")
-        text_proto = convert_function(text_fn, text_specs, opset, dims, what="text encoder")
-        # The BiGRU's Loops carry their weights as loop state; as body constants they run ~20% faster.
-        text_proto = inline_loop_weights(text_proto)
-        e2e_proto = text_e2e_model(text_proto, tokenizer.model_proto, config.max_length, opset)
+        encoders = {mf.IMAGE_ONNX: (image_fn, image_specs, model.image_encoder, "image encoder"),
+                    mf.TEXT_ONNX: (text_fn, text_specs, model.text_encoder, "text encoder")}
+        protos, recurrence = {}, {}
+        for name, (fn, specs, encoder, what) in encoders.items():
+            proto, recurrence[name] = convert_encoder(fn, specs, encoder, opset, dims, what=what, native=native_rnn)
+            # Loops carry their weights as loop state; as body constants they run ~20% faster.
+            protos[name] = inline_loop_weights(proto)
+        e2e_proto = text_e2e_model(protos[mf.TEXT_ONNX], tokenizer.model_proto, config.max_length, opset)
         _name_dims(e2e_proto, dims)
-        for name, proto in ((mf.IMAGE_ONNX, image_proto), (mf.TEXT_ONNX, text_proto),
-                            (mf.TEXT_E2E_ONNX, e2e_proto)):
+        recurrence[mf.TEXT_E2E_ONNX] = recurrence[mf.TEXT_ONNX]
+        for name, proto in (*protos.items(), (mf.TEXT_E2E_ONNX, e2e_proto)):
             proto.doc_string = f"tfemde {config.preset} {name.split('.')[0]} encoder; see manifest.json"
             onnx.save_model(proto, str(tmp / name))
         tokenizer.save(tmp / mf.TOKENIZER_FILE)
         if quantize:
-            for name in (mf.IMAGE_ONNX, mf.TEXT_ONNX):
-                quantize_int8(tmp / name, tmp / int8_name(name))
+            for name, (fn, specs, encoder, what) in encoders.items():
+                float_graph = tmp / name
+                if recurrence[name] == NATIVE:
+                    # onnxruntime has no int8 GRU kernel: a float GRU reads 4x the bytes of the Loop's quantized
+                    # recurrent weights, so the int8 graph is quantized from the Loop conversion.
+                    loop, recurrence[int8_name(name)] = convert_encoder(fn, specs, encoder, opset, dims, what=what,
+                                                                        native=False)
+                    float_graph = tmp / f".loop.{name}"
+                    onnx.save_model(inline_loop_weights(loop), str(float_graph))
+                else:
+                    recurrence[int8_name(name)] = recurrence[name]
+                quantize_int8(float_graph, tmp / int8_name(name))
+                if float_graph.name.startswith(".loop."):
+                    float_graph.unlink()
         verification = _verify(tmp, image_fn, text_fn, config, tokenizer, quantized=quantize)
         manifest = _manifest(config, tokenizer, opset, verification, source)
+        manifest["recurrence"] = recurrence
         manifest["files"] = mf.file_records(tmp)
         mf.Manifest.from_dict(manifest, "this export")  # what readers need is there (one schema, both sides)
         (tmp / mf.MANIFEST_NAME).write_text(_dumps(manifest), encoding="utf-8")

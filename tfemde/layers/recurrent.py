@@ -1,7 +1,25 @@
 """`AveragedBiGRU`: a bidirectional GRU whose two directions are averaged (the text tower's and GPO's recurrence)."""
 
+import contextlib
+import contextvars
+
 import keras
 from keras import ops
+
+# While set, every `AveragedBiGRU.call` returns `substitute(layer, inputs, mask)` instead of running its GRUs; the
+# ONNX export traces the encoders this way to put onnxruntime's own GRU op in place of the converted loops.
+_SUBSTITUTE = contextvars.ContextVar("tfemde_averaged_bigru_substitute", default=None)
+
+
+@contextlib.contextmanager
+def substituted(substitute):
+    """Within the block, `AveragedBiGRU` layers return `substitute(layer, inputs, mask)`: what their `call`
+    would return (the sequence, and with `return_state` the two states), computed elsewhere."""
+    token = _SUBSTITUTE.set(substitute)
+    try:
+        yield
+    finally:
+        _SUBSTITUTE.reset(token)
 
 
 @keras.saving.register_keras_serializable(package="tfemde")
@@ -51,6 +69,9 @@ class AveragedBiGRU(keras.layers.Layer):
         self.backward_layer.build(input_shape)
 
     def call(self, inputs, mask=None, training=None):
+        substitute = _SUBSTITUTE.get()
+        if substitute is not None:
+            return substitute(self, inputs, mask)
         forward, forward_state = self.forward_layer(inputs, mask=mask, training=training)
         backward, backward_state = self.backward_layer(inputs, mask=mask, training=training)
         averaged = (forward + ops.flip(backward, axis=1)) / 2
