@@ -94,6 +94,7 @@ def test_export_folder_and_manifest(exported):
     assert manifest["text"]["normalization"] == "nmt_nfkc_cf"
     assert manifest["image"]["input"] == "regions" and manifest["image"]["region_dim"] == 24
     assert manifest["config"] == config.to_dict() and manifest["preset"] == "vse"
+    assert manifest["recurrence"] == {"image.onnx": None, "text.onnx": "onnx GRU", "text_e2e.onnx": "onnx GRU"}
     image = manifest["models"]["image"]
     assert image["inputs"] == [{"name": "regions", "dtype": "float32", "shape": ["batch", "regions", 24]},
                                {"name": "region_mask", "dtype": "bool", "shape": ["batch", "regions"]}]

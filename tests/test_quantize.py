@@ -106,13 +106,16 @@ def test_inlining_loop_weights_keeps_the_outputs_and_drops_the_carried_weight(tm
     assert _cosines(got, want).min() >= 0.99
 
 
-def test_exported_text_graph_multiplies_by_loop_constants(quantized):
-    for body in _loop_bodies(onnx.load(str(quantized["dir"] / mf.TEXT_ONNX))):  # the BiGRU's two directions
-        weights = {t.name for t in body.initializer if len(t.dims) == 2}
-        matmuls = [n for n in body.node if n.op_type == "MatMul"]
-        assert matmuls and all(n.input[1] in weights for n in matmuls)
-    for body in _loop_bodies(onnx.load(str(quantized["dir"] / int8_name(mf.TEXT_ONNX)))):
-        assert "MatMul" not in {n.op_type for n in body.node}
+def test_exported_text_graphs_recurrence(quantized):
+    """float32: the BiGRU as one ONNX GRU op; int8: quantized from the Loop conversion (no int8 GRU kernel), its two
+    directions' loop bodies multiplying by int8 constants only."""
+    exact = onnx.load(str(quantized["dir"] / mf.TEXT_ONNX))
+    assert "GRU" in {n.op_type for n in exact.graph.node} and not _loop_bodies(exact)
+    bodies = _loop_bodies(onnx.load(str(quantized["dir"] / int8_name(mf.TEXT_ONNX))))
+    assert len(bodies) == 2
+    for body in bodies:
+        ops = {n.op_type for n in body.node}
+        assert "MatMul" not in ops and ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, ops
 
 
 def test_quantized_export_records_and_meets_its_cosine_check(quantized, rng):
