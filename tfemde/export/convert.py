@@ -94,7 +94,6 @@ def convert_function(fn, input_signature, opset: int = DEFAULT_OPSET, dims=None,
         ExportError: tf2onnx logged an ERROR or an unsupported op, left a non-ONNX op in the graph, or the graph
             fails `onnx.checker`.
     """
-    import onnx
     import tf2onnx
 
     with _quiet_converter() as records, _without_optimizers():
@@ -109,10 +108,17 @@ def convert_function(fn, input_signature, opset: int = DEFAULT_OPSET, dims=None,
     foreign = sorted({f"{n.domain}:{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if foreign:
         raise ExportError(f"the converted {what} contains non-ONNX ops: {', '.join(foreign)}")
+    return checked(proto, dims, f"converted {what}")
+
+
+def checked(proto, dims=None, what="model"):
+    """`proto` after `onnx.checker` (an `ExportError` naming `what` when it fails), its dynamic axes named by `dims`."""
+    import onnx
+
     try:
         onnx.checker.check_model(proto)
     except Exception as error:  # noqa: BLE001
-        raise ExportError(f"the converted {what} is not a valid ONNX graph: {error}") from error
+        raise ExportError(f"the {what} is not a valid ONNX graph: {error}") from error
     if dims:
         _name_dims(proto, dims)
     return proto

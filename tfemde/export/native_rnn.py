@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tfemde.export.convert import ExportError, convert_function
+from tfemde.export.convert import ExportError, checked, convert_function
 
 LOOP = "onnx Loop (tf2onnx)"
 NATIVE = "onnx GRU"
@@ -209,7 +209,6 @@ def _sort_nodes(graph):
 def splice(proto, layers):
     """Put each layer's ONNX `GRU` in place of its stand-in inputs and extra outputs (in place); returns `proto`."""
     graph = proto.graph
-    inputs = {v.name for v in graph.input}
     outputs = {v.name for v in graph.output}
     for index, layer in enumerate(layers):
         names = _names(index)
@@ -223,8 +222,6 @@ def splice(proto, layers):
     extra_outputs = {n for i in range(len(layers)) for k, n in _names(i).items() if k in ("input", "mask")}
     kept_inputs = [v for v in graph.input if v.name not in extra_inputs]
     kept_outputs = [v for v in graph.output if v.name not in extra_outputs]
-    if len(inputs) - len(kept_inputs) != len(extra_inputs & inputs):
-        raise ExportError("the trace's stand-in inputs are not all graph inputs")
     del graph.input[:]
     graph.input.extend(kept_inputs)
     del graph.output[:]
@@ -247,8 +244,6 @@ def convert_encoder(tf_function, specs, encoder, opset, dims=None, what="model",
         `(proto, recurrence)`: the checked `ModelProto`, and `NATIVE`, `LOOP` (with the reason when `native` was
         asked for but a layer cannot be mapped) or None when the encoder has no recurrence.
     """
-    import onnx
-
     layers = bigru_layers(encoder)
     if not layers:
         return convert_function(tf_function, specs, opset, dims, what=what), None
@@ -258,12 +253,4 @@ def convert_encoder(tf_function, specs, encoder, opset, dims=None, what="model",
         return convert_function(tf_function, specs, opset, dims, what=what), recurrence
     traced, traced_specs = _traced(tf_function.python_function, specs, layers)
     proto = splice(convert_function(traced, traced_specs, opset, what=what), layers)
-    try:
-        onnx.checker.check_model(proto)
-    except Exception as error:  # noqa: BLE001
-        raise ExportError(f"the {what} with ONNX GRU ops is not a valid ONNX graph: {error}") from error
-    if dims:
-        from tfemde.export.convert import _name_dims
-
-        _name_dims(proto, dims)
-    return proto, NATIVE
+    return checked(proto, dims, f"{what} with ONNX GRU ops"), NATIVE
