@@ -1,6 +1,7 @@
 """tfemde.export.native_rnn: the BiGRUs of an exported encoder as ONNX `GRU` ops.
 
-Checked against Keras and against a GRU written out in NumPy (ONNX's equations with `linear_before_reset=1`, one
+Both forms (the `GRU` op for float32 graphs, the lean `Loop` the int8 graphs are quantized from) are checked against
+Keras and against a GRU written out in NumPy (ONNX's equations with `linear_before_reset=1`, one
 direction at a time over each sequence's valid steps), on right-padded masks of every length from empty to full;
 the text tower (states used) and GPO (sequence used) both go through it, and an unsupported layer falls back to
 tf2onnx's `Loop`.
@@ -67,23 +68,24 @@ def bigru_model():
     return model, layer
 
 
-def _convert(model, native=True):
+def _convert(model, recurrence="gru"):
     import tensorflow as tf
 
     from tfemde.export.native_rnn import convert_encoder
 
     specs = [tf.TensorSpec([None, None, 5], tf.float32, name="x"), tf.TensorSpec([None, None], tf.bool, name="mask")]
     fn = tf.function(lambda x, mask: dict(model({"x": x, "mask": mask}, training=False)), input_signature=specs)
-    return convert_encoder(fn, specs, model, opset=17, what="test model", native=native)
+    return convert_encoder(fn, specs, model, opset=17, what="test model", recurrence=recurrence)
 
 
-def test_bigru_as_onnx_gru_matches_keras_and_numpy(bigru_model):
-    from tfemde.export.native_rnn import NATIVE
+@pytest.mark.parametrize("form", ["gru", "loop"])
+def test_bigru_as_onnx_gru_or_lean_loop_matches_keras_and_numpy(bigru_model, form):
+    from tfemde.export.native_rnn import LEAN_LOOP, NATIVE
 
     model, layer = bigru_model
-    proto, recurrence = _convert(model)
-    assert recurrence == NATIVE
-    assert "GRU" in _op_types(proto) and "Loop" not in _op_types(proto)
+    proto, recurrence = _convert(model, form)
+    assert recurrence == {"gru": NATIVE, "loop": LEAN_LOOP}[form]
+    assert ("GRU" in _op_types(proto)) == (form == "gru") and ("Loop" in _op_types(proto)) == (form == "loop")
     assert [v.name for v in proto.graph.input] == ["x", "mask"]
     assert sorted(v.name for v in proto.graph.output) == ["backward", "forward", "sequence"]
     session = _session(proto)
@@ -116,6 +118,11 @@ def test_unsupported_layer_keeps_the_loop(bigru_model, monkeypatch):
     assert "Loop" in _op_types(proto) and "GRU" not in _op_types(proto)
 
 
+def test_unknown_recurrence_is_refused(bigru_model):
+    with pytest.raises(ValueError, match="recurrence must be one of 'gru', 'loop', 'tf2onnx'; got 'lstm'"):
+        _convert(bigru_model[0], "lstm")
+
+
 def test_native_and_loop_exports_agree_with_keras(tmp_path):
     """vse_infty on pixels: GPO's BiGRU in the image tower (sequence only), the text tower's BiGRU (states too)."""
     import json
@@ -129,7 +136,7 @@ def test_native_and_loop_exports_agree_with_keras(tmp_path):
     loop = export_run(model, tmp_path / "loop", tokenizer=tokenizer, native_rnn=False)
     recurrence = json.loads((native / "manifest.json").read_text(encoding="utf-8"))["recurrence"]
     assert recurrence == {"image.onnx": "onnx GRU", "text.onnx": "onnx GRU", "text_e2e.onnx": "onnx GRU",
-                          "image.int8.onnx": "onnx Loop (tf2onnx)", "text.int8.onnx": "onnx Loop (tf2onnx)"}
+                          "image.int8.onnx": "onnx Loop (tfemde)", "text.int8.onnx": "onnx Loop (tfemde)"}
     assert not (native / ".loop.text.onnx").exists()
     for name in ("image.onnx", "text.onnx"):
         assert "GRU" in _op_types(onnx.load(str(native / name))) and "Loop" not in _op_types(onnx.load(str(native / name)))

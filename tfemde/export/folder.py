@@ -148,7 +148,8 @@ def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=
                     mf.TEXT_ONNX: (text_fn, text_specs, model.text_encoder, "text encoder")}
         protos, recurrence = {}, {}
         for name, (fn, specs, encoder, what) in encoders.items():
-            proto, recurrence[name] = convert_encoder(fn, specs, encoder, opset, dims, what=what, native=native_rnn)
+            proto, recurrence[name] = convert_encoder(fn, specs, encoder, opset, dims, what=what,
+                                                      recurrence="gru" if native_rnn else "tf2onnx")
             # Loops carry their weights as loop state; as body constants they run ~20% faster.
             protos[name] = inline_loop_weights(proto)
         e2e_proto = text_e2e_model(protos[mf.TEXT_ONNX], tokenizer.model_proto, config.max_length, opset)
@@ -162,12 +163,12 @@ def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=
             for name, (fn, specs, encoder, what) in encoders.items():
                 float_graph = tmp / name
                 if recurrence[name] == NATIVE:
-                    # onnxruntime has no int8 GRU kernel: a float GRU reads 4x the bytes of the Loop's quantized
-                    # recurrent weights, so the int8 graph is quantized from the Loop conversion.
+                    # onnxruntime has no int8 GRU kernel: a float GRU reads 4x the bytes of int8 recurrent
+                    # weights, so the int8 graph is quantized from the lean Loop form of the same recurrence.
                     loop, recurrence[int8_name(name)] = convert_encoder(fn, specs, encoder, opset, dims, what=what,
-                                                                        native=False)
+                                                                        recurrence="loop")
                     float_graph = tmp / f".loop.{name}"
-                    onnx.save_model(inline_loop_weights(loop), str(float_graph))
+                    onnx.save_model(loop, str(float_graph))
                 else:
                     recurrence[int8_name(name)] = recurrence[name]
                 quantize_int8(float_graph, tmp / int8_name(name))

@@ -24,9 +24,12 @@ from __future__ import annotations
 import numpy as np
 
 from tfemde.export.convert import ExportError, checked, convert_function
+from tfemde.export.onnx_graph import sort_nodes
 
 LOOP = "onnx Loop (tf2onnx)"
 NATIVE = "onnx GRU"
+LEAN_LOOP = "onnx Loop (tfemde)"
+RECURRENCES = ("gru", "loop", "tf2onnx")
 _PREFIX = "tfemde_bigru"
 
 
@@ -155,66 +158,121 @@ def _gru_nodes(index, layer):
     return nodes, initializers
 
 
-def _subgraphs(node):
-    for attr in node.attribute:
-        if attr.HasField("g"):
-            yield attr.g
-        yield from attr.graphs
+def _loop_nodes(index, layer):
+    """Nodes and initializers computing the layer's outputs with one lean ONNX `Loop` (both directions per step).
+
+    The input projections of all steps are two matrix multiplies before the loop; the backward direction runs
+    forward over each row reversed within its length (`ReverseSequence`); a step past a row's length keeps the
+    state and outputs zeros. The body multiplies only by its own initializers (the recurrent kernels), so
+    onnxruntime's dynamic quantizer makes int8 MatMuls of them: the int8 graphs use this form, since onnxruntime
+    has no int8 GRU kernel.
+    """
+    from keras import ops
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = _names(index)
+    p = f"{_PREFIX}{index}/"
+    units = layer.units
+    node = helper.make_node
+    constants = {"axis1": np.array([1], np.int64), "one": np.array(1, np.int64), "first": np.array([0], np.int64),
+                 "units": np.array([units], np.int64), "half": np.array(0.5, np.float32),
+                 "steps_axis": np.array(1, np.int64), "true": np.array(True)}
+    body_constants = {"gates": np.array([2 * units, units], np.int64), "halves": np.array([units, units], np.int64),
+                      "zero": np.array(0.0, np.float32), "axis1": np.array([1], np.int64)}
+    body_nodes = [node("Less", ["iteration", p + "lengths64"], ["valid_rows"]),
+                  node("Unsqueeze", ["valid_rows", "axis1"], ["valid"]),
+                  node("Identity", ["cond"], ["cond_out"])]
+    directions = {"forward": layer.forward_layer.cell, "backward": layer.backward_layer.cell}
+    for d, cell in directions.items():
+        bias = ops.convert_to_numpy(cell.bias)  # [2, 3H]: input bias, recurrent bias
+        constants[f"{d}_kernel"] = ops.convert_to_numpy(cell.kernel)
+        constants[f"{d}_input_bias"] = bias[0]
+        body_constants[f"{d}_recurrent_kernel"] = ops.convert_to_numpy(cell.recurrent_kernel)
+        body_constants[f"{d}_recurrent_bias"] = bias[1]
+        h = f"{d}_h"
+        body_nodes += [
+            node("Gather", [p + f"{d}_projected", "iteration"], [f"{d}_x"], axis=0),  # [N, 3H]
+            node("MatMul", [h, f"{d}_recurrent_kernel"], [f"{d}_hu_raw"]),
+            node("Add", [f"{d}_hu_raw", f"{d}_recurrent_bias"], [f"{d}_hu"]),
+            node("Split", [f"{d}_x", "gates"], [f"{d}_x_zr", f"{d}_x_h"], axis=1),
+            node("Split", [f"{d}_hu", "gates"], [f"{d}_hu_zr", f"{d}_hu_h"], axis=1),
+            node("Add", [f"{d}_x_zr", f"{d}_hu_zr"], [f"{d}_zr_raw"]),
+            node("Sigmoid", [f"{d}_zr_raw"], [f"{d}_zr"]),
+            node("Split", [f"{d}_zr", "halves"], [f"{d}_z", f"{d}_r"], axis=1),
+            node("Mul", [f"{d}_r", f"{d}_hu_h"], [f"{d}_r_hu_h"]),
+            node("Add", [f"{d}_x_h", f"{d}_r_hu_h"], [f"{d}_c_raw"]),
+            node("Tanh", [f"{d}_c_raw"], [f"{d}_c"]),
+            node("Sub", [h, f"{d}_c"], [f"{d}_h_minus_c"]),
+            node("Mul", [f"{d}_z", f"{d}_h_minus_c"], [f"{d}_z_h_minus_c"]),
+            node("Add", [f"{d}_c", f"{d}_z_h_minus_c"], [f"{d}_h_new"]),  # z*h + (1-z)*c
+            node("Where", ["valid", f"{d}_h_new", h], [f"{d}_h_next"]),
+            node("Where", ["valid", f"{d}_h_new", "zero"], [f"{d}_y"]),
+        ]
+    state = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
+    body = helper.make_graph(
+        body_nodes, f"{p}body",
+        [helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, []), state("forward_h"), state("backward_h")],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), state("forward_h_next"),
+         state("backward_h_next"), state("forward_y"), state("backward_y")],
+        initializer=[numpy_helper.from_array(np.asarray(v, np.float32 if v.dtype.kind == "f" else v.dtype), k)
+                     for k, v in body_constants.items()])
+    _prefix_local_names(body, p + "step/")
+    states = ([names["forward_state"], names["backward_state"]] if layer.return_state
+              else [p + "forward_state", p + "backward_state"])
+    nodes = [
+        node("Transpose", [names["input"]], [p + "time_major"], perm=[1, 0, 2]),  # [T, N, F]
+        node("Cast", [names["mask"]], [p + "mask_int"], to=TensorProto.INT64),
+        node("ReduceSum", [p + "mask_int", p + "axis1"], [p + "lengths64"], keepdims=0),
+        node("Max", [p + "lengths64", p + "one"], [p + "lengths_at_least_1"]),
+        node("ReverseSequence", [p + "time_major", p + "lengths_at_least_1"], [p + "time_major_reversed"],
+             batch_axis=1, time_axis=0),
+        node("MatMul", [p + "time_major", p + "forward_kernel"], [p + "forward_projected_raw"]),
+        node("Add", [p + "forward_projected_raw", p + "forward_input_bias"], [p + "forward_projected"]),
+        node("MatMul", [p + "time_major_reversed", p + "backward_kernel"], [p + "backward_projected_raw"]),
+        node("Add", [p + "backward_projected_raw", p + "backward_input_bias"], [p + "backward_projected"]),
+        node("Shape", [names["input"]], [p + "shape"]),
+        node("Gather", [p + "shape", p + "steps_axis"], [p + "steps"], axis=0),
+        node("Gather", [p + "shape", p + "first"], [p + "batch"], axis=0),
+        node("Concat", [p + "batch", p + "units"], [p + "state_shape"], axis=0),
+        node("ConstantOfShape", [p + "state_shape"], [p + "zeros"],
+             value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])),
+        node("Loop", [p + "steps", p + "true", p + "zeros", p + "zeros"],
+             states + [p + "forward_Y", p + "backward_Y_reversed"], body=body),
+        node("ReverseSequence", [p + "backward_Y_reversed", p + "lengths_at_least_1"], [p + "backward_Y"],
+             batch_axis=1, time_axis=0),
+        node("Add", [p + "forward_Y", p + "backward_Y"], [p + "Y_sum"]),
+        node("Mul", [p + "Y_sum", p + "half"], [p + "Y_mean"]),
+        node("Transpose", [p + "Y_mean"], [names["sequence"]], perm=[1, 0, 2]),
+    ]
+    initializers = [numpy_helper.from_array(np.asarray(v, np.float32 if v.dtype.kind == "f" else v.dtype), p + k)
+                    for k, v in constants.items()]
+    return nodes, initializers
 
 
-def _outer_names(graph) -> set:
-    """The names a (sub)graph reads from its enclosing scope."""
-    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
-    defined |= {out for n in graph.node for out in n.output}
-    used = set()
+def _prefix_local_names(graph, prefix):
+    """Rename what `graph` defines itself (inputs, outputs, initializers, node outputs) to `prefix + name`, so that
+    a body's names are unique in the whole model; names from the enclosing scope stay as they are."""
+    local = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    local |= {out for n in graph.node for out in n.output}
+    rename = lambda name: prefix + name if name in local else name  # noqa: E731
+    for value in (*graph.input, *graph.output, *graph.initializer):
+        value.name = rename(value.name)
     for n in graph.node:
-        used.update(name for name in n.input if name)
-        for sub in _subgraphs(n):
-            used |= _outer_names(sub)
-    return used - defined
+        n.input[:] = [rename(name) for name in n.input]
+        n.output[:] = [rename(name) for name in n.output]
 
 
-def _sort_nodes(graph):
-    """Reorder `graph.node` so that every node comes after the nodes producing what it reads (subgraphs too)."""
-    nodes = list(graph.node)
-    producer = {out: i for i, n in enumerate(nodes) for out in n.output if out}
-    needs = []
-    for n in nodes:
-        reads = {name for name in n.input if name}
-        for sub in _subgraphs(n):
-            reads |= _outer_names(sub)
-        needs.append(sorted(producer[name] for name in reads if name in producer))
-    order, state = [], [0] * len(nodes)  # 0 new, 1 on the stack, 2 placed
-    for start in range(len(nodes)):
-        stack = [(start, iter(needs[start]))]
-        while stack:
-            i, pending = stack[-1]
-            if state[i] == 2:
-                stack.pop()
-                continue
-            state[i] = 1
-            child = next(pending, None)
-            if child is None:
-                state[i] = 2
-                order.append(i)
-                stack.pop()
-            elif state[child] == 1:
-                raise ExportError("the spliced graph has a cycle")
-            elif state[child] == 0:
-                stack.append((child, iter(needs[child])))
-    del graph.node[:]
-    graph.node.extend(nodes[i] for i in order)
-
-
-def splice(proto, layers):
-    """Put each layer's ONNX `GRU` in place of its stand-in inputs and extra outputs (in place); returns `proto`."""
+def splice(proto, layers, build=_gru_nodes):
+    """Put each layer's recurrence (`build`: `_gru_nodes` or `_loop_nodes`) in place of its stand-in inputs and
+    extra outputs (in place); returns `proto`."""
     graph = proto.graph
     outputs = {v.name for v in graph.output}
     for index, layer in enumerate(layers):
         names = _names(index)
         if names["input"] not in outputs or names["mask"] not in outputs:
             raise ExportError(f"the trace lost the input or mask of {layer.name}")
-        nodes, initializers = _gru_nodes(index, layer)
+        nodes, initializers = build(index, layer)
         graph.node.extend(nodes)
         graph.initializer.extend(initializers)
     extra_inputs = {n for i in range(len(layers)) for k, n in _names(i).items()
@@ -226,31 +284,35 @@ def splice(proto, layers):
     graph.input.extend(kept_inputs)
     del graph.output[:]
     graph.output.extend(kept_outputs)
-    _sort_nodes(graph)
+    sort_nodes(graph)
     return proto
 
 
-def convert_encoder(tf_function, specs, encoder, opset, dims=None, what="model", native=True):
-    """Convert an encoder's `tf.function` to ONNX, its BiGRUs as ONNX `GRU` ops where they can be.
+def convert_encoder(tf_function, specs, encoder, opset, dims=None, what="model", recurrence="gru"):
+    """Convert an encoder's `tf.function` to ONNX with its BiGRUs in the form `recurrence` asks for.
 
     Args:
         tf_function: the encoder's `tf.function` (as made by `tfemde.export.signatures`).
         specs: its input `TensorSpec`s.
         encoder: the Keras model it calls (searched for `AveragedBiGRU` layers).
         opset, dims, what: as `tfemde.export.convert.convert_function`.
-        native: False keeps tf2onnx's `Loop`s.
+        recurrence: `"gru"` (ONNX `GRU` ops, the fastest float32 form), `"loop"` (one lean `Loop` per layer whose
+            recurrent MatMuls quantize to int8) or `"tf2onnx"` (the converter's own `Loop`s).
 
     Returns:
-        `(proto, recurrence)`: the checked `ModelProto`, and `NATIVE`, `LOOP` (with the reason when `native` was
-        asked for but a layer cannot be mapped) or None when the encoder has no recurrence.
+        `(proto, form)`: the checked `ModelProto`, and what its recurrence is (`NATIVE`, `LEAN_LOOP`, `LOOP`; `LOOP`
+        with the reason when a layer cannot be mapped), or None when the encoder has no recurrence.
     """
+    if recurrence not in RECURRENCES:
+        raise ValueError(f"recurrence must be one of {', '.join(map(repr, RECURRENCES))}; got {recurrence!r}")
     layers = bigru_layers(encoder)
     if not layers:
         return convert_function(tf_function, specs, opset, dims, what=what), None
     reasons = [reason for reason in map(unsupported_reason, layers) if reason]
-    if not native or reasons:
-        recurrence = LOOP if not native else f"{LOOP}: {reasons[0]}"
-        return convert_function(tf_function, specs, opset, dims, what=what), recurrence
+    if recurrence == "tf2onnx" or reasons:
+        form = LOOP if recurrence == "tf2onnx" else f"{LOOP}: {reasons[0]}"
+        return convert_function(tf_function, specs, opset, dims, what=what), form
     traced, traced_specs = _traced(tf_function.python_function, specs, layers)
-    proto = splice(convert_function(traced, traced_specs, opset, what=what), layers)
-    return checked(proto, dims, f"{what} with ONNX GRU ops"), NATIVE
+    build, form = {"gru": (_gru_nodes, NATIVE), "loop": (_loop_nodes, LEAN_LOOP)}[recurrence]
+    proto = splice(convert_function(traced, traced_specs, opset, what=what), layers, build)
+    return checked(proto, dims, f"{what} with its recurrence as {form}"), form

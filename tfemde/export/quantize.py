@@ -26,6 +26,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from tfemde.export.onnx_graph import sort_nodes
+
 INT8_SUFFIX = ".int8.onnx"
 METHOD = ("onnxruntime dynamic quantization: uint8 per-channel asymmetric MatMul weights (loop bodies included), "
           "uint8 activations quantized per call (U8U8 kernels: no int16 saturation on CPUs without VNNI); not "
@@ -104,6 +106,12 @@ def quantize_int8(source, target) -> Path:
         onnx.save_model(model, staged)
         quantize_dynamic(staged, str(target), weight_type=QuantType.QUInt8, per_channel=True,
                          op_types_to_quantize=["MatMul"], extra_options={"EnableSubgraph": True})
+        # The quantizer appends the nodes it makes; a loop body reading one of them from the outer scope would then
+        # come before its producer, which onnxruntime tolerates and onnx.checker does not.
+        quantized = onnx.load(str(target))
+        sort_nodes(quantized.graph)
+        onnx.checker.check_model(quantized)
+        onnx.save_model(quantized, str(target))
     finally:
         os.remove(staged)
     return target
