@@ -7,8 +7,8 @@ untrained weights, which cost the same as trained ones) is exported with `tfemde
   onnxruntime (the `Encoder`'s sessions) and of the SavedModel's `encode_image` / `encode_text` signatures (inputs
   already tensors), at batch 1, 8 and 128, timed in alternating rounds in one process so that a shared machine's
   background load hits both alike;
-* the text graph with its BiGRU as onnxruntime's `GRU` kernel (the default export) beside the same model exported
-  with `native_rnn=False` (tf2onnx's `Loop`s), in the same rounds;
+* the text graph with its BiGRU as onnxruntime's `GRU` kernel (float32) and tfemde's lean `Loop` (int8), the
+  default export, beside the same model exported with `native_rnn=False` (tf2onnx's `Loop`s), in the same rounds;
 * single-caption latency of the whole text path in a TensorFlow-free process: `Encoder.encode_texts`
   (sentencepiece + text.onnx) and `text_e2e.onnx` on a string;
 * the time to score 5,000 image sets against 25,000 caption sets with `tfemde.serving.similarity`, next to the
@@ -72,7 +72,7 @@ def part_export(out_dir, loop_dir):
     started = time.perf_counter()
     export_run(model, out_dir, tokenizer=tokenizer, quantize=True)
     seconds = time.perf_counter() - started
-    export_run(model, loop_dir, tokenizer=tokenizer, native_rnn=False)
+    export_run(model, loop_dir, tokenizer=tokenizer, quantize=True, native_rnn=False)
     return {"export_seconds": seconds, "params": int(model.count_params())}
 
 
@@ -87,6 +87,7 @@ class _OrtRunner:
         assert "tensorflow" not in sys.modules
         self.encoder = Encoder.load(export_dir)
         self.loop = Encoder.load(loop_dir)
+        self.loop_int8 = Encoder.load(loop_dir, precision="int8")
         self.single = Encoder.load(export_dir, threads=1)
         self.int8 = Encoder.load(export_dir, precision="int8")
         self.e2e = Encoder.load(export_dir, text_route="e2e")
@@ -97,7 +98,8 @@ class _OrtRunner:
     def call(self, what, batch, variant):
         if what == "encode_texts":
             return lambda: (self.e2e if variant == "e2e" else self.encoder).encode_texts(self.caption)
-        encoder = {"threads1": self.single, "int8": self.int8, "loop": self.loop}.get(variant, self.encoder)
+        encoder = {"threads1": self.single, "int8": self.int8, "loop": self.loop,
+                   "loop_int8": self.loop_int8}.get(variant, self.encoder)
         session = encoder._session(f"{what}.onnx")
         feeds = _inputs(batch)[0 if what == "image" else 1]
         return lambda: session.run(["set"], feeds)
@@ -246,7 +248,7 @@ def main(argv=None):
                      for kind in ("ort", "tf")]
             cases += [("ort", what, 1, "threads1") for what in ("image", "text")]
             cases += [("ort", what, batch, "int8") for what in ("image", "text") for batch in BATCHES]
-            cases += [("ort", "text", batch, "loop") for batch in BATCHES]
+            cases += [("ort", "text", batch, variant) for batch in BATCHES for variant in ("loop", "loop_int8")]
             cases += [("ort", "encode_texts", 1, variant) for variant in ("sentencepiece", "e2e")]
             measured = workers.compare(cases, args.quick)
         finally:
@@ -254,7 +256,7 @@ def main(argv=None):
     times = {**workers.info, **{f"{kind}/{what}/{batch}": v for (kind, what, batch, variant), v in measured.items()
                                 if variant == "default"},
              **{f"{variant}/{what}/{batch}": v for (kind, what, batch, variant), v in measured.items()
-                if variant in ("int8", "loop")},
+                if variant in ("int8", "loop", "loop_int8")},
              "ort1/image/1": measured[("ort", "image", 1, "threads1")],
              "ort1/text/1": measured[("ort", "text", 1, "threads1")]}
     paths = {"tokens_in_caption": workers.info["tokens_in_caption"],
@@ -284,6 +286,9 @@ def main(argv=None):
     cells = [f"batch {b} {1000 * times[f'loop/text/{b}']:.2f} ms (GRU kernel "
              f"{times[f'loop/text/{b}'] / times[f'ort/text/{b}']:.2f}x faster)" for b in BATCHES]
     print("text float32 with tf2onnx's Loops (native_rnn=False): " + ", ".join(cells))
+    cells = [f"batch {b} {1000 * times[f'loop_int8/text/{b}']:.2f} ms (lean Loop "
+             f"{times[f'loop_int8/text/{b}'] / times[f'int8/text/{b}']:.2f}x faster)" for b in BATCHES]
+    print("text int8 quantized from tf2onnx's Loops (native_rnn=False): " + ", ".join(cells))
     print(f"batch 1 with one onnxruntime thread: image {1000 * times['ort1/image/1']:.2f} ms, text "
           f"{1000 * times['ort1/text/1']:.2f} ms")
     print(f"one caption end to end ({paths['tokens_in_caption']} tokens, TensorFlow-free): Encoder.encode_texts "

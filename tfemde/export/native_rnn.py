@@ -8,8 +8,12 @@ directions at once). The graph is made in three steps:
    averaged sequence and, with `return_state`, the two final states), and with what it was given (its input and
    mask) as extra graph outputs (`tfemde.layers.recurrent.substituted`);
 2. tf2onnx converts that trace (it has no loop left for these layers);
-3. each layer's bidirectional ONNX `GRU`, its weights taken from the Keras layer, is spliced in between: the extra
-   outputs feed it and it produces the tensors the stand-in inputs were. The extra inputs and outputs disappear.
+3. each layer's recurrence, its weights taken from the Keras layer, is spliced in between: the extra outputs feed
+   it and it produces the tensors the stand-in inputs were. The extra inputs and outputs disappear.
+
+The recurrence is one bidirectional ONNX `GRU` op (`recurrence="gru"`, the float32 graphs) or one lean `Loop`
+(`recurrence="loop"`, ~34 nodes a step for both directions, input projections hoisted out of it), from which the
+int8 graphs are quantized: onnxruntime has no int8 GRU kernel.
 
 Keras' GRU (`reset_after=True`, gates in the order z, r, h) is ONNX's GRU with `linear_before_reset=1`: the kernel
 `[F, 3H]` transposed is `W`, the recurrent kernel transposed is `R`, and the bias rows (input, recurrent) laid end

@@ -2,11 +2,12 @@
 
 The weights of every MatMul become 8-bit integers (one scale per output channel) and the activations are quantized per call,
 so a single-item call reads a quarter of the float32 weight bytes, which is what bounds its latency on a CPU.
-onnxruntime has no int8 `GRU` kernel, so an int8 graph is quantized from the encoder's `Loop` conversion
-(`export_run(..., native_rnn=False)`'s graph; the float32 graphs use the ONNX `GRU` op, `tfemde.export.native_rnn`):
-a float GRU would read four times the bytes of the quantized recurrent weights at every step. The Loops' recurrent
-weights enter the loop body as loop-carried values; the quantizer only sees initializers, so
-`inline_loop_weights` first turns the loop-invariant weights the body multiplies by into initializers of the body.
+onnxruntime has no int8 `GRU` kernel, so an int8 graph is quantized from a `Loop` form of the encoder's BiGRUs
+(`tfemde.export.native_rnn`'s lean loop; the float32 graphs use the ONNX `GRU` op): a float GRU would read four times
+the bytes of the quantized recurrent weights at every step. The lean loop's body multiplies by its own initializers;
+tf2onnx's Loops (`export_run(..., native_rnn=False)`) carry their recurrent weights as loop-carried values, and the
+quantizer only sees initializers, so `inline_loop_weights` first turns the loop-invariant weights such a body
+multiplies by into initializers of the body.
 
 The weights are quantized to uint8 (asymmetric, one scale and zero point per output channel), so every MatMul runs
 onnxruntime's U8U8 kernels. Its default, int8 weights (U8S8), is exact only with VNNI: x86-64 CPUs without it (AVX2,
