@@ -24,9 +24,11 @@ TRAIN_REQUIRES = [
     "tqdm>=4.66",
     "matplotlib>=3.8",
 ]
+# The approximate index (tfemde.serving.ann): FAISS is the well-kept library for the candidate stage.
+ANN_REQUIRES = ["faiss-cpu==1.15.1"]
 # The emoji builder; pinned because the shipped data set's captions come from this release.
 BUILD_DATA_REQUIRES = ["emoji==2.16.0"]
-TEST_REQUIRES = TRAIN_REQUIRES + ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"] + BUILD_DATA_REQUIRES
+TEST_REQUIRES = TRAIN_REQUIRES + ANN_REQUIRES + ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"] + BUILD_DATA_REQUIRES
 
 setup(
     name="tfemde",
@@ -42,6 +44,7 @@ setup(
     extras_require={
         "train": TRAIN_REQUIRES,
         "serve": [],  # the base install; kept so that `tfemde[serve]` still resolves
+        "ann": ANN_REQUIRES,
         "test": TEST_REQUIRES,
         "build-data": BUILD_DATA_REQUIRES,
     },

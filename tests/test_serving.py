@@ -548,6 +548,23 @@ def test_cli_embed_index_search(setup, tmp_path, capsys):
     assert main(["index", export, "--data", "emoji", "--split", "test", "--out", str(tmp_path / "emoji.idx")]) == 0
     emoji = SetIndex.load(tmp_path / "emoji.idx")
     assert len(emoji) > 100 and emoji.ids.dtype.kind == "U"
+    # the approximate index: a folder, searched by the same command, ranking like the exact index
+    assert main(["index", export, "--data", "emoji", "--split", "test", "--ann", "hnsw", "--float16",
+                 "--out", str(tmp_path / "emoji.ann")]) == 0
+    assert "FAISS HNSW32 over" in capsys.readouterr().out
+    queries = ["a red heart", "car", "smiling face", "flag"]
+    exact_ids, _ = emoji.search(encoder.encode_texts(queries), k=5)
+    capsys.readouterr()
+    assert main(["search", export, "--index", str(tmp_path / "emoji.ann"), *sum([["--query", q] for q in queries],
+                                                                                []), "-k", "5"]) == 0
+    lines = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if not line.startswith("'")]
+    assert np.mean([a == b for a, b in zip(lines, exact_ids.reshape(-1).tolist())]) >= 0.8, (lines, exact_ids)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("a user's file")
+    assert main(["index", export, "--data", "emoji", "--split", "test", "--ann", "flat",
+                 "--out", str(tmp_path / "mine")]) == 2
+    assert "not an AnnSetIndex folder" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "a user's file"
 
     assert main(["search", export, "--index", str(tmp_path / "missing"), "--query", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -226,12 +226,39 @@ def _dataset_items(name, split):
     return ids, "regions", dataset
 
 
+def _ann_module():
+    """`tfemde.serving.ann`, whose indexes need faiss-cpu (the `ann` extra); one line when it is missing."""
+    from tfemde.serving import ann
+
+    try:
+        ann._faiss()
+    except ImportError as error:
+        raise UserError(str(error)) from None
+    return ann
+
+
+def _load_index(path):
+    """A `SetIndex` file or an `AnnSetIndex` folder, as `tfemde index` wrote it."""
+    from tfemde.serving import SetIndex
+
+    if Path(path).is_dir():
+        return _ann_module().AnnSetIndex.load(path)
+    return SetIndex.load(path)
+
+
 def cmd_index(args):
     import numpy as np
 
     from tfemde.serving import Embeddings, SetIndex
 
-    out = _out_file(args.out)
+    if args.ann:
+        out = Path(args.out)
+        ann = _ann_module()
+        if args.neighbours < 1:
+            raise UserError(f"--neighbours must be >= 1; got {args.neighbours}")
+        ann.check_replaceable(out)
+    else:
+        out = _out_file(args.out)
     encoder = _serving_encoder(args)
     if args.images:
         ids, embeddings = _encode_image_folder(encoder, args.images, args.strict, "index")
@@ -244,19 +271,23 @@ def cmd_index(args):
                 for i in range(0, len(ids), step)])
         else:
             embeddings = encoder.encode_images(items)
-    index = SetIndex(**encoder.similarity_kwargs, export_digest=encoder.export_digest)
+    if args.ann:
+        index = ann.AnnSetIndex(**encoder.similarity_kwargs, factory=args.ann, neighbours=args.neighbours,
+                                store_dtype="float16" if args.float16 else "float32",
+                                export_digest=encoder.export_digest)
+    else:
+        index = SetIndex(**encoder.similarity_kwargs, export_digest=encoder.export_digest)
     index.add(embeddings, ids=ids)
     out.parent.mkdir(parents=True, exist_ok=True)
     index.save(out)
-    print(f"indexed {len(index)} items (alpha={index.alpha}, sketch_weight={index.sketch_weight}) -> {out}")
+    what = f", FAISS {index.factory} over {index.num_keys} keys" if args.ann else ""
+    print(f"indexed {len(index)} items (alpha={index.alpha}, sketch_weight={index.sketch_weight}{what}) -> {out}")
 
 
 def cmd_search(args):
-    from tfemde.serving import SetIndex
-
     if args.k < 1:
         raise UserError(f"-k must be >= 1; got {args.k}")
-    index = SetIndex.load(args.index)
+    index = _load_index(args.index)
     encoder = _serving_encoder(args)
     if index.export_digest not in (None, encoder.export_digest) and not args.allow_other_export:
         raise UserError(f"index {args.index} was built with another export than {args.export_dir} (export digest "
@@ -352,13 +383,18 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--images", help="a folder of image files (ids are the file names)")
     source.add_argument("--data", help="a data set: 'emoji' or a path tfemde.data.load reads")
     ix.add_argument("--split", default="all", choices=("all", *SPLITS), help="with --data")
-    ix.add_argument("--out", required=True, help="the index file to write")
+    ix.add_argument("--out", required=True, help="the index file to write (with --ann: the index folder)")
+    ix.add_argument("--ann", choices=("auto", "flat", "hnsw", "ivfpq"), default=None,
+                    help="an approximate index for large galleries (needs faiss-cpu, the `ann` extra): FAISS "
+                         "candidates re-ranked exactly; 'auto' chooses by size (see tfemde.serving.ann)")
+    ix.add_argument("--neighbours", type=int, default=64, help="with --ann: FAISS neighbours per query element")
+    ix.add_argument("--float16", action="store_true", help="with --ann: store the sets in float16 (half the bytes)")
     ix.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     ix.set_defaults(func=cmd_index)
 
     se = sub.add_parser("search", help="search an index with text queries")
     serving_options(se)
-    se.add_argument("--index", required=True, help="an index file written by `tfemde index`")
+    se.add_argument("--index", required=True, help="an index file (or --ann folder) written by `tfemde index`")
     se.add_argument("--query", required=True, action="append", help="a text query (repeat for several)")
     se.add_argument("-k", type=int, default=5, help="results per query")
     se.add_argument("--allow-other-export", action="store_true",

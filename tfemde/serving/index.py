@@ -39,6 +39,57 @@ def _write_npz(fileobj, arrays: dict) -> None:
     np.savez(fileobj, **arrays)
 
 
+def check_addable(embeddings, first, sketch_weight: float, index_name: str) -> None:
+    """Refuse `embeddings` that an index holding items like `first` (None: empty) cannot take."""
+    if not isinstance(embeddings, Embeddings):
+        raise ValueError(f"embeddings must be tfemde.serving.Embeddings; got {type(embeddings).__name__}")
+    if sketch_weight != 0.0 and embeddings.sketches is None:
+        raise ValueError(f"this {index_name} has sketch_weight={sketch_weight}, so embeddings need sketches; got none")
+    if first is None:
+        return
+    if embeddings.sets.shape[1:] != first.sets.shape[1:]:
+        raise ValueError(f"embeddings must have sets [M, K, D] with [K, D] = {first.sets.shape[1:]} like the "
+                         f"indexed items; got sets of shape {embeddings.sets.shape}")
+    if (embeddings.sketch_dim, embeddings.sketch_depth) != (first.sketch_dim, first.sketch_depth):
+        raise ValueError(f"embeddings must have the indexed items' (sketch size, depth) = "
+                         f"{(first.sketch_dim, first.sketch_depth)}; got "
+                         f"{(embeddings.sketch_dim, embeddings.sketch_depth)}")
+
+
+def extend_ids(old_ids: Optional[np.ndarray], ids, n_old: int, m: int) -> np.ndarray:
+    """`[n_old + m]` the indexed ids followed by the new items' (`ids`, or consecutive ints from `n_old`), checked.
+
+    Raises ValueError for ids of the wrong shape or kind, a mix of int and string ids, or a repeated id.
+    """
+    if ids is None:
+        if old_ids is not None and old_ids.dtype.kind != "i":
+            raise ValueError("ids are required: the index already holds string ids")
+        new_ids = np.arange(n_old, n_old + m, dtype=np.int64)
+    else:
+        new_ids = np.asarray(ids)
+        if new_ids.shape != (m,):
+            raise ValueError(f"ids must have shape [M] = ({m},) to match embeddings; got shape {new_ids.shape}")
+        if new_ids.dtype.kind in "iu":
+            new_ids = new_ids.astype(np.int64)
+        elif new_ids.dtype.kind in "OUS":
+            if new_ids.dtype.kind == "O" and not all(isinstance(i, str) for i in new_ids.tolist()):
+                raise ValueError("ids must be all ints or all strings")
+            new_ids = new_ids.astype(str)
+        else:
+            raise ValueError(f"ids must be ints or strings; got dtype {new_ids.dtype}")
+        if old_ids is not None and len(old_ids) and m and (new_ids.dtype.kind == "i") != (old_ids.dtype.kind == "i"):
+            raise ValueError(f"ids must be of the same kind as the indexed ids ({old_ids.dtype}); got "
+                             f"{new_ids.dtype}")
+    if old_ids is None or not len(old_ids):
+        all_ids = new_ids
+    else:
+        all_ids = np.concatenate([old_ids, new_ids])
+    uniq, counts = np.unique(all_ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"ids must be unique; repeated: {uniq[counts > 1][:5].tolist()}")
+    return all_ids
+
+
 class SetIndex:
     """Exact nearest-neighbour search over set embeddings, scored with the model's own similarity.
 
@@ -120,46 +171,10 @@ class SetIndex:
             self._add(embeddings, ids)
 
     def _add(self, embeddings: Embeddings, ids) -> None:
-        if not isinstance(embeddings, Embeddings):
-            raise ValueError(f"embeddings must be tfemde.serving.Embeddings; got {type(embeddings).__name__}")
-        if self.sketch_weight != 0.0 and embeddings.sketches is None:
-            raise ValueError(f"this SetIndex has sketch_weight={self.sketch_weight}, so embeddings need sketches; "
-                             "got none")
-        if self._parts:
-            first = self._parts[0]
-            if embeddings.sets.shape[1:] != first.sets.shape[1:]:
-                raise ValueError(f"embeddings must have sets [M, K, D] with [K, D] = {first.sets.shape[1:]} like the "
-                                 f"indexed items; got sets of shape {embeddings.sets.shape}")
-            if (embeddings.sketch_dim, embeddings.sketch_depth) != (first.sketch_dim, first.sketch_depth):
-                raise ValueError(f"embeddings must have the indexed items' (sketch size, depth) = "
-                                 f"{(first.sketch_dim, first.sketch_depth)}; got "
-                                 f"{(embeddings.sketch_dim, embeddings.sketch_depth)}")
-        n_old, m = len(self), len(embeddings)
-        if ids is None:
-            if self._id_parts and self.ids.dtype.kind != "i":
-                raise ValueError("ids are required: the index already holds string ids")
-            new_ids = np.arange(n_old, n_old + m, dtype=np.int64)
-        else:
-            new_ids = np.asarray(ids)
-            if new_ids.shape != (m,):
-                raise ValueError(f"ids must have shape [M] = ({m},) to match embeddings; got shape {new_ids.shape}")
-            if new_ids.dtype.kind in "iu":
-                new_ids = new_ids.astype(np.int64)
-            elif new_ids.dtype.kind in "OUS":
-                if new_ids.dtype.kind == "O" and not all(isinstance(i, str) for i in new_ids.tolist()):
-                    raise ValueError("ids must be all ints or all strings")
-                new_ids = new_ids.astype(str)
-            else:
-                raise ValueError(f"ids must be ints or strings; got dtype {new_ids.dtype}")
-            if self._id_parts and m and (new_ids.dtype.kind == "i") != (self.ids.dtype.kind == "i"):
-                raise ValueError(f"ids must be of the same kind as the indexed ids ({self.ids.dtype}); got "
-                                 f"{new_ids.dtype}")
-        if m == 0:
+        check_addable(embeddings, self._parts[0] if self._parts else None, self.sketch_weight, "SetIndex")
+        all_ids = extend_ids(self.ids if self._id_parts else None, ids, len(self), len(embeddings))
+        if len(embeddings) == 0:
             return
-        all_ids = np.concatenate([self.ids, new_ids]) if self._id_parts else new_ids
-        uniq, counts = np.unique(all_ids, return_counts=True)
-        if (counts > 1).any():
-            raise ValueError(f"ids must be unique; repeated: {uniq[counts > 1][:5].tolist()}")
         self._parts.append(embeddings)
         self._id_parts = [all_ids]
         self._ids = all_ids

@@ -1,0 +1,288 @@
+"""AnnSetIndex: FAISS candidates re-ranked exactly, against the exact SetIndex and a pairwise NumPy score; the folder
+format's checks; float16 storage; adds while other threads search."""
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tfemde.serving import Embeddings, SetIndex
+from tfemde.serving.ann import AnnSetIndex, default_factory
+
+from test_index import brute_scores, brute_top_k, make_items, unit
+
+
+def clustered(rng, n, k=4, d=32, per_cluster=20, spread=0.5, depth=2, width=8):
+    """Sets in clusters of about `per_cluster` (as images of one concept are): each set is its cluster's prototype
+    set plus noise, and each sketch comes from the set's elements (as the encoders' come from the tokens)."""
+    prototypes = unit(rng, max(1, n // per_cluster), k, d)
+    x = prototypes[rng.integers(0, len(prototypes), size=n)] + spread / np.sqrt(d) * rng.normal(size=(n, k, d))
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    planes = rng.normal(size=(d, depth * width))
+    sk = np.exp(3 * (x.mean(axis=1) @ planes)).reshape(n, depth, width)
+    sk /= np.linalg.norm(sk, axis=-1, keepdims=True)
+    return Embeddings(x.astype(np.float32), sketches=sk.astype(np.float32))
+
+
+def noisy(rng, items, scale=0.5):
+    x = items.sets + scale / np.sqrt(items.dim) * rng.normal(size=items.sets.shape)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    return Embeddings(x.astype(np.float32), sketches=items.sketches, set_mask=items.set_mask,
+                      sketch_depth=items.sketch_depth)
+
+
+def recall(a, b):
+    return np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a, b)])
+
+
+@pytest.mark.parametrize("key", ["elements", "sketch"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_with_every_key_as_candidate_it_is_the_exact_ranking(rng, key, masked):
+    """Flat keys and neighbours >= all keys: the re-rank sees every item, so ids and scores are the exact ones."""
+    items = make_items(rng, 60, masked=masked)
+    queries = make_items(rng, 7, masked=masked)
+    ids = [f"item-{i}" for i in range(60)]
+    index = AnnSetIndex(alpha=8.0, sketch_weight=0.5, key=key, factory="Flat", neighbours=60 * 3)
+    index.add(items[:25], ids=ids[:25])
+    index.add(items[25:], ids=ids[25:])
+    got_ids, got_scores = index.search(queries, k=9)
+    want_ids, want_scores = brute_top_k(brute_scores(queries, items, 8.0, 0.5, depth=2), ids, 9)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+    assert len(index) == 60 and index.num_keys == (60 if key == "sketch" else
+                                                    (items.set_mask.sum() if masked else 180))
+
+
+@pytest.mark.parametrize("factory", ["HNSW32", "IVF16,Flat", "IVF16,PQ8"])
+def test_approximate_candidates_recall_the_exact_top_10(rng, factory):
+    items = clustered(rng, 3000)
+    queries = noisy(rng, items[rng.choice(3000, 40, replace=False)])
+    exact = SetIndex(alpha=16.0, sketch_weight=0.5)
+    exact.add(items)
+    want, want_scores = exact.search(queries, k=10)
+    index = AnnSetIndex(alpha=16.0, sketch_weight=0.5, factory=factory, neighbours=64,
+                        search_params={"nprobe": 8} if factory.startswith("IVF") else {"efSearch": 64})
+    index.add(items)
+    got, got_scores = index.search(queries, k=10)
+    assert recall(want, got) >= 0.9, (factory, recall(want, got))
+    # every score returned is the exact score of that item, and the first is never better than the exact best
+    assert np.all(got_scores[:, 0] <= want_scores[:, 0] + 1e-5)
+    rows = np.asarray(got)
+    for q in range(3):
+        s = brute_scores(queries[q], items.take(rows[q]), 16.0, 0.5, depth=2)[0]
+        np.testing.assert_allclose(got_scores[q], s, rtol=1e-5, atol=1e-5)
+
+
+def test_few_neighbours_still_fill_k(rng):
+    items = clustered(rng, 500)
+    index = AnnSetIndex(alpha=16.0, factory="HNSW32", neighbours=1)
+    index.add(items)
+    ids, scores = index.search(items[:5], k=50)
+    assert ids.shape == (5, 50) and all(len(set(r)) == 50 for r in ids.tolist())
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    ids, _ = index.search(items[:2], k=10_000)
+    assert ids.shape == (2, 500)
+
+
+def test_float16_storage_ranks_as_float32(rng):
+    items = clustered(rng, 2000)
+    queries = noisy(rng, items[:30])
+    ranks = {}
+    for dtype in ("float32", "float16"):
+        index = AnnSetIndex(alpha=16.0, sketch_weight=0.5, factory="Flat", neighbours=64, store_dtype=dtype)
+        index.add(items)
+        ranks[dtype] = index.search(queries, k=10)
+    assert recall(ranks["float32"][0], ranks["float16"][0]) >= 0.95
+    np.testing.assert_array_equal(ranks["float32"][0][:, 0], ranks["float16"][0][:, 0])
+    np.testing.assert_allclose(ranks["float32"][1], ranks["float16"][1], atol=2e-3)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_save_load_add_save_round_trip(rng, tmp_path, mmap):
+    items = clustered(rng, 1200)
+    mask = rng.random((1200, 4)) > 0.2
+    mask[:, 0] = True
+    items = Embeddings(items.sets, sketches=items.sketches, set_mask=mask, sketch_depth=2)
+    queries = noisy(rng, items[:20])
+    ids = np.array([f"img{i:04d}.png" for i in range(1200)])
+    whole = AnnSetIndex(alpha=16.0, sketch_weight=0.25, factory="HNSW32", neighbours=32, store_dtype="float16",
+                        search_params={"efSearch": 48}, export_digest="ab" * 32)
+    whole.add(items, ids=ids)
+    part = AnnSetIndex(alpha=16.0, sketch_weight=0.25, factory="HNSW32", neighbours=32, store_dtype="float16",
+                       search_params={"efSearch": 48}, export_digest="ab" * 32)
+    part.add(items[:700], ids=ids[:700])
+    folder = tmp_path / "gallery.ann"
+    assert part.save(folder) == str(folder)
+    loaded = AnnSetIndex.load(folder, mmap=mmap)
+    assert isinstance(loaded._rows.sets[0], np.memmap) == mmap
+    assert (len(loaded), loaded.factory, loaded.export_digest, loaded.store_dtype) == (700, "HNSW32", "ab" * 32,
+                                                                                       "float16")
+    np.testing.assert_array_equal(loaded.search(queries, k=5)[0], part.search(queries, k=5)[0])
+    loaded.add(items[700:], ids=ids[700:])
+    loaded.save(folder)  # over the folder its arrays are mapped from
+    again = AnnSetIndex.load(folder)
+    for a, b in zip(again.search(queries, k=10), whole.search(queries, k=10)):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery.ann"]
+
+
+def _saved(rng, tmp_path):
+    index = AnnSetIndex(alpha=16.0, sketch_weight=0.5, factory="Flat")
+    index.add(clustered(rng, 300))
+    return Path(index.save(tmp_path / "idx"))
+
+
+@pytest.mark.parametrize("name", ["sets.npy", "sketches.npy", "ids.npy", "ann.faiss"])
+def test_a_changed_byte_is_refused_naming_the_file(rng, tmp_path, name):
+    folder = _saved(rng, tmp_path)
+    data = bytearray((folder / name).read_bytes())
+    data[len(data) - 7] ^= 0x01
+    (folder / name).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{name}.*checksum"):
+        AnnSetIndex.load(folder)
+
+
+def test_truncated_missing_and_mismatched_files_are_refused(rng, tmp_path):
+    folder = _saved(rng, tmp_path)
+    data = (folder / "ann.faiss").read_bytes()
+    (folder / "ann.faiss").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="ann.faiss' is truncated"):
+        AnnSetIndex.load(folder, verify=False)
+    (folder / "ann.faiss").write_bytes(data)
+    # another index's sets, with the manifest's record edited to match: the shapes still give it away
+    other = AnnSetIndex(alpha=16.0, factory="Flat")
+    other.add(clustered(rng, 200))
+    other_folder = Path(other.save(tmp_path / "other"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "sets.npy").write_bytes((other_folder / "sets.npy").read_bytes())
+    manifest["files"]["sets.npy"] = json.loads((other_folder / "manifest.json").read_text())["files"]["sets.npy"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"sets.npy has shape \(200, 4, 32\), the manifest says \(300, 4, 32\)"):
+        AnnSetIndex.load(folder)
+    (folder / "ids.npy").unlink()
+    with pytest.raises(ValueError, match="'ids.npy' listed in manifest.json is missing"):
+        AnnSetIndex.load(folder)
+    manifest["version"] = 99
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="format version 99"):
+        AnnSetIndex.load(folder)
+    with pytest.raises(ValueError, match="not an AnnSetIndex folder"):
+        AnnSetIndex.load(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        AnnSetIndex.load(tmp_path / "nowhere")
+
+
+def test_save_never_replaces_what_is_not_an_index(rng, tmp_path):
+    index = AnnSetIndex(alpha=16.0, factory="Flat")
+    index.add(clustered(rng, 50))
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"not mine to delete")
+    with pytest.raises(ValueError, match="not an AnnSetIndex folder"):
+        index.save(mine)
+    folder = Path(index.save(tmp_path / "idx"))
+    (folder / "notes.txt").write_text("a user's file")
+    with pytest.raises(ValueError, match="notes.txt"):
+        index.save(folder)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is not a folder"):
+        index.save(tmp_path / "file")
+    assert (mine / "holiday.jpg").read_bytes() == b"not mine to delete"
+    assert (folder / "notes.txt").exists() and AnnSetIndex.load(folder).search(clustered(rng, 2), k=3)[0].shape == (2, 3)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tfemde-tmp-")]
+
+
+def test_a_failed_save_leaves_the_old_index(rng, tmp_path, monkeypatch):
+    folder = _saved(rng, tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    index = AnnSetIndex(alpha=16.0, factory="Flat")
+    index.add(clustered(rng, 80))
+    import tfemde.serving.ann as ann
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ann, "sha256_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        index.save(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_searches_while_another_thread_adds_see_whole_adds(rng):
+    """Every search run during the adds equals the exact ranking over some prefix of whole adds."""
+    items = clustered(rng, 900)
+    queries = noisy(rng, items[::90])
+    parts = np.array_split(np.arange(900), 6)
+    exact = []
+    for m in range(1, 7):
+        e = SetIndex(alpha=16.0)
+        e.add(items[:parts[m - 1][-1] + 1])
+        exact.append(e.search(queries, k=5)[0].tolist())
+    index = AnnSetIndex(alpha=16.0, factory="Flat", neighbours=4000)
+    index.add(items[parts[0]])
+    seen, errors = [], []
+
+    def searcher():
+        try:
+            for _ in range(15):
+                seen.append(index.search(queries, k=5)[0].tolist())
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for p in parts[1:]:
+        index.add(items[p])
+    for t in threads:
+        t.join()
+    assert not errors and len(seen) == 45
+    assert all(result in exact for result in seen)
+    assert index.search(queries, k=5)[0].tolist() == exact[-1]
+
+
+def test_bad_arguments_get_one_clear_error(rng):
+    items = make_items(rng, 20)
+    with pytest.raises(ValueError, match="key must be one of"):
+        AnnSetIndex(key="centroid")
+    with pytest.raises(ValueError, match="neighbours must be an int >= 1; got 0"):
+        AnnSetIndex(neighbours=0)
+    with pytest.raises(ValueError, match="store_dtype"):
+        AnnSetIndex(store_dtype="int8")
+    with pytest.raises(ValueError, match="search_params must be a dict"):
+        AnnSetIndex(search_params={"efSearch": "many"})
+    index = AnnSetIndex(factory="NotAnIndex")
+    with pytest.raises(ValueError, match="'NotAnIndex' is not a FAISS index_factory string"):
+        index.add(items)
+    assert len(index) == 0
+    index = AnnSetIndex(factory="IVF1024,PQ4")
+    with pytest.raises(ValueError, match="could not be trained on the first add's 60 keys"):
+        index.add(items)
+    index = AnnSetIndex(factory="HNSW32", search_params={"nprobe": 4})
+    index.add(items)
+    with pytest.raises(ValueError, match="'nprobe' is not a search parameter of a 'HNSW32' index"):
+        index.search(items[:1])
+    with pytest.raises(ValueError, match="empty"):
+        AnnSetIndex().search(items[:1])
+    index = AnnSetIndex(key="sketch", factory="Flat")
+    with pytest.raises(ValueError, match="key='sketch', so embeddings need sketches"):
+        index.add(Embeddings(items.sets))
+    index = AnnSetIndex(factory="Flat")
+    index.add(items, ids=[f"a{i}" for i in range(20)])
+    with pytest.raises(ValueError, match="ids must be unique"):
+        index.add(items[:1], ids=["a3"])
+    with pytest.raises(ValueError, match="element dimension D = 8"):
+        index.search(make_items(rng, 2, d=6))
+
+
+def test_default_factory_grows_with_the_key_count():
+    assert default_factory(10_000, 256) == "Flat"
+    assert default_factory(1_000_000, 256) == "HNSW32"
+    assert default_factory(40_000_000, 256) == "IVF32768,PQ64"
+    assert default_factory(15_000, 256, "ivfpq") == "IVF256,PQ64"  # 39 keys per list at least
+    assert default_factory(15_000, 256, "hnsw") == "HNSW32"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        default_factory(10, 8, "lsh")

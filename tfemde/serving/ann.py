@@ -1,0 +1,563 @@
+"""`AnnSetIndex`: a FAISS candidate stage over millions of sets, re-ranked with the exact training similarity.
+
+No vector engine computes Smooth-Chamfer, but it stays within ln(K)/α of the symmetric Chamfer score (the mean best
+inner product of each element), so the items whose elements are nearest to a query's elements by inner product are
+the candidates worth scoring. The index keeps:
+
+- a FAISS inner-product index (`IndexIDMap2` over any `index_factory` string) of candidate keys: every valid set
+  element with id `item · K + k` (`key="elements"`), or one T-EMDE sketch per item with id `item`
+  (`key="sketch"`, EMDE's own use of sketches as retrieval keys);
+- the items' sets, masks and sketches as arrays (memory-mapped after `load`, float16 optional), read only at the
+  candidates' rows when a query is re-ranked with `tfemde.serving.similarity`'s code.
+
+`search` asks FAISS for `neighbours` keys per query element (or per query sketch), takes the union of their items
+and returns the best `k` of them by the exact score. A folder written by `save` holds the FAISS file, the arrays
+and a `manifest.json` with sizes and sha256 checksums; `load` refuses a file that is missing, truncated, changed or
+does not match the others.
+
+Needs `faiss-cpu` (`pip install "tfemde[ann]"`); `SetIndex` stays the exact index that needs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+
+from tfemde.files import TMP_PREFIX
+from tfemde.serving.embeddings import Embeddings
+from tfemde.serving.index import check_addable, extend_ids
+from tfemde.serving.manifest import sha256_file
+from tfemde.serving.similarity import check_alpha, sketch_similarity, smooth_chamfer_checked
+
+FORMAT_NAME = "tfemde.AnnSetIndex"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FAISS_FILE = "ann.faiss"
+KEYS = ("elements", "sketch")
+STORE_DTYPES = ("float32", "float16")
+# Keys per query element asked of FAISS when `neighbours` is not given.
+DEFAULT_NEIGHBOURS = 64
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError("AnnSetIndex needs faiss-cpu: pip install \"tfemde[ann]\" (or faiss-cpu); the exact "
+                          "tfemde.serving.SetIndex needs nothing") from error
+    return faiss
+
+
+FACTORY_KINDS = ("auto", "flat", "hnsw", "ivfpq")
+
+
+def default_factory(num_keys: int, dim: int, kind: str = "auto") -> str:
+    """The FAISS factory string of a `kind` of index for `num_keys` vectors of dimension `dim`.
+
+    `"flat"`: exact inner products. `"hnsw"`: a graph with 32 links a node (the best recall per millisecond while
+    the float32 keys fit in memory). `"ivfpq"`: 4·√N inverted lists (at least 39 keys each, as FAISS's k-means
+    wants) over product-quantised keys of D/4 bytes (1/16 of float32). `"auto"`: flat up to 50,000 keys (a scan
+    costs less than a graph), HNSW up to 2M, IVF-PQ beyond.
+    """
+    if kind not in FACTORY_KINDS:
+        raise ValueError(f"kind must be one of {FACTORY_KINDS}; got {kind!r}")
+    if kind == "auto":
+        kind = "flat" if num_keys <= 50_000 else "hnsw" if num_keys <= 2_000_000 else "ivfpq"
+    if kind == "flat":
+        return "Flat"
+    if kind == "hnsw":
+        return "HNSW32"
+    nlist = 1 << max(0, int(round(math.log2(4 * math.sqrt(max(num_keys, 1))))))
+    while nlist > 1 and num_keys < 39 * nlist:
+        nlist //= 2
+    m = next(m for m in (dim // 4, dim // 8, dim // 16, 1) if m >= 1 and dim % m == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+class _Rows:
+    """The indexed items' sets, masks and sketches, kept as parts (memory maps, added arrays) and read by row."""
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self.sets, self.masks, self.sketches = [], [], []
+        self.offsets = [0]
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def append(self, sets, mask, sketches) -> None:
+        self.sets.append(sets if sets.dtype == self.dtype else sets.astype(self.dtype))
+        self.masks.append(mask)
+        self.sketches.append(None if sketches is None else
+                             (sketches if sketches.dtype == self.dtype else sketches.astype(self.dtype)))
+        self.offsets.append(self.offsets[-1] + len(sets))
+
+    def snapshot(self) -> "_Rows":
+        """A copy of the part lists: rows added later do not change it."""
+        copy = _Rows(self.dtype)
+        copy.sets, copy.masks, copy.sketches, copy.offsets = (list(self.sets), list(self.masks), list(self.sketches),
+                                                              list(self.offsets))
+        return copy
+
+    @property
+    def has_mask(self) -> bool:
+        return any(m is not None for m in self.masks)
+
+    def take(self, rows: np.ndarray, with_sketches: bool):
+        """`(sets [R, K, D] float32, mask [R, K] bool | None, sketches [R, S] float32 | None)` at sorted `rows`."""
+        k, d = self.sets[0].shape[1:]
+        sets = np.empty((len(rows), k, d), np.float32)
+        mask = np.ones((len(rows), k), bool) if self.has_mask else None
+        sketches = np.empty((len(rows), self.sketches[0].shape[1]), np.float32) if with_sketches else None
+        bounds = np.searchsorted(rows, self.offsets)
+        for p in range(len(self.sets)):
+            lo, hi = bounds[p], bounds[p + 1]
+            if lo == hi:
+                continue
+            local = rows[lo:hi] - self.offsets[p]
+            sets[lo:hi] = self.sets[p][local]
+            if mask is not None and self.masks[p] is not None:
+                mask[lo:hi] = self.masks[p][local]
+            if with_sketches:
+                sketches[lo:hi] = self.sketches[p][local]
+        return sets, mask, sketches
+
+    def write(self, folder: Path) -> list:
+        """Write `sets.npy`, `set_mask.npy` (when any part has one) and `sketches.npy` (when sketched) a part at a
+        time; returns the names written."""
+        names = ["sets.npy"]
+        n, (k, d) = len(self), self.sets[0].shape[1:]
+        columns = [("sets.npy", self.sets, (n, k, d), self.dtype)]
+        if self.has_mask:
+            names.append("set_mask.npy")
+            columns.append(("set_mask.npy", [m if m is not None else np.ones(s.shape[:2], bool)
+                                             for m, s in zip(self.masks, self.sets)], (n, k), np.dtype(bool)))
+        if self.sketches[0] is not None:
+            names.append("sketches.npy")
+            columns.append(("sketches.npy", self.sketches, (n, self.sketches[0].shape[1]), self.dtype))
+        for name, parts, shape, dtype in columns:
+            out = np.lib.format.open_memmap(folder / name, mode="w+", dtype=dtype, shape=shape)
+            for p, part in enumerate(parts):
+                out[self.offsets[p]:self.offsets[p + 1]] = part
+            out.flush()
+            del out
+        return names
+
+
+class AnnSetIndex:
+    """Approximate top-k search over set embeddings: FAISS finds candidates, the model's similarity ranks them.
+
+    The interface of `SetIndex` (`add`, `search`, `save`, `load`, `len`), for galleries too large to score every
+    item: a query costs `K` FAISS searches and an exact re-rank of at most `K · neighbours` items.
+
+    Args:
+        alpha: Smooth-Chamfer temperature α (the model's, e.g. `Encoder.similarity_kwargs`).
+        sketch_weight: λ of the sketch similarity in the re-rank; 0 ignores sketches.
+        key: the candidate keys: `"elements"` (every set element; id `item · K + k`) or `"sketch"` (one T-EMDE
+            sketch per item; needs sketches).
+        factory: a FAISS `index_factory` string (`"Flat"`, `"HNSW32"`, `"IVF4096,PQ64"`, `"OPQ64,IVF4096,PQ64"`,
+            ...), a kind of `default_factory` (`"flat"`, `"hnsw"`, `"ivfpq"`, sized at the first `add`), or None
+            for `"auto"` (chosen from the number of keys at the first `add`). IVF and PQ
+            indexes are trained on the first `add`, which must hold enough keys (FAISS wants about 40 per list).
+        neighbours: keys retrieved per query element (`k′`); the candidates are the union of their items.
+        search_params: FAISS search parameters by name, e.g. `{"efSearch": 128}` for HNSW or `{"nprobe": 32}` for
+            IVF (set with `faiss.ParameterSpace`); None keeps FAISS's defaults.
+        store_dtype: `"float32"` or `"float16"` for the stored sets and sketches (half the bytes; the re-rank
+            computes in float32).
+        export_digest: the digest of the export the embeddings came from (`Encoder.export_digest`), recorded.
+
+    Example:
+        >>> import numpy as np
+        >>> from tfemde.serving import Embeddings
+        >>> from tfemde.serving.ann import AnnSetIndex
+        >>> x = np.random.default_rng(0).normal(size=(50, 4, 8)).astype("float32")
+        >>> items = Embeddings(x / np.linalg.norm(x, axis=-1, keepdims=True))
+        >>> index = AnnSetIndex(alpha=16.0, factory="Flat", neighbours=8)
+        >>> index.add(items)
+        >>> ids, scores = index.search(items[:2], k=3)
+        >>> ids.shape, ids[:, 0].tolist()
+        ((2, 3), [0, 1])
+    """
+
+    def __init__(self, alpha: float = 16.0, sketch_weight: float = 0.0, key: str = "elements",
+                 factory: Optional[str] = None, neighbours: int = DEFAULT_NEIGHBOURS,
+                 search_params: Optional[dict] = None, store_dtype: str = "float32",
+                 export_digest: Optional[str] = None):
+        self.alpha = check_alpha(alpha)
+        self.sketch_weight = float(sketch_weight)
+        if not np.isfinite(self.sketch_weight):
+            raise ValueError(f"sketch_weight must be finite; got {sketch_weight!r}")
+        if key not in KEYS:
+            raise ValueError(f"key must be one of {KEYS}; got {key!r}")
+        if factory is not None and (not isinstance(factory, str) or not factory.strip()):
+            raise ValueError(f"factory must be a FAISS index_factory string (e.g. 'HNSW32') or None; got {factory!r}")
+        if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or neighbours < 1:
+            raise ValueError(f"neighbours must be an int >= 1; got {neighbours!r}")
+        if search_params is not None and not (isinstance(search_params, dict) and all(
+                isinstance(name, str) and isinstance(v, (int, float, np.integer, np.floating)) and
+                not isinstance(v, bool) for name, v in search_params.items())):
+            raise ValueError(f"search_params must be a dict of FAISS parameter names to numbers, e.g. "
+                             f"{{'efSearch': 128}}; got {search_params!r}")
+        if store_dtype not in STORE_DTYPES:
+            raise ValueError(f"store_dtype must be one of {STORE_DTYPES}; got {store_dtype!r}")
+        if export_digest is not None and not isinstance(export_digest, str):
+            raise ValueError(f"export_digest must be a str (Encoder.export_digest) or None; got {export_digest!r}")
+        self.key = key
+        self.factory = factory
+        self.neighbours = int(neighbours)
+        self.search_params = dict(search_params or {})
+        self.store_dtype = store_dtype
+        self.export_digest = export_digest
+        self._faiss_index = None
+        self._applied_params = {}
+        self._rows = _Rows(store_dtype)
+        self._first: Optional[Embeddings] = None  # an item of the index: its K, D and sketch shape
+        self._ids: Optional[np.ndarray] = None
+        # add() changes the FAISS index, the rows and the ids together; FAISS may not search while it adds.
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __repr__(self) -> str:
+        return (f"AnnSetIndex({len(self)} items, key={self.key!r}, factory={self.factory!r}, "
+                f"neighbours={self.neighbours}, alpha={self.alpha}, sketch_weight={self.sketch_weight})")
+
+    @property
+    def ids(self) -> np.ndarray:
+        """`[N]` the ids of the indexed items, in insertion order (int64, or str)."""
+        with self._lock:
+            return np.zeros(0, np.int64) if self._ids is None else self._ids
+
+    @property
+    def num_keys(self) -> int:
+        """The number of vectors in the FAISS index."""
+        return 0 if self._faiss_index is None else int(self._faiss_index.ntotal)
+
+    # -- building ------------------------------------------------------------------------------------------------
+    def _keys(self, embeddings: Embeddings, first_item: int):
+        """`(vectors [M', Dk] float32, ids [M'] int64)`: the candidate keys of items numbered from `first_item`."""
+        if self.key == "sketch":
+            n = len(embeddings)
+            return embeddings.sketches, np.arange(first_item, first_item + n, dtype=np.int64)
+        n, k, d = embeddings.sets.shape
+        ids = (np.arange(first_item, first_item + n, dtype=np.int64)[:, None] * k + np.arange(k)).reshape(-1)
+        vectors = embeddings.sets.reshape(-1, d)
+        if embeddings.set_mask is not None:
+            valid = embeddings.set_mask.reshape(-1)
+            vectors, ids = vectors[valid], ids[valid]
+        return np.ascontiguousarray(vectors), ids
+
+    def _new_faiss_index(self, vectors: np.ndarray):
+        faiss = _faiss()
+        factory = self.factory or "auto"
+        if factory in FACTORY_KINDS:
+            factory = default_factory(len(vectors), vectors.shape[1], factory)
+        try:
+            inner = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as error:
+            raise ValueError(f"factory {factory!r} is not a FAISS index_factory string FAISS can build "
+                             f"({str(error).strip().splitlines()[-1]})") from None
+        index = faiss.IndexIDMap2(inner)
+        if not index.is_trained:
+            try:
+                index.train(vectors)
+            except RuntimeError as error:
+                raise ValueError(f"factory {factory!r} could not be trained on the first add's {len(vectors)} keys "
+                                 f"({str(error).strip().splitlines()[-1]}); add more items at once, or choose a "
+                                 "smaller IVF/PQ") from None
+        self.factory = factory
+        return index
+
+    def add(self, embeddings: Embeddings, ids=None) -> None:
+        """Add items: their keys go into FAISS (built and trained at the first call), their arrays beside it.
+
+        Args:
+            embeddings: `Embeddings` of M items with the K, D and sketch shape of the indexed ones; sketches when
+                `sketch_weight != 0` or `key == "sketch"`.
+            ids: `[M]` unique ids (ints or strings), or None for consecutive ints from `len(index)`.
+
+        Safe to call while other threads search or save: they see the index before or after this call.
+        """
+        with self._lock:
+            check_addable(embeddings, self._first, self.sketch_weight, "AnnSetIndex")
+            if self.key == "sketch" and embeddings.sketches is None:
+                raise ValueError("this AnnSetIndex has key='sketch', so embeddings need sketches; got none")
+            n_old, m = len(self), len(embeddings)
+            all_ids = extend_ids(self._ids, ids, n_old, m)
+            if m == 0:
+                return
+            vectors, key_ids = self._keys(embeddings, n_old)
+            index = self._faiss_index if self._faiss_index is not None else self._new_faiss_index(vectors)
+            index.add_with_ids(vectors, key_ids)
+            self._faiss_index = index
+            self._rows.append(embeddings.sets, embeddings.set_mask, embeddings.sketches)
+            if self._first is None:
+                self._first = embeddings[:1]
+            self._ids = all_ids
+
+    # -- searching -----------------------------------------------------------------------------------------------
+    def _set_params(self, params: dict) -> None:
+        faiss = _faiss()
+        space = faiss.ParameterSpace()
+        for name, value in params.items():
+            if self._applied_params.get(name) == value:
+                continue
+            try:
+                space.set_index_parameter(self._faiss_index, name, value)
+            except RuntimeError:
+                raise ValueError(f"search_params: {name!r} is not a search parameter of a {self.factory!r} "
+                                 "index (HNSW takes efSearch, IVF nprobe)") from None
+            self._applied_params[name] = value
+
+    def _candidates(self, queries: Embeddings, neighbours: int, params: dict, n: int):
+        """`[Q]` sorted item rows per query from FAISS (items added after the snapshot of `n` items left out)."""
+        if self.key == "sketch":
+            vectors = queries.sketches
+            owner = np.arange(len(queries))
+        else:
+            q, k, d = queries.sets.shape
+            vectors = queries.sets.reshape(-1, d)
+            owner = np.repeat(np.arange(q), k)
+            if queries.set_mask is not None:
+                valid = queries.set_mask.reshape(-1)
+                vectors, owner = vectors[valid], owner[valid]
+        with self._lock:
+            self._set_params(params)
+            _, labels = self._faiss_index.search(np.ascontiguousarray(vectors, np.float32), neighbours)
+        items = labels if self.key == "sketch" else np.where(labels >= 0, labels // self._first.num_elements, -1)
+        rows_of = [[] for _ in range(len(queries))]
+        for o, row in zip(owner, items):
+            rows_of[o].append(row)
+        out = []
+        for rows in rows_of:
+            rows = np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
+            out.append(rows[(rows >= 0) & (rows < n)])
+        return out
+
+    def _rerank(self, stored: _Rows, query: Embeddings, rows: np.ndarray, k: int):
+        """`(rows [k], scores [k])`: the best `k` of the candidate `rows` (sorted) by the exact score, best first."""
+        use_sketch = self.sketch_weight != 0.0
+        sets, mask, sketches = stored.take(rows, use_sketch)
+        scores = np.zeros((1, len(rows)), np.float32)
+        if use_sketch:
+            sketch_similarity(query.sketches, sketches, query.sketch_depth, weight=self.sketch_weight, out=scores)
+        cand = Embeddings(sets, set_mask=mask)
+        smooth_chamfer_checked(query.sets, cand.sets, self.alpha, query.set_mask, cand.set_mask, query.max_norm,
+                               cand.max_norm, None, None, scores, use_sketch)
+        scores = scores[0]
+        top = np.argpartition(-scores, k - 1)[:k] if len(rows) > k else np.arange(len(rows))
+        order = top[np.lexsort((rows[top], -scores[top]))]
+        return rows[order], scores[order]
+
+    def search(self, queries: Embeddings, k: int = 10, neighbours: Optional[int] = None,
+               search_params: Optional[dict] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """The best `k` items for every query among FAISS's candidates, by the exact score, best first.
+
+        Args:
+            queries: `Embeddings` of Q queries (same D; sketches when `sketch_weight != 0` or `key == "sketch"`).
+            k: items per query; more than `len(index)` gives `len(index)`.
+            neighbours: keys per query element for this call (default: the index's `neighbours`); a query with
+                fewer than `k` candidates is searched again with more, so every row has `k` items.
+            search_params: FAISS parameters for this call (default: the index's `search_params`).
+
+        Returns:
+            `(ids [Q, k], scores [Q, k] float32)`, by descending exact score (ties in insertion order).
+        """
+        if not isinstance(queries, Embeddings):
+            raise ValueError(f"queries must be tfemde.serving.Embeddings; got {type(queries).__name__}")
+        with self._lock:
+            n, item_ids, first, rows_now = len(self), self._ids, self._first, self._rows.snapshot()
+        if n == 0:
+            raise ValueError("the AnnSetIndex is empty: add() items before search()")
+        if queries.dim != first.dim:
+            raise ValueError(f"queries must have element dimension D = {first.dim}; got sets of shape "
+                             f"{queries.sets.shape}")
+        if (self.sketch_weight != 0.0 or self.key == "sketch") and (
+                queries.sketches is None or (queries.sketch_dim, queries.sketch_depth) !=
+                (first.sketch_dim, first.sketch_depth)):
+            raise ValueError(f"queries need sketches of (size, depth) = {(first.sketch_dim, first.sketch_depth)} "
+                             f"(sketch_weight={self.sketch_weight}, key={self.key!r}); got "
+                             f"{(queries.sketch_dim, queries.sketch_depth)}")
+        k = int(k)
+        if k < 1:
+            raise ValueError(f"k must be >= 1; got {k}")
+        k = min(k, n)
+        neighbours = self.neighbours if neighbours is None else neighbours
+        if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or neighbours < 1:
+            raise ValueError(f"neighbours must be an int >= 1; got {neighbours!r}")
+        params = {**self.search_params, **(search_params or {})}
+        candidates = self._candidates(queries, int(neighbours), params, n)
+        out_rows = np.empty((len(queries), k), np.int64)
+        out_scores = np.empty((len(queries), k), np.float32)
+        for i, rows in enumerate(candidates):
+            wider = int(neighbours)
+            while len(rows) < k:  # too few distinct items among the keys: ask for more, up to all of them
+                wider = min(wider * 4, self.num_keys)
+                rows = self._candidates(queries[i], wider, params, n)[0]
+                if wider >= self.num_keys:
+                    rows = np.arange(n) if len(rows) < k else rows
+                    break
+            out_rows[i], out_scores[i] = self._rerank(rows_now, queries[i], rows, k)
+        return item_ids[out_rows], out_scores
+
+    # -- persistence ---------------------------------------------------------------------------------------------
+    def save(self, path) -> str:
+        """Write the index as one folder: `ann.faiss`, `ids.npy`, `sets.npy` (and `set_mask.npy`, `sketches.npy`)
+        and `manifest.json` with the parameters, sizes and sha256 checksums of every file.
+
+        The folder is written beside `path` and moved into place; an existing AnnSetIndex folder at `path` is
+        replaced whole, any other existing file or folder is refused.
+
+        Returns:
+            the folder written, as a str.
+        """
+        faiss = _faiss()
+        path = Path(os.fspath(path))
+        check_replaceable(path)
+        if not path.parent.is_dir():
+            raise ValueError(f"the folder {str(path.parent)!r} for the AnnSetIndex {str(path)!r} does not exist")
+        with self._lock:
+            if self._faiss_index is None:
+                raise ValueError("the AnnSetIndex is empty: add() items before save()")
+            tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path.parent))
+            try:
+                faiss.write_index(self._faiss_index, str(tmp / FAISS_FILE))
+                np.save(tmp / "ids.npy", self._ids, allow_pickle=False)
+                names = [FAISS_FILE, "ids.npy"] + self._rows.write(tmp)
+                first = self._first
+                manifest = {
+                    "format": FORMAT_NAME, "version": FORMAT_VERSION,
+                    "alpha": self.alpha, "sketch_weight": self.sketch_weight, "key": self.key,
+                    "factory": self.factory, "neighbours": self.neighbours, "search_params": self.search_params,
+                    "store_dtype": self.store_dtype, "export_digest": self.export_digest,
+                    "items": len(self), "keys": self.num_keys, "set_shape": list(first.sets.shape[1:]),
+                    "sketch_dim": first.sketch_dim, "sketch_depth": first.sketch_depth,
+                    "files": {name: {"bytes": os.path.getsize(tmp / name), "sha256": sha256_file(tmp / name)}
+                              for name in names},
+                }
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o777 & ~umask)
+                _move_into_place(tmp, path)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        return str(path)
+
+    @classmethod
+    def load(cls, path, verify: bool = True, mmap: bool = True) -> "AnnSetIndex":
+        """Read a folder written by `save`.
+
+        Args:
+            path: the folder.
+            verify: check every file's sha256 (reads all bytes once); False checks sizes and shapes only.
+            mmap: memory-map the sets and sketches (RAM then holds the FAISS index; a query reads its candidates'
+                rows from the page cache); False reads them into memory.
+
+        Raises:
+            ValueError naming the folder and file when it is not an AnnSetIndex of this format version, or a file
+            is missing, truncated, changed or does not match the manifest.
+        """
+        faiss = _faiss()
+        path = Path(os.fspath(path))
+        manifest = _read_manifest(path)
+        files = manifest["files"]
+        for name, record in files.items():
+            file = path / name
+            if "/" in name or not file.is_file():
+                raise ValueError(f"AnnSetIndex {str(path)!r}: file {name!r} listed in {MANIFEST} is missing")
+            size = os.path.getsize(file)
+            if size != record.get("bytes"):
+                raise ValueError(f"AnnSetIndex {str(path)!r}: file {name!r} is truncated or changed ({size} bytes, "
+                                 f"the manifest says {record.get('bytes')})")
+            if verify and sha256_file(file) != record.get("sha256"):
+                raise ValueError(f"AnnSetIndex {str(path)!r}: file {name!r} is corrupt or was changed: its sha256 "
+                                 "checksum does not match the manifest")
+        try:
+            arrays = {name[:-4]: np.load(path / name, mmap_mode="r" if mmap else None, allow_pickle=False)
+                      for name in files if name.endswith(".npy")}
+            faiss_index = faiss.read_index(str(path / FAISS_FILE))
+        except Exception as error:
+            raise ValueError(f"AnnSetIndex {str(path)!r} holds a file that cannot be read "
+                             f"({type(error).__name__}: {error})") from None
+        n, (k, d) = manifest["items"], manifest["set_shape"]
+        expected = {"ids": (n,), "sets": (n, k, d), "set_mask": (n, k), "sketches": (n, manifest["sketch_dim"])}
+        for name, array in arrays.items():
+            if name not in expected or array.shape != expected[name]:
+                raise ValueError(f"AnnSetIndex {str(path)!r}: {name}.npy has shape {array.shape}, the manifest "
+                                 f"says {expected.get(name)}")
+            if name in ("sets", "sketches") and array.dtype != np.dtype(manifest["store_dtype"]):
+                raise ValueError(f"AnnSetIndex {str(path)!r}: {name}.npy holds {array.dtype}, the manifest says "
+                                 f"{manifest['store_dtype']}")
+        if faiss_index.ntotal != manifest["keys"] or faiss_index.d != (
+                d if manifest["key"] == "elements" else manifest["sketch_dim"]):
+            raise ValueError(f"AnnSetIndex {str(path)!r}: {FAISS_FILE} holds {faiss_index.ntotal} keys of dimension "
+                             f"{faiss_index.d}, which do not match the manifest")
+        index = cls(alpha=manifest["alpha"], sketch_weight=manifest["sketch_weight"], key=manifest["key"],
+                    factory=manifest["factory"], neighbours=manifest["neighbours"],
+                    search_params=manifest["search_params"], store_dtype=manifest["store_dtype"],
+                    export_digest=manifest["export_digest"])
+        index._faiss_index = faiss_index
+        index._ids = np.asarray(arrays["ids"])
+        index._rows.append(arrays["sets"], arrays.get("set_mask"), arrays.get("sketches"))
+        first_sketch = None if "sketches" not in arrays else np.asarray(arrays["sketches"][:1], np.float32)
+        index._first = Embeddings(np.asarray(arrays["sets"][:1], np.float32), sketches=first_sketch,
+                                  sketch_depth=manifest["sketch_depth"])
+        return index
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.is_dir():
+        raise ValueError(f"AnnSetIndex folder {str(path)!r} does not exist")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not an AnnSetIndex folder: its {MANIFEST} is missing or corrupt "
+                         f"({type(error).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{str(path)!r} is not an AnnSetIndex folder ({MANIFEST} is not a {FORMAT_NAME} manifest)")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"AnnSetIndex {str(path)!r} has format version {manifest.get('version')!r}; this tfemde "
+                         f"reads version {FORMAT_VERSION}")
+    if not isinstance(manifest.get("files"), dict) or FAISS_FILE not in manifest["files"]:
+        raise ValueError(f"AnnSetIndex {str(path)!r}: its {MANIFEST} lists no {FAISS_FILE}")
+    return manifest
+
+
+def check_replaceable(path) -> None:
+    """Refuse to write over anything at `path` but an empty folder or an AnnSetIndex folder holding only its
+    manifest's files (`save` checks this; callers may check before long work)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} exists and is not a folder; choose another path for the AnnSetIndex")
+    if not any(path.iterdir()):
+        return
+    manifest = _read_manifest(path)  # raises for a folder that is not an index
+    extra = sorted(p.name for p in path.iterdir() if p.name not in set(manifest["files"]) | {MANIFEST})
+    if extra:
+        raise ValueError(f"{str(path)!r} holds files that are not the AnnSetIndex's ({extra[:3]}); it is not "
+                         "replaced. Choose another path")
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    if path.exists():
+        check_replaceable(path)
+        old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path.parent))
+        os.rmdir(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
