@@ -37,7 +37,7 @@ def recall(a, b):
     return np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a, b)])
 
 
-@pytest.mark.parametrize("key", ["elements", "sketch"])
+@pytest.mark.parametrize("key", ["elements", "sketch", "fde"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_with_every_key_as_candidate_it_is_the_exact_ranking(rng, key, masked):
     """Flat keys and neighbours >= all keys: the re-rank sees every item, so ids and scores are the exact ones."""
@@ -51,18 +51,19 @@ def test_with_every_key_as_candidate_it_is_the_exact_ranking(rng, key, masked):
     want_ids, want_scores = brute_top_k(brute_scores(queries, items, 8.0, 0.5, depth=2), ids, 9)
     np.testing.assert_array_equal(got_ids, want_ids)
     np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)
-    assert len(index) == 60 and index.num_keys == (60 if key == "sketch" else
+    assert len(index) == 60 and index.num_keys == (60 if key != "elements" else
                                                     (items.set_mask.sum() if masked else 180))
 
 
-@pytest.mark.parametrize("factory", ["HNSW32", "IVF16,Flat", "IVF16,PQ8"])
-def test_approximate_candidates_recall_the_exact_top_10(rng, factory):
+@pytest.mark.parametrize("key, factory", [("elements", "HNSW32"), ("elements", "IVF16,Flat"),
+                                          ("elements", "IVF16,PQ8"), ("sketch", "HNSW32"), ("fde", "HNSW32")])
+def test_approximate_candidates_recall_the_exact_top_10(rng, key, factory):
     items = clustered(rng, 3000)
     queries = noisy(rng, items[rng.choice(3000, 40, replace=False)])
     exact = SetIndex(alpha=16.0, sketch_weight=0.5)
     exact.add(items)
     want, want_scores = exact.search(queries, k=10)
-    index = AnnSetIndex(alpha=16.0, sketch_weight=0.5, factory=factory, neighbours=64,
+    index = AnnSetIndex(alpha=16.0, sketch_weight=0.5, key=key, factory=factory, neighbours=64,
                         search_params={"nprobe": 8} if factory.startswith("IVF") else {"efSearch": 64})
     index.add(items)
     got, got_scores = index.search(queries, k=10)
@@ -286,3 +287,51 @@ def test_default_factory_grows_with_the_key_count():
     assert default_factory(15_000, 256, "hnsw") == "HNSW32"
     with pytest.raises(ValueError, match="kind must be one of"):
         default_factory(10, 8, "lsh")
+
+
+def test_fde_against_a_loop_over_partitions(rng):
+    """MUVERA's encoding re-derived one item, one round and one partition at a time (empty item partitions take the
+    element with the nearest SimHash code); and with every element in its own partition and no projection the query
+    and item encodings' inner product is the symmetric Chamfer sum."""
+    from tfemde.serving.fde import encode, fde_dim
+
+    sets = unit(rng, 5, 3, 6)
+    mask = np.ones((5, 3), bool)
+    mask[2, 1:] = False
+    options = dict(repetitions=2, simhash_bits=3, projection=4, seed=7)
+    got_item, got_query = encode(sets, mask, "item", **options), encode(sets, mask, "query", **options)
+    assert got_item.shape == (5, fde_dim(6, 2, 3, 4)) == (5, 2 * 2 * 8 * 4)
+    draw = np.random.default_rng(7)
+    own_item, own_query = [], []
+    for _ in range(2):
+        planes = draw.normal(size=(6, 3)).astype(np.float32)
+        proj = (draw.integers(0, 2, size=(6, 4)) * 2 - 1).astype(np.float32) / 2.0
+        item_rows, query_rows = [], []
+        for n in range(5):
+            elements = [k for k in range(3) if mask[n, k]]
+            codes = {k: sum(int(sets[n, k] @ planes[:, b] > 0) << b for b in range(3)) for k in elements}
+            item_blocks, query_blocks = [], []
+            for p in range(8):
+                inside = [k for k in elements if codes[k] == p]
+                total = sum((sets[n, k] @ proj for k in inside), np.zeros(4))
+                query_blocks.append(total)
+                if inside:
+                    item_blocks.append(total / len(inside))
+                else:
+                    nearest = min(elements, key=lambda k: (bin(codes[k] ^ p).count("1"), k))
+                    item_blocks.append(sets[n, nearest] @ proj)
+            item_rows.append(np.concatenate(item_blocks))
+            query_rows.append(np.concatenate(query_blocks))
+        own_item.append(np.array(item_rows))
+        own_query.append(np.array(query_rows))
+    np.testing.assert_allclose(got_item, np.concatenate(own_item + own_query, axis=1), atol=1e-5)
+    np.testing.assert_allclose(got_query, np.concatenate(own_query + own_item, axis=1), atol=1e-5)
+
+    # 2 elements in the 2 partitions of one hyperplane, no projection: <q, i> = Σ_x <x, y(x)> + Σ_y <x(y), y>
+    plane = np.random.default_rng(3).normal(size=(4, 1)).astype(np.float32)
+    a, b = unit(rng, 2, 4), unit(rng, 2, 4)
+    a[0] *= np.sign(a[0] @ plane[:, 0]); a[1] *= -np.sign(a[1] @ plane[:, 0])
+    b[0] *= np.sign(b[0] @ plane[:, 0]); b[1] *= -np.sign(b[1] @ plane[:, 0])
+    options = dict(repetitions=1, simhash_bits=1, projection=None, seed=3)
+    score = encode(a[None], None, "query", **options) @ encode(b[None], None, "item", **options).T
+    assert score[0, 0] == pytest.approx(2 * (a[0] @ b[0] + a[1] @ b[1]), abs=1e-5)

@@ -5,8 +5,9 @@ inner product of each element), so the items whose elements are nearest to a que
 the candidates worth scoring. The index keeps:
 
 - a FAISS inner-product index (`IndexIDMap2` over any `index_factory` string) of candidate keys: every valid set
-  element with id `item · K + k` (`key="elements"`), or one T-EMDE sketch per item with id `item`
-  (`key="sketch"`, EMDE's own use of sketches as retrieval keys);
+  element with id `item · K + k` (`key="elements"`), one T-EMDE sketch per item with id `item` (`key="sketch"`,
+  EMDE's own use of sketches as retrieval keys), or one MUVERA fixed-dimensional encoding per item (`key="fde"`,
+  `tfemde.serving.fde`);
 - the items' sets, masks and sketches as arrays (memory-mapped after `load`, float16 optional), read only at the
   candidates' rows when a query is re-ranked with `tfemde.serving.similarity`'s code.
 
@@ -32,6 +33,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from tfemde.files import TMP_PREFIX
+from tfemde.serving import fde
 from tfemde.serving.embeddings import Embeddings
 from tfemde.serving.index import check_addable, extend_ids
 from tfemde.serving.manifest import sha256_file
@@ -41,7 +43,9 @@ FORMAT_NAME = "tfemde.AnnSetIndex"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAISS_FILE = "ann.faiss"
-KEYS = ("elements", "sketch")
+KEYS = ("elements", "sketch", "fde")
+# MUVERA encodings when key="fde" (tfemde.serving.fde.encode): 2 × 4 × 4 × 32 = 1,024 dimensions per item.
+DEFAULT_FDE = {"repetitions": 4, "simhash_bits": 2, "projection": 32, "seed": 0}
 STORE_DTYPES = ("float32", "float16")
 # Keys per query element asked of FAISS when `neighbours` is not given.
 DEFAULT_NEIGHBOURS = 64
@@ -161,8 +165,8 @@ class AnnSetIndex:
     Args:
         alpha: Smooth-Chamfer temperature α (the model's, e.g. `Encoder.similarity_kwargs`).
         sketch_weight: λ of the sketch similarity in the re-rank; 0 ignores sketches.
-        key: the candidate keys: `"elements"` (every set element; id `item · K + k`) or `"sketch"` (one T-EMDE
-            sketch per item; needs sketches).
+        key: the candidate keys: `"elements"` (every set element; id `item · K + k`), `"sketch"` (one T-EMDE
+            sketch per item; needs sketches) or `"fde"` (one MUVERA encoding per item).
         factory: a FAISS `index_factory` string (`"Flat"`, `"HNSW32"`, `"IVF4096,PQ64"`, `"OPQ64,IVF4096,PQ64"`,
             ...), a kind of `default_factory` (`"flat"`, `"hnsw"`, `"ivfpq"`, sized at the first `add`), or None
             for `"auto"` (chosen from the number of keys at the first `add`). IVF and PQ
@@ -172,6 +176,7 @@ class AnnSetIndex:
             IVF (set with `faiss.ParameterSpace`); None keeps FAISS's defaults.
         store_dtype: `"float32"` or `"float16"` for the stored sets and sketches (half the bytes; the re-rank
             computes in float32).
+        fde_options: with `key="fde"`, the arguments of `tfemde.serving.fde.encode` (default `DEFAULT_FDE`).
         export_digest: the digest of the export the embeddings came from (`Encoder.export_digest`), recorded.
 
     Example:
@@ -190,7 +195,7 @@ class AnnSetIndex:
     def __init__(self, alpha: float = 16.0, sketch_weight: float = 0.0, key: str = "elements",
                  factory: Optional[str] = None, neighbours: int = DEFAULT_NEIGHBOURS,
                  search_params: Optional[dict] = None, store_dtype: str = "float32",
-                 export_digest: Optional[str] = None):
+                 export_digest: Optional[str] = None, fde_options: Optional[dict] = None):
         self.alpha = check_alpha(alpha)
         self.sketch_weight = float(sketch_weight)
         if not np.isfinite(self.sketch_weight):
@@ -210,6 +215,10 @@ class AnnSetIndex:
             raise ValueError(f"store_dtype must be one of {STORE_DTYPES}; got {store_dtype!r}")
         if export_digest is not None and not isinstance(export_digest, str):
             raise ValueError(f"export_digest must be a str (Encoder.export_digest) or None; got {export_digest!r}")
+        unknown = set(fde_options or {}) - set(DEFAULT_FDE)
+        if unknown:
+            raise ValueError(f"fde_options takes {sorted(DEFAULT_FDE)}; got {sorted(unknown)}")
+        self.fde_options = {**DEFAULT_FDE, **(fde_options or {})}
         self.key = key
         self.factory = factory
         self.neighbours = int(neighbours)
@@ -245,9 +254,11 @@ class AnnSetIndex:
     # -- building ------------------------------------------------------------------------------------------------
     def _keys(self, embeddings: Embeddings, first_item: int):
         """`(vectors [M', Dk] float32, ids [M'] int64)`: the candidate keys of items numbered from `first_item`."""
-        if self.key == "sketch":
+        if self.key != "elements":
             n = len(embeddings)
-            return embeddings.sketches, np.arange(first_item, first_item + n, dtype=np.int64)
+            vectors = embeddings.sketches if self.key == "sketch" else fde.encode(
+                embeddings.sets, embeddings.set_mask, "item", **self.fde_options)
+            return vectors, np.arange(first_item, first_item + n, dtype=np.int64)
         n, k, d = embeddings.sets.shape
         ids = (np.arange(first_item, first_item + n, dtype=np.int64)[:, None] * k + np.arange(k)).reshape(-1)
         vectors = embeddings.sets.reshape(-1, d)
@@ -320,8 +331,9 @@ class AnnSetIndex:
 
     def _candidates(self, queries: Embeddings, neighbours: int, params: dict, n: int):
         """`[Q]` sorted item rows per query from FAISS (items added after the snapshot of `n` items left out)."""
-        if self.key == "sketch":
-            vectors = queries.sketches
+        if self.key != "elements":
+            vectors = queries.sketches if self.key == "sketch" else fde.encode(
+                queries.sets, queries.set_mask, "query", **self.fde_options)
             owner = np.arange(len(queries))
         else:
             q, k, d = queries.sets.shape
@@ -333,7 +345,7 @@ class AnnSetIndex:
         with self._lock:
             self._set_params(params)
             _, labels = self._faiss_index.search(np.ascontiguousarray(vectors, np.float32), neighbours)
-        items = labels if self.key == "sketch" else np.where(labels >= 0, labels // self._first.num_elements, -1)
+        items = labels if self.key != "elements" else np.where(labels >= 0, labels // self._first.num_elements, -1)
         rows_of = [[] for _ in range(len(queries))]
         for o, row in zip(owner, items):
             rows_of[o].append(row)
@@ -438,6 +450,7 @@ class AnnSetIndex:
                     "format": FORMAT_NAME, "version": FORMAT_VERSION,
                     "alpha": self.alpha, "sketch_weight": self.sketch_weight, "key": self.key,
                     "factory": self.factory, "neighbours": self.neighbours, "search_params": self.search_params,
+                    "fde_options": self.fde_options,
                     "store_dtype": self.store_dtype, "export_digest": self.export_digest,
                     "items": len(self), "keys": self.num_keys, "set_shape": list(first.sets.shape[1:]),
                     "sketch_dim": first.sketch_dim, "sketch_depth": first.sketch_depth,
@@ -499,14 +512,15 @@ class AnnSetIndex:
             if name in ("sets", "sketches") and array.dtype != np.dtype(manifest["store_dtype"]):
                 raise ValueError(f"AnnSetIndex {str(path)!r}: {name}.npy holds {array.dtype}, the manifest says "
                                  f"{manifest['store_dtype']}")
-        if faiss_index.ntotal != manifest["keys"] or faiss_index.d != (
-                d if manifest["key"] == "elements" else manifest["sketch_dim"]):
+        key_dim = {"elements": d, "sketch": manifest["sketch_dim"]}.get(manifest["key"]) or fde.fde_dim(
+            d, **{name: manifest["fde_options"][name] for name in ("repetitions", "simhash_bits", "projection")})
+        if faiss_index.ntotal != manifest["keys"] or faiss_index.d != key_dim:
             raise ValueError(f"AnnSetIndex {str(path)!r}: {FAISS_FILE} holds {faiss_index.ntotal} keys of dimension "
                              f"{faiss_index.d}, which do not match the manifest")
         index = cls(alpha=manifest["alpha"], sketch_weight=manifest["sketch_weight"], key=manifest["key"],
                     factory=manifest["factory"], neighbours=manifest["neighbours"],
                     search_params=manifest["search_params"], store_dtype=manifest["store_dtype"],
-                    export_digest=manifest["export_digest"])
+                    export_digest=manifest["export_digest"], fde_options=manifest["fde_options"])
         index._faiss_index = faiss_index
         index._ids = np.asarray(arrays["ids"])
         index._rows.append(arrays["sets"], arrays.get("set_mask"), arrays.get("sketches"))
