@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlparse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tfemde.serving import Encoder, SetIndex  # noqa: E402
+from tfemde.serving import Encoder, load_index  # noqa: E402
 
 HOST = "127.0.0.1"
 MAX_K = 1000
@@ -63,7 +63,7 @@ class SearchApp:
 
     def __init__(self, export_dir, index_path, default_k=5):
         self.encoder = Encoder.load(export_dir)
-        self.index = SetIndex.load(index_path)
+        self.index = load_index(index_path)  # a SetIndex file or an AnnSetIndex folder
         self.default_k = default_k
         if (self.index.alpha, self.index.sketch_weight) != (self.encoder.alpha, self.encoder.sketch_weight):
             print(f"warning: the index scores with alpha={self.index.alpha}, sketch_weight="
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         app = SearchApp(args.export_dir, args.index, default_k=args.k)
-    except ValueError as error:  # a missing or damaged export or index: one line
+    except (ValueError, ImportError) as error:  # a missing or damaged export or index, no faiss: one line
         print(f"serve_app: error: {error}", file=sys.stderr)
         return 2
     if args.stdin:

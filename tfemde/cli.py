@@ -239,11 +239,11 @@ def _ann_module():
 
 def _load_index(path):
     """A `SetIndex` file or an `AnnSetIndex` folder, as `tfemde index` wrote it."""
-    from tfemde.serving import SetIndex
+    from tfemde.serving import load_index
 
     if Path(path).is_dir():
-        return _ann_module().AnnSetIndex.load(path)
-    return SetIndex.load(path)
+        _ann_module()
+    return load_index(path)
 
 
 def cmd_index(args):
@@ -387,7 +387,7 @@ def parser() -> argparse.ArgumentParser:
     ix.add_argument("--ann", choices=("auto", "flat", "hnsw", "ivfpq"), default=None,
                     help="an approximate index for large galleries (needs faiss-cpu, the `ann` extra): FAISS "
                          "candidates re-ranked exactly; 'auto' chooses by size (see tfemde.serving.ann)")
-    ix.add_argument("--neighbours", type=int, default=64, help="with --ann: FAISS neighbours per query element")
+    ix.add_argument("--neighbours", type=int, default=256, help="with --ann: FAISS neighbours per query element")
     ix.add_argument("--float16", action="store_true", help="with --ann: store the sets in float16 (half the bytes)")
     ix.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     ix.set_defaults(func=cmd_index)

@@ -47,8 +47,12 @@ KEYS = ("elements", "sketch", "fde")
 # MUVERA encodings when key="fde" (tfemde.serving.fde.encode): 2 × 4 × 4 × 32 = 1,024 dimensions per item.
 DEFAULT_FDE = {"repetitions": 4, "simhash_bits": 2, "projection": 32, "seed": 0}
 STORE_DTYPES = ("float32", "float16")
-# Keys per query element asked of FAISS when `neighbours` is not given.
-DEFAULT_NEIGHBOURS = 64
+# Keys per query element asked of FAISS when `neighbours` is not given: on the emoji model's embeddings (100K items,
+# benchmarks/ann.py) exact-scan candidates reach recall@10 0.89 with 64, 0.95 with 128, 0.98 with 256, 0.99 with 512.
+DEFAULT_NEIGHBOURS = 256
+# IVF coarse quantisers are trained on at most this many keys per list (FAISS warns below 39; its own default,
+# 256, makes k-means on millions of keys take most of an hour on two cores).
+IVF_TRAINING_PER_LIST = 40
 
 
 def _faiss():
@@ -278,6 +282,10 @@ class AnnSetIndex:
             raise ValueError(f"factory {factory!r} is not a FAISS index_factory string FAISS can build "
                              f"({str(error).strip().splitlines()[-1]})") from None
         index = faiss.IndexIDMap2(inner)
+        try:
+            faiss.extract_index_ivf(inner).cp.max_points_per_centroid = IVF_TRAINING_PER_LIST
+        except RuntimeError:  # not an IVF index
+            pass
         if not index.is_trained:
             try:
                 index.train(vectors)
@@ -528,6 +536,18 @@ class AnnSetIndex:
         index._first = Embeddings(np.asarray(arrays["sets"][:1], np.float32), sketches=first_sketch,
                                   sketch_depth=manifest["sketch_depth"])
         return index
+
+
+def load_index(path):
+    """The index at `path`: an `AnnSetIndex` folder, or else a `SetIndex` file (as `tfemde index` writes them).
+
+    Raises ValueError for a missing or damaged index, ImportError for a folder when faiss-cpu is not installed.
+    """
+    from tfemde.serving.index import SetIndex
+
+    if Path(os.fspath(path)).is_dir():
+        return AnnSetIndex.load(path)
+    return SetIndex.load(path)
 
 
 def _read_manifest(path: Path) -> dict:
