@@ -76,6 +76,28 @@ def test_approximate_candidates_recall_the_exact_top_10(rng, key, factory):
         np.testing.assert_allclose(got_scores[q], s, rtol=1e-5, atol=1e-5)
 
 
+def test_search_params_of_a_call_apply_to_that_call_only(rng):
+    items = clustered(rng, 2000)
+    queries = noisy(rng, items[:20])
+    index = AnnSetIndex(alpha=16.0, factory="IVF64,Flat", neighbours=8)
+    index.add(items)
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index._faiss_index.index)
+    first = index.search(queries, k=10)[0]
+    assert ivf.nprobe == 1  # FAISS's default
+    wide = index.search(queries, k=10, search_params={"nprobe": 64})[0]
+    assert ivf.nprobe == 64
+    np.testing.assert_array_equal(index.search(queries, k=10)[0], first)
+    assert ivf.nprobe == 1
+    exact = SetIndex(alpha=16.0)
+    exact.add(items)
+    assert recall(wide, exact.search(queries, k=10)[0]) >= recall(first, exact.search(queries, k=10)[0])
+    index.search_params = {"nprobe": 8}
+    index.search(queries[:1])
+    assert ivf.nprobe == 8
+
+
 def test_few_neighbours_still_fill_k(rng):
     items = clustered(rng, 500)
     index = AnnSetIndex(alpha=16.0, factory="HNSW32", neighbours=1)

@@ -58,7 +58,7 @@ def run(args, cwd, timeout=900, **kwargs):
 
 def test_every_block_is_one_this_file_runs():
     kinds = [lang for lang, _, _ in BLOCKS]
-    assert sorted(kinds) == sorted(["bash", "bash", "python", "bash", "json", "jsonl", "text", "text"]), kinds
+    assert sorted(kinds) == sorted(["bash", "bash", "python", "python", "bash", "json", "jsonl", "text", "text"]), kinds
 
 
 def test_main_command_installs_the_package_with_its_data_and_console_script(tmp_path):
@@ -97,6 +97,10 @@ def test_python_example_trains_evaluates_exports_and_serves(tmp_path):
     for row in rows:
         hits = [ast.literal_eval(f"'{hit}'") for hit in re.findall(r"'([^']*)'", row)]  # repr escapes ZWJ etc.
         assert len(hits) == 5 and set(hits) <= names, row
+    # the approximate index's example, on the export just written
+    out = run([sys.executable, "-c", block("python", marker="ann-example")], cwd=tmp_path)
+    assert out.split()[-4:] == [str(load("emoji").num_items), "Flat", "(2,", "10)"], out
+    assert (tmp_path / "gallery.ann" / "manifest.json").is_file()
 
 
 def test_command_line_block_runs_and_writes_what_the_readme_says(tmp_path):

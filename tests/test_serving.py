@@ -687,3 +687,19 @@ def test_serve_app_stdin(setup, app_index):
     assert [a["query"] for a in answers] == ["a red heart", "cat"]
     ids, _ = index.search(encoder.encode_texts(["a red heart", "cat"]), k=2)
     assert [[x["id"] for x in a["results"]] for a in answers] == ids.tolist()
+
+
+def test_serve_app_answers_from_an_ann_folder(setup, app_index, tmp_path):
+    """The application opens an AnnSetIndex folder as it opens a SetIndex file, and ranks the same way."""
+    from tfemde.serving import AnnSetIndex
+
+    encoder, index, _ = app_index
+    ann = AnnSetIndex(**encoder.similarity_kwargs, factory="Flat")
+    ann.add(index.embeddings, ids=index.ids)
+    folder = ann.save(tmp_path / "app.ann")
+    done = subprocess.run([sys.executable, str(ROOT / "export" / "serve_app.py"), str(setup["export"]), folder,
+                           "--stdin", "-k", "3"], input=b"a red heart\ncat\n", capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    answers = [json.loads(line) for line in done.stdout.decode("utf-8").splitlines()]
+    ids, _ = index.search(encoder.encode_texts(["a red heart", "cat"]), k=3)
+    assert [[x["id"] for x in a["results"]] for a in answers] == ids.tolist()

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -56,6 +57,11 @@ IVF_TRAINING_PER_LIST = 40
 
 
 def _faiss():
+    if "faiss" not in sys.modules:
+        # FAISS's OpenMP threads otherwise spin after each search and, on a machine with few cores, take the
+        # re-rank's core for a whole scheduler slice: 8 ms instead of 3 a query (benchmarks/ann.py, 2 cores).
+        # OpenMP reads this once, when FAISS loads it; a value the user set is kept.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import faiss
     except ImportError as error:
@@ -230,7 +236,8 @@ class AnnSetIndex:
         self.store_dtype = store_dtype
         self.export_digest = export_digest
         self._faiss_index = None
-        self._applied_params = {}
+        self._applied_params = {}  # what is set on the FAISS index now
+        self._faiss_defaults = {}  # FAISS's own value of every parameter a search has changed
         self._rows = _Rows(store_dtype)
         self._first: Optional[Embeddings] = None  # an item of the index: its K, D and sketch shape
         self._ids: Optional[np.ndarray] = None
@@ -324,10 +331,34 @@ class AnnSetIndex:
             self._ids = all_ids
 
     # -- searching -----------------------------------------------------------------------------------------------
-    def _set_params(self, params: dict) -> None:
+    def _faiss_value(self, name: str):
+        """FAISS's current value of `name` (nprobe of an IVF index, efSearch of an HNSW graph), or None."""
         faiss = _faiss()
+        inner = faiss.downcast_index(self._faiss_index.index)
+        try:
+            if name == "nprobe":
+                return faiss.extract_index_ivf(inner).nprobe
+            if name == "efSearch":
+                while isinstance(inner, faiss.IndexPreTransform):
+                    inner = faiss.downcast_index(inner.index)
+                return inner.hnsw.efSearch
+        except (RuntimeError, AttributeError):
+            pass
+        return None
+
+    def _set_params(self, overrides: dict) -> None:
+        """Set the index's `search_params` with `overrides` on top; what an earlier call overrode goes back."""
+        faiss = _faiss()
+        for name in overrides:
+            if name not in self.search_params and name not in self._faiss_defaults:
+                default = self._faiss_value(name)
+                if default is None:
+                    raise ValueError(f"search_params: {name!r} is not a search parameter of a {self.factory!r} index "
+                                     "that a search may change (HNSW takes efSearch, IVF nprobe)")
+                self._faiss_defaults[name] = default
+        wanted = {**self._faiss_defaults, **self.search_params, **overrides}
         space = faiss.ParameterSpace()
-        for name, value in params.items():
+        for name, value in wanted.items():
             if self._applied_params.get(name) == value:
                 continue
             try:
@@ -387,7 +418,8 @@ class AnnSetIndex:
             k: items per query; more than `len(index)` gives `len(index)`.
             neighbours: keys per query element for this call (default: the index's `neighbours`); a query with
                 fewer than `k` candidates is searched again with more, so every row has `k` items.
-            search_params: FAISS parameters for this call (default: the index's `search_params`).
+            search_params: FAISS parameters for this call only, over the index's `search_params` (`nprobe`,
+                `efSearch`, or one the index sets).
 
         Returns:
             `(ids [Q, k], scores [Q, k] float32)`, by descending exact score (ties in insertion order).
@@ -414,7 +446,7 @@ class AnnSetIndex:
         neighbours = self.neighbours if neighbours is None else neighbours
         if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or neighbours < 1:
             raise ValueError(f"neighbours must be an int >= 1; got {neighbours!r}")
-        params = {**self.search_params, **(search_params or {})}
+        params = dict(search_params or {})
         candidates = self._candidates(queries, int(neighbours), params, n)
         out_rows = np.empty((len(queries), k), np.int64)
         out_scores = np.empty((len(queries), k), np.float32)
