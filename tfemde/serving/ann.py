@@ -125,24 +125,23 @@ class _Rows:
     def has_mask(self) -> bool:
         return any(m is not None for m in self.masks)
 
-    def take(self, rows: np.ndarray, with_sketches: bool):
-        """`(sets [R, K, D] float32, mask [R, K] bool | None, sketches [R, S] float32 | None)` at sorted `rows`."""
-        k, d = self.sets[0].shape[1:]
-        sets = np.empty((len(rows), k, d), np.float32)
-        mask = np.ones((len(rows), k), bool) if self.has_mask else None
-        sketches = np.empty((len(rows), self.sketches[0].shape[1]), np.float32) if with_sketches else None
+    def take(self, rows: np.ndarray, column: str) -> Optional[np.ndarray]:
+        """`column` ("sets" [R, K, D] float32, "masks" [R, K] bool or None, "sketches" [R, S] float32) at sorted
+        `rows`, one fancy index a part.
+
+        Gather one column, use it and drop it before the next: two such blocks alive at once (4 MB each for 1,024
+        candidates) push glibc to map fresh pages for the second at every query, several times the copy's cost.
+        """
+        if column == "masks" and not self.has_mask:
+            return None
+        parts = getattr(self, column)
         bounds = np.searchsorted(rows, self.offsets)
-        for p in range(len(self.sets)):
-            lo, hi = bounds[p], bounds[p + 1]
-            if lo == hi:
-                continue
-            local = rows[lo:hi] - self.offsets[p]
-            sets[lo:hi] = self.sets[p][local]
-            if mask is not None and self.masks[p] is not None:
-                mask[lo:hi] = self.masks[p][local]
-            if with_sketches:
-                sketches[lo:hi] = self.sketches[p][local]
-        return sets, mask, sketches
+        pieces = [(p, rows[bounds[p]:bounds[p + 1]] - self.offsets[p]) for p in range(len(parts))
+                  if bounds[p] < bounds[p + 1]] or [(0, rows[:0])]
+        k = self.sets[0].shape[1]
+        got = [parts[p][local] if parts[p] is not None else np.ones((len(local), k), bool) for p, local in pieces]
+        out = got[0] if len(got) == 1 else np.concatenate(got)
+        return out if column == "masks" else out.astype(np.float32, copy=False)
 
     def write(self, folder: Path) -> list:
         """Write `sets.npy`, `set_mask.npy` (when any part has one) and `sketches.npy` (when sketched) a part at a
@@ -397,11 +396,11 @@ class AnnSetIndex:
     def _rerank(self, stored: _Rows, query: Embeddings, rows: np.ndarray, k: int):
         """`(rows [k], scores [k])`: the best `k` of the candidate `rows` (sorted) by the exact score, best first."""
         use_sketch = self.sketch_weight != 0.0
-        sets, mask, sketches = stored.take(rows, use_sketch)
         scores = np.zeros((1, len(rows)), np.float32)
         if use_sketch:
-            sketch_similarity(query.sketches, sketches, query.sketch_depth, weight=self.sketch_weight, out=scores)
-        cand = Embeddings(sets, set_mask=mask)
+            sketch_similarity(query.sketches, stored.take(rows, "sketches"), query.sketch_depth,
+                              weight=self.sketch_weight, out=scores)
+        cand = Embeddings(stored.take(rows, "sets"), set_mask=stored.take(rows, "masks"))
         smooth_chamfer_checked(query.sets, cand.sets, self.alpha, query.set_mask, cand.set_mask, query.max_norm,
                                cand.max_norm, None, None, scores, use_sketch)
         scores = scores[0]
