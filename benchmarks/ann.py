@@ -236,8 +236,13 @@ def plot(results, path):
     for ax, (name, result) in zip(axes[0], results.items()):
         for entry in result["indexes"]:
             points = [p for p in entry["points"] if p["neighbours"] == entry["neighbours"]]
-            ax.plot([p["ms_batch1"] for p in points], [p["recall@10"] for p in points], marker="o",
-                    label=f"{entry['key']} · {entry['factory']} (k′={entry['neighbours']})")
+            line, = ax.plot([p["ms_batch1"] for p in points], [p["recall@10"] for p in points], marker="o",
+                            label=f"{entry['key']} · {entry['factory']} (k′={entry['neighbours']}; dashed: k′)")
+            best = chosen(points, entry["parameter"])
+            over_k = sorted([p for p in entry["points"] if p[entry["parameter"]] == best[entry["parameter"]]],
+                            key=lambda p: p["neighbours"])
+            ax.plot([p["ms_batch1"] for p in over_k], [p["recall@10"] for p in over_k], ls="--", marker=".",
+                    color=line.get_color(), alpha=0.7)
         ax.axvline(result["exact_ms_batch1"] / 20, color="grey", ls=":", label="exact / 20")
         ax.axhline(0.98, color="grey", ls="--", lw=0.8)
         ax.set_xscale("log")
@@ -250,6 +255,26 @@ def plot(results, path):
     plt.close(fig)
 
 
+def markdown(paths) -> str:
+    """README rows from result JSONs: per gallery and size, the exact index and each index's fastest point at
+    recall@10 >= 0.98 (else its best recall)."""
+    rows = ["| gallery, items | candidate key · FAISS index | build | FAISS bytes / item | parameter, k′ "
+            "| recall@10 | ms / query, batch 1 (× exact) | ms / query, batch 64 (× exact) |", "| --- " * 8 + "|"]
+    for path in paths:
+        for name, result in json.loads(Path(path).read_text())["results"].items():
+            where = f"{name}, {result['items'] // 1000:,}K"
+            rows.append(f"| {where} | exact `SetIndex` | – | {result['set_bytes_per_item']:.0f} (sets) | – | 1 | "
+                        f"{result['exact_ms_batch1']:.1f} | {result['exact_ms_batch64']:.1f} |")
+            for entry in result["indexes"]:
+                point = chosen(entry["points"], entry["parameter"])
+                rows.append(f"| {where} | {entry['key']} · `{entry['factory']}` | {entry['build_s']:.0f} s | "
+                            f"{entry['faiss_bytes_per_item']:.0f} | {entry['parameter']} "
+                            f"{point[entry['parameter']]}, {point['neighbours']} | {point['recall@10']:.3f} | "
+                            f"{point['ms_batch1']:.2f} ({point['speedup_batch1']:.0f}×) | {point['ms_batch64']:.2f} "
+                            f"({point['speedup_batch64']:.0f}×) |")
+    return "\n".join(rows)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000)
@@ -257,9 +282,18 @@ def main(argv=None):
     parser.add_argument("--run", help="a trained run folder: adds the emoji gallery of its embeddings")
     parser.add_argument("--only", nargs="*", default=None, help="candidate keys to measure (default: all)")
     parser.add_argument("--skip-clustered", action="store_true")
+    parser.add_argument("--replot", nargs="*", help="redraw the PNG of these result JSONs and stop")
+    parser.add_argument("--table", nargs="*", help="print README rows from these result JSONs and stop")
     parser.add_argument("--out", default=None, help="path stem for the .json and .png (default: "
                                                     "benchmarks/results/ann_<items>)")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(args.table))
+        return 0
+    if args.replot:
+        for path in args.replot:
+            plot(json.loads(Path(path).read_text())["results"], Path(path).with_suffix(".png"))
+        return 0
     machine = describe()
     print(machine)
     out = Path(args.out or Path(__file__).parent / "results" / f"ann_{args.items // 1000}k")
@@ -279,7 +313,8 @@ def main(argv=None):
         if best:
             entry, point = min(best, key=lambda ep: ep[1]["ms_batch1"])
             results[name]["chosen"] = {"key": entry["key"], "factory": entry["factory"], **point}
-            print(f"fastest at recall@10 >= 0.98 (else the best recall): {entry['key']} {entry['factory']} {entry['parameter']}="
+            print(f"fastest at recall@10 >= 0.98 (else the best recall): {entry['key']} {entry['factory']} "
+                  f"{entry['parameter']}="
                   f"{point[entry['parameter']]} k'={point['neighbours']}: {point['ms_batch1']:.2f} ms "
                   f"({point['speedup_batch1']:.1f}x the exact index) at batch 1, {point['speedup_batch64']:.1f}x at "
                   "batch 64", flush=True)

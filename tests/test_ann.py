@@ -213,7 +213,8 @@ def test_save_never_replaces_what_is_not_an_index(rng, tmp_path):
     with pytest.raises(ValueError, match="is not a folder"):
         index.save(tmp_path / "file")
     assert (mine / "holiday.jpg").read_bytes() == b"not mine to delete"
-    assert (folder / "notes.txt").exists() and AnnSetIndex.load(folder).search(clustered(rng, 2), k=3)[0].shape == (2, 3)
+    assert (folder / "notes.txt").exists()
+    assert AnnSetIndex.load(folder).search(clustered(rng, 2), k=3)[0].shape == (2, 3)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tfemde-tmp-")]
 
 

@@ -290,6 +290,8 @@ BAD_INPUTS = [
     ("truncated best.keras", ["evaluate", "{broken_model}", "--data", "{data}"], "best.keras cannot be read"),
     ("embed out is a folder", ["embed", "{run}", "--texts", "{file}", "--out", "{folder}"], "is a folder"),
     ("index out is a folder", ["index", "{run}", "--data", "{data}", "--out", "{folder}"], "is a folder"),
+    ("index float16 without ann", ["index", "{run}", "--data", "{data}", "--out", "{out}", "--float16"],
+     "--neighbours and --float16 are options of an approximate index"),
 ]
 
 

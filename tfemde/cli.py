@@ -258,6 +258,11 @@ def cmd_index(args):
             raise UserError(f"--neighbours must be >= 1; got {args.neighbours}")
         ann.check_replaceable(out)
     else:
+        from tfemde.serving.ann import DEFAULT_NEIGHBOURS
+
+        if args.float16 or args.neighbours != DEFAULT_NEIGHBOURS:
+            raise UserError("--neighbours and --float16 are options of an approximate index; add --ann auto (or "
+                            "flat, hnsw, ivfpq)")
         out = _out_file(args.out)
     encoder = _serving_encoder(args)
     if args.images:
@@ -307,6 +312,7 @@ def cmd_search(args):
 def parser() -> argparse.ArgumentParser:
     # Choices come from the library (both modules are TensorFlow-free, so the parser stays quick to build).
     from tfemde.evaluation import PROTOCOLS
+    from tfemde.serving.ann import DEFAULT_NEIGHBOURS
     from tfemde.serving.encoder import PRECISIONS, TEXT_ROUTES
 
     top = argparse.ArgumentParser(prog="tfemde", description=__doc__.splitlines()[0])
@@ -387,7 +393,8 @@ def parser() -> argparse.ArgumentParser:
     ix.add_argument("--ann", choices=("auto", "flat", "hnsw", "ivfpq"), default=None,
                     help="an approximate index for large galleries (needs faiss-cpu, the `ann` extra): FAISS "
                          "candidates re-ranked exactly; 'auto' chooses by size (see tfemde.serving.ann)")
-    ix.add_argument("--neighbours", type=int, default=256, help="with --ann: FAISS neighbours per query element")
+    ix.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
+                    help="with --ann: FAISS neighbours per query element")
     ix.add_argument("--float16", action="store_true", help="with --ann: store the sets in float16 (half the bytes)")
     ix.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     ix.set_defaults(func=cmd_index)

@@ -27,7 +27,8 @@ def fde_dim(dim: int, repetitions: int, simhash_bits: int, projection: Optional[
 
 
 def _blocks(sets, valid, planes, proj, average):
-    """`[N, 2^bits · P]` one round's blocks: per partition the sum (or mean, empty ones filled) of projected elements."""
+    """`[N, 2^bits · P]` one round's blocks: per partition the sum (or the mean, empty ones filled) of the projected
+    elements."""
     n, k, _ = sets.shape
     bits = planes.shape[1]
     codes = (np.einsum("nkd,db->nkb", sets, planes) > 0) @ (1 << np.arange(bits))  # [N, K]
