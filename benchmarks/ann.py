@@ -231,6 +231,7 @@ def plot(results, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
     for ax, (name, result) in zip(axes[0], results.items()):
@@ -246,6 +247,8 @@ def plot(results, path):
         ax.axvline(result["exact_ms_batch1"] / 20, color="grey", ls=":", label="exact / 20")
         ax.axhline(0.98, color="grey", ls="--", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("ms per query, batch 1 (log)")
         ax.set_ylabel("recall@10 of the exact ranking")
         ax.set_title(f"{name}: {result['items']:,} items, exact {result['exact_ms_batch1']:.0f} ms/query")
@@ -262,7 +265,8 @@ def markdown(paths) -> str:
             "| recall@10 | ms / query, batch 1 (× exact) | ms / query, batch 64 (× exact) |", "| --- " * 8 + "|"]
     for path in paths:
         for name, result in json.loads(Path(path).read_text())["results"].items():
-            where = f"{name}, {result['items'] // 1000:,}K"
+            n = result["items"]
+            where = f"{name}, {n / 1e6:g}M" if n >= 1_000_000 else f"{name}, {n // 1000:,}K"
             rows.append(f"| {where} | exact `SetIndex` | – | {result['set_bytes_per_item']:.0f} (sets) | – | 1 | "
                         f"{result['exact_ms_batch1']:.1f} | {result['exact_ms_batch64']:.1f} |")
             for entry in result["indexes"]:

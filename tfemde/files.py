@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,3 +30,19 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def move_folder_into_place(tmp, out_dir, check=None):
+    """Move the finished folder `tmp` onto `out_dir`. An existing `out_dir` is checked again with `check(out_dir)`
+    (which raises to keep it), swapped out in one rename and then removed, so a reader sees the old or the new."""
+    tmp, out_dir = Path(tmp), Path(out_dir)
+    if out_dir.exists():
+        if check is not None:
+            check(out_dir)
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rmdir(old)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)

@@ -17,6 +17,7 @@ from tfemde.export.quantize import inline_loop_weights, int8_name, quantize_int8
 from tfemde.export.signatures import _functions, _save_saved_model, _specs
 from tfemde.export.tokenizer_graph import text_e2e_model
 from tfemde.export.verify import _verify
+from tfemde.files import move_folder_into_place
 from tfemde.serving import manifest as mf
 
 
@@ -81,15 +82,8 @@ def _check_out_dir(out_dir: Path):
 
 
 def _move_into_place(tmp: Path, out_dir: Path):
-    if out_dir.exists():  # an earlier export: checked again now (it may have changed while exporting), swapped out
-        _check_out_dir(out_dir)
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rmdir(old)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    # an earlier export is checked again now (it may have changed while exporting), then swapped out
+    move_folder_into_place(tmp, out_dir, _check_out_dir)
 
 
 def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=None,

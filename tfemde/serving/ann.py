@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from tfemde.files import TMP_PREFIX
+from tfemde.files import TMP_PREFIX, move_folder_into_place
 from tfemde.serving import fde
 from tfemde.serving.embeddings import Embeddings
 from tfemde.serving.index import check_addable, extend_ids
@@ -500,7 +500,7 @@ class AnnSetIndex:
                 umask = os.umask(0)
                 os.umask(umask)
                 os.chmod(tmp, 0o777 & ~umask)
-                _move_into_place(tmp, path)
+                move_folder_into_place(tmp, path, check_replaceable)
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -614,15 +614,3 @@ def check_replaceable(path) -> None:
     if extra:
         raise ValueError(f"{str(path)!r} holds files that are not the AnnSetIndex's ({extra[:3]}); it is not "
                          "replaced. Choose another path")
-
-
-def _move_into_place(tmp: Path, path: Path) -> None:
-    if path.exists():
-        check_replaceable(path)
-        old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path.parent))
-        os.rmdir(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
