@@ -223,12 +223,12 @@ def test_a_failed_save_leaves_the_old_index(rng, tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     index = AnnSetIndex(alpha=16.0, factory="Flat")
     index.add(clustered(rng, 80))
-    import tfemde.serving.ann as ann
+    import tfemde.serving.manifest as manifest
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ann, "sha256_file", broken)
+    monkeypatch.setattr(manifest, "sha256_file", broken)  # the checksums are the last step before the move
     with pytest.raises(OSError, match="disk full"):
         index.save(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -32,6 +32,17 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def make_folder_beside(path, prefix: str = TMP_PREFIX, suffix: str = "") -> Path:
+    """A new empty folder beside `path` (same file system, so it can be moved onto `path`), with the mode an
+    ordinary `mkdir` would give it under the user's umask (not `mkdtemp`'s 0700)."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def move_folder_into_place(tmp, out_dir, check=None):
     """Move the finished folder `tmp` onto `out_dir`. An existing `out_dir` is checked again with `check(out_dir)`
     (which raises to keep it), swapped out in one rename and then removed, so a reader sees the old or the new."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from tfemde.export.quantize import inline_loop_weights, int8_name, quantize_int8
 from tfemde.export.signatures import _functions, _save_saved_model, _specs
 from tfemde.export.tokenizer_graph import text_e2e_model
 from tfemde.export.verify import _verify
-from tfemde.files import move_folder_into_place
+from tfemde.files import make_folder_beside, move_folder_into_place
 from tfemde.serving import manifest as mf
 
 
@@ -128,10 +127,7 @@ def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=
     _check_out_dir(out_dir)
     model, config, tokenizer, source = _resolve(run_dir_or_model, tokenizer)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+    tmp = make_folder_beside(out_dir, prefix=f".{out_dir.name}.", suffix=".tmp")
     try:
         import onnx
 

@@ -26,24 +26,21 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
 
-from tfemde.files import TMP_PREFIX, move_folder_into_place
+from tfemde.files import make_folder_beside, move_folder_into_place
 from tfemde.serving import fde
+from tfemde.serving.ann_store import (FAISS_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, StoredSets,
+                                      check_files, check_replaceable, read_manifest)
 from tfemde.serving.embeddings import Embeddings
 from tfemde.serving.index import check_addable, extend_ids
-from tfemde.serving.manifest import sha256_file
+from tfemde.serving.manifest import file_records
 from tfemde.serving.similarity import check_alpha, sketch_similarity, smooth_chamfer_checked
 
-FORMAT_NAME = "tfemde.AnnSetIndex"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-FAISS_FILE = "ann.faiss"
 KEYS = ("elements", "sketch", "fde")
 # MUVERA encodings when key="fde" (tfemde.serving.fde.encode): 2 × 4 × 4 × 32 = 1,024 dimensions per item.
 DEFAULT_FDE = {"repetitions": 4, "simhash_bits": 2, "projection": 32, "seed": 0}
@@ -94,75 +91,6 @@ def default_factory(num_keys: int, dim: int, kind: str = "auto") -> str:
         nlist //= 2
     m = next(m for m in (dim // 4, dim // 8, dim // 16, 1) if m >= 1 and dim % m == 0)
     return f"IVF{nlist},PQ{m}"
-
-
-class _Rows:
-    """The indexed items' sets, masks and sketches, kept as parts (memory maps, added arrays) and read by row."""
-
-    def __init__(self, dtype):
-        self.dtype = np.dtype(dtype)
-        self.sets, self.masks, self.sketches = [], [], []
-        self.offsets = [0]
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def append(self, sets, mask, sketches) -> None:
-        self.sets.append(sets if sets.dtype == self.dtype else sets.astype(self.dtype))
-        self.masks.append(mask)
-        self.sketches.append(None if sketches is None else
-                             (sketches if sketches.dtype == self.dtype else sketches.astype(self.dtype)))
-        self.offsets.append(self.offsets[-1] + len(sets))
-
-    def snapshot(self) -> "_Rows":
-        """A copy of the part lists: rows added later do not change it."""
-        copy = _Rows(self.dtype)
-        copy.sets, copy.masks, copy.sketches, copy.offsets = (list(self.sets), list(self.masks), list(self.sketches),
-                                                              list(self.offsets))
-        return copy
-
-    @property
-    def has_mask(self) -> bool:
-        return any(m is not None for m in self.masks)
-
-    def take(self, rows: np.ndarray, column: str) -> Optional[np.ndarray]:
-        """`column` ("sets" [R, K, D] float32, "masks" [R, K] bool or None, "sketches" [R, S] float32) at sorted
-        `rows`, one fancy index a part.
-
-        Gather one column, use it and drop it before the next: two such blocks alive at once (4 MB each for 1,024
-        candidates) push glibc to map fresh pages for the second at every query, several times the copy's cost.
-        """
-        if column == "masks" and not self.has_mask:
-            return None
-        parts = getattr(self, column)
-        bounds = np.searchsorted(rows, self.offsets)
-        pieces = [(p, rows[bounds[p]:bounds[p + 1]] - self.offsets[p]) for p in range(len(parts))
-                  if bounds[p] < bounds[p + 1]] or [(0, rows[:0])]
-        k = self.sets[0].shape[1]
-        got = [parts[p][local] if parts[p] is not None else np.ones((len(local), k), bool) for p, local in pieces]
-        out = got[0] if len(got) == 1 else np.concatenate(got)
-        return out if column == "masks" else out.astype(np.float32, copy=False)
-
-    def write(self, folder: Path) -> list:
-        """Write `sets.npy`, `set_mask.npy` (when any part has one) and `sketches.npy` (when sketched) a part at a
-        time; returns the names written."""
-        names = ["sets.npy"]
-        n, (k, d) = len(self), self.sets[0].shape[1:]
-        columns = [("sets.npy", self.sets, (n, k, d), self.dtype)]
-        if self.has_mask:
-            names.append("set_mask.npy")
-            columns.append(("set_mask.npy", [m if m is not None else np.ones(s.shape[:2], bool)
-                                             for m, s in zip(self.masks, self.sets)], (n, k), np.dtype(bool)))
-        if self.sketches[0] is not None:
-            names.append("sketches.npy")
-            columns.append(("sketches.npy", self.sketches, (n, self.sketches[0].shape[1]), self.dtype))
-        for name, parts, shape, dtype in columns:
-            out = np.lib.format.open_memmap(folder / name, mode="w+", dtype=dtype, shape=shape)
-            for p, part in enumerate(parts):
-                out[self.offsets[p]:self.offsets[p + 1]] = part
-            out.flush()
-            del out
-        return names
 
 
 class AnnSetIndex:
@@ -237,7 +165,7 @@ class AnnSetIndex:
         self._faiss_index = None
         self._applied_params = {}  # what is set on the FAISS index now
         self._faiss_defaults = {}  # FAISS's own value of every parameter a search has changed
-        self._rows = _Rows(store_dtype)
+        self._rows = StoredSets(store_dtype)
         self._first: Optional[Embeddings] = None  # an item of the index: its K, D and sketch shape
         self._ids: Optional[np.ndarray] = None
         # add() changes the FAISS index, the rows and the ids together; FAISS may not search while it adds.
@@ -393,7 +321,7 @@ class AnnSetIndex:
             out.append(rows[(rows >= 0) & (rows < n)])
         return out
 
-    def _rerank(self, stored: _Rows, query: Embeddings, rows: np.ndarray, k: int):
+    def _rerank(self, stored: StoredSets, query: Embeddings, rows: np.ndarray, k: int):
         """`(rows [k], scores [k])`: the best `k` of the candidate `rows` (sorted) by the exact score, best first."""
         use_sketch = self.sketch_weight != 0.0
         scores = np.zeros((1, len(rows)), np.float32)
@@ -479,11 +407,11 @@ class AnnSetIndex:
         with self._lock:
             if self._faiss_index is None:
                 raise ValueError("the AnnSetIndex is empty: add() items before save()")
-            tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path.parent))
+            tmp = make_folder_beside(path)
             try:
                 faiss.write_index(self._faiss_index, str(tmp / FAISS_FILE))
                 np.save(tmp / "ids.npy", self._ids, allow_pickle=False)
-                names = [FAISS_FILE, "ids.npy"] + self._rows.write(tmp)
+                self._rows.write(tmp)
                 first = self._first
                 manifest = {
                     "format": FORMAT_NAME, "version": FORMAT_VERSION,
@@ -493,13 +421,9 @@ class AnnSetIndex:
                     "store_dtype": self.store_dtype, "export_digest": self.export_digest,
                     "items": len(self), "keys": self.num_keys, "set_shape": list(first.sets.shape[1:]),
                     "sketch_dim": first.sketch_dim, "sketch_depth": first.sketch_depth,
-                    "files": {name: {"bytes": os.path.getsize(tmp / name), "sha256": sha256_file(tmp / name)}
-                              for name in names},
+                    "files": file_records(tmp),
                 }
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o777 & ~umask)
                 move_folder_into_place(tmp, path, check_replaceable)
             finally:
                 if tmp.exists():
@@ -522,19 +446,9 @@ class AnnSetIndex:
         """
         faiss = _faiss()
         path = Path(os.fspath(path))
-        manifest = _read_manifest(path)
+        manifest = read_manifest(path)
         files = manifest["files"]
-        for name, record in files.items():
-            file = path / name
-            if "/" in name or not file.is_file():
-                raise ValueError(f"AnnSetIndex {str(path)!r}: file {name!r} listed in {MANIFEST} is missing")
-            size = os.path.getsize(file)
-            if size != record.get("bytes"):
-                raise ValueError(f"AnnSetIndex {str(path)!r}: file {name!r} is truncated or changed ({size} bytes, "
-                                 f"the manifest says {record.get('bytes')})")
-            if verify and sha256_file(file) != record.get("sha256"):
-                raise ValueError(f"AnnSetIndex {str(path)!r}: file {name!r} is corrupt or was changed: its sha256 "
-                                 "checksum does not match the manifest")
+        check_files(path, manifest, verify)
         try:
             arrays = {name[:-4]: np.load(path / name, mmap_mode="r" if mmap else None, allow_pickle=False)
                       for name in files if name.endswith(".npy")}
@@ -579,38 +493,3 @@ def load_index(path):
     if Path(os.fspath(path)).is_dir():
         return AnnSetIndex.load(path)
     return SetIndex.load(path)
-
-
-def _read_manifest(path: Path) -> dict:
-    if not path.is_dir():
-        raise ValueError(f"AnnSetIndex folder {str(path)!r} does not exist")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{str(path)!r} is not an AnnSetIndex folder: its {MANIFEST} is missing or corrupt "
-                         f"({type(error).__name__})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{str(path)!r} is not an AnnSetIndex folder ({MANIFEST} is not a {FORMAT_NAME} manifest)")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"AnnSetIndex {str(path)!r} has format version {manifest.get('version')!r}; this tfemde "
-                         f"reads version {FORMAT_VERSION}")
-    if not isinstance(manifest.get("files"), dict) or FAISS_FILE not in manifest["files"]:
-        raise ValueError(f"AnnSetIndex {str(path)!r}: its {MANIFEST} lists no {FAISS_FILE}")
-    return manifest
-
-
-def check_replaceable(path) -> None:
-    """Refuse to write over anything at `path` but an empty folder or an AnnSetIndex folder holding only its
-    manifest's files (`save` checks this; callers may check before long work)."""
-    path = Path(path)
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise ValueError(f"{str(path)!r} exists and is not a folder; choose another path for the AnnSetIndex")
-    if not any(path.iterdir()):
-        return
-    manifest = _read_manifest(path)  # raises for a folder that is not an index
-    extra = sorted(p.name for p in path.iterdir() if p.name not in set(manifest["files"]) | {MANIFEST})
-    if extra:
-        raise ValueError(f"{str(path)!r} holds files that are not the AnnSetIndex's ({extra[:3]}); it is not "
-                         "replaced. Choose another path")

@@ -1,0 +1,138 @@
+"""How an `AnnSetIndex` keeps its items: their arrays in parts (added arrays, memory maps) read by candidate row,
+and its folder format (the manifest, its checks, and what a save may replace)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from tfemde.serving.manifest import sha256_file
+
+FORMAT_NAME = "tfemde.AnnSetIndex"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FAISS_FILE = "ann.faiss"
+
+
+class StoredSets:
+    """The indexed items' sets, masks and sketches, kept as parts (memory maps, added arrays) and read by row."""
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self.sets, self.masks, self.sketches = [], [], []
+        self.offsets = [0]
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def append(self, sets, mask, sketches) -> None:
+        self.sets.append(sets if sets.dtype == self.dtype else sets.astype(self.dtype))
+        self.masks.append(mask)
+        self.sketches.append(None if sketches is None else
+                             (sketches if sketches.dtype == self.dtype else sketches.astype(self.dtype)))
+        self.offsets.append(self.offsets[-1] + len(sets))
+
+    def snapshot(self) -> "StoredSets":
+        """A copy of the part lists: rows added later do not change it."""
+        copy = StoredSets(self.dtype)
+        copy.sets, copy.masks, copy.sketches, copy.offsets = (list(self.sets), list(self.masks), list(self.sketches),
+                                                              list(self.offsets))
+        return copy
+
+    @property
+    def has_mask(self) -> bool:
+        return any(m is not None for m in self.masks)
+
+    def take(self, rows: np.ndarray, column: str) -> Optional[np.ndarray]:
+        """`column` ("sets" [R, K, D] float32, "masks" [R, K] bool or None, "sketches" [R, S] float32) at sorted
+        `rows`, one fancy index a part.
+
+        Gather one column, use it and drop it before the next: two such blocks alive at once (4 MB each for 1,024
+        candidates) push glibc to map fresh pages for the second at every query, several times the copy's cost.
+        """
+        if column == "masks" and not self.has_mask:
+            return None
+        parts = getattr(self, column)
+        bounds = np.searchsorted(rows, self.offsets)
+        pieces = [(p, rows[bounds[p]:bounds[p + 1]] - self.offsets[p]) for p in range(len(parts))
+                  if bounds[p] < bounds[p + 1]] or [(0, rows[:0])]
+        k = self.sets[0].shape[1]
+        got = [parts[p][local] if parts[p] is not None else np.ones((len(local), k), bool) for p, local in pieces]
+        out = got[0] if len(got) == 1 else np.concatenate(got)
+        return out if column == "masks" else out.astype(np.float32, copy=False)
+
+    def write(self, folder: Path) -> list:
+        """Write `sets.npy`, `set_mask.npy` (when any part has one) and `sketches.npy` (when sketched) a part at a
+        time; returns the names written."""
+        names = ["sets.npy"]
+        n, (k, d) = len(self), self.sets[0].shape[1:]
+        columns = [("sets.npy", self.sets, (n, k, d), self.dtype)]
+        if self.has_mask:
+            names.append("set_mask.npy")
+            columns.append(("set_mask.npy", [m if m is not None else np.ones(s.shape[:2], bool)
+                                             for m, s in zip(self.masks, self.sets)], (n, k), np.dtype(bool)))
+        if self.sketches[0] is not None:
+            names.append("sketches.npy")
+            columns.append(("sketches.npy", self.sketches, (n, self.sketches[0].shape[1]), self.dtype))
+        for name, parts, shape, dtype in columns:
+            out = np.lib.format.open_memmap(folder / name, mode="w+", dtype=dtype, shape=shape)
+            for p, part in enumerate(parts):
+                out[self.offsets[p]:self.offsets[p + 1]] = part
+            out.flush()
+            del out
+        return names
+
+
+def read_manifest(path: Path) -> dict:
+    """The checked manifest of the AnnSetIndex folder `path`; ValueError naming the folder otherwise."""
+    if not path.is_dir():
+        raise ValueError(f"AnnSetIndex folder {str(path)!r} does not exist")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not an AnnSetIndex folder: its {MANIFEST} is missing or corrupt "
+                         f"({type(error).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{str(path)!r} is not an AnnSetIndex folder ({MANIFEST} is not a {FORMAT_NAME} manifest)")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"AnnSetIndex {str(path)!r} has format version {manifest.get('version')!r}; this tfemde "
+                         f"reads version {FORMAT_VERSION}")
+    if not isinstance(manifest.get("files"), dict) or FAISS_FILE not in manifest["files"]:
+        raise ValueError(f"AnnSetIndex {str(path)!r}: its {MANIFEST} lists no {FAISS_FILE}")
+    return manifest
+
+
+def check_replaceable(path) -> None:
+    """Refuse to write over anything at `path` but an empty folder or an AnnSetIndex folder holding only its
+    manifest's files (`save` checks this; callers may check before long work)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} exists and is not a folder; choose another path for the AnnSetIndex")
+    if not any(path.iterdir()):
+        return
+    manifest = read_manifest(path)  # raises for a folder that is not an index
+    extra = sorted(p.name for p in path.iterdir() if p.name not in set(manifest["files"]) | {MANIFEST})
+    if extra:
+        raise ValueError(f"{str(path)!r} holds files that are not the AnnSetIndex's ({extra[:3]}); it is not "
+                         "replaced. Choose another path")
+
+
+def check_files(path: Path, manifest: dict, verify: bool) -> None:
+    """Every file the manifest lists is there, of its size and (with `verify`) of its sha256."""
+    for name, record in manifest["files"].items():
+        file = path / name
+        if "/" in name or not file.is_file():
+            raise ValueError(f"AnnSetIndex {str(path)!r}: file {name!r} listed in {MANIFEST} is missing")
+        size = os.path.getsize(file)
+        if size != record.get("bytes"):
+            raise ValueError(f"AnnSetIndex {str(path)!r}: file {name!r} is truncated or changed ({size} bytes, "
+                             f"the manifest says {record.get('bytes')})")
+        if verify and sha256_file(file) != record.get("sha256"):
+            raise ValueError(f"AnnSetIndex {str(path)!r}: file {name!r} is corrupt or was changed: its sha256 "
+                             "checksum does not match the manifest")
