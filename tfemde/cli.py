@@ -254,8 +254,6 @@ def cmd_index(args):
     if args.ann:
         out = Path(args.out)
         ann = _ann_module()
-        if args.neighbours < 1:
-            raise UserError(f"--neighbours must be >= 1; got {args.neighbours}")
         ann.check_replaceable(out)
     else:
         from tfemde.serving.ann import DEFAULT_NEIGHBOURS
@@ -265,6 +263,12 @@ def cmd_index(args):
                             "flat, hnsw, ivfpq)")
         out = _out_file(args.out)
     encoder = _serving_encoder(args)
+    if args.ann:  # built before the encoding, which is the long part, so that a bad argument stops at once
+        index = ann.AnnSetIndex(**encoder.similarity_kwargs, factory=args.ann, neighbours=args.neighbours,
+                                store_dtype="float16" if args.float16 else "float32",
+                                export_digest=encoder.export_digest)
+    else:
+        index = SetIndex(**encoder.similarity_kwargs, export_digest=encoder.export_digest)
     if args.images:
         ids, embeddings = _encode_image_folder(encoder, args.images, args.strict, "index")
     else:
@@ -276,12 +280,6 @@ def cmd_index(args):
                 for i in range(0, len(ids), step)])
         else:
             embeddings = encoder.encode_images(items)
-    if args.ann:
-        index = ann.AnnSetIndex(**encoder.similarity_kwargs, factory=args.ann, neighbours=args.neighbours,
-                                store_dtype="float16" if args.float16 else "float32",
-                                export_digest=encoder.export_digest)
-    else:
-        index = SetIndex(**encoder.similarity_kwargs, export_digest=encoder.export_digest)
     index.add(embeddings, ids=ids)
     out.parent.mkdir(parents=True, exist_ok=True)
     index.save(out)
@@ -312,7 +310,7 @@ def cmd_search(args):
 def parser() -> argparse.ArgumentParser:
     # Choices come from the library (both modules are TensorFlow-free, so the parser stays quick to build).
     from tfemde.evaluation import PROTOCOLS
-    from tfemde.serving.ann import DEFAULT_NEIGHBOURS
+    from tfemde.serving.ann import DEFAULT_NEIGHBOURS, FACTORY_KINDS
     from tfemde.serving.encoder import PRECISIONS, TEXT_ROUTES
 
     top = argparse.ArgumentParser(prog="tfemde", description=__doc__.splitlines()[0])
@@ -390,7 +388,7 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--data", help="a data set: 'emoji' or a path tfemde.data.load reads")
     ix.add_argument("--split", default="all", choices=("all", *SPLITS), help="with --data")
     ix.add_argument("--out", required=True, help="the index file to write (with --ann: the index folder)")
-    ix.add_argument("--ann", choices=("auto", "flat", "hnsw", "ivfpq"), default=None,
+    ix.add_argument("--ann", choices=FACTORY_KINDS, default=None,
                     help="an approximate index for large galleries (needs faiss-cpu, the `ann` extra): FAISS "
                          "candidates re-ranked exactly; 'auto' chooses by size (see tfemde.serving.ann)")
     ix.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
