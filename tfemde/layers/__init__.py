@@ -3,7 +3,7 @@
 from tfemde.layers.activations import gelu_erf
 from tfemde.layers.attention import SelfAttentionBlock
 from tfemde.layers.masking import AllValidMask
-from tfemde.layers.normalization import UnitNormalize
+from tfemde.layers.normalization import GlobalBatchNormalization, UnitNormalize
 from tfemde.layers.pooling import GPO, MaskedMaxPooling, MaskedMeanPooling
 from tfemde.layers.positional import rank_positional_encoding, sine_positional_encoding
 from tfemde.layers.recurrent import AveragedBiGRU

@@ -21,10 +21,13 @@ from tfemde.layers import (
 )
 from tfemde.models.config import DualEncoderConfig, preset
 from tfemde.models.optimization import CosineDecayPerStep, make_optimizer
+from tfemde.layers.replicas import gather_global_batch, scale_for_replicas
 from tfemde.models.towers import image_tower, text_tower
 
 IMAGE_INPUT_NAMES = {"pixels": ("image",), "backbone": ("image",), "regions": ("regions", "region_mask")}
 TEXT_INPUT_NAMES = ("caption_ids", "caption_mask")
+# The batch entries that say which images and captions are positives (`tfemde.losses.positive_mask`).
+POSITIVE_KEYS = ("image_id", "group_id", "text_id", "caption_image_id", "caption_group_id")
 
 
 def image_inputs(config):
@@ -190,13 +193,21 @@ class DualEncoder(keras.Model):
                               sketch_depth=config.sketch_depth)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        config = self.config
+        """The loss of the global batch: under a `tf.distribute` strategy every replica gathers the embeddings and
+        ids of all replicas (`tfemde.layers.replicas`), so its images meet the captions of the whole batch as
+        negatives, and returns the loss divided by the replica count, as Keras expects."""
         if not isinstance(x, dict) or "image_id" not in x:
             raise ValueError("DualEncoder batches must be dicts with an 'image_id' [B] entry (the positives' key); "
                              f"got {type(x).__name__} with keys {sorted(x) if isinstance(x, dict) else None}")
+        ids = {key: x[key] for key in POSITIVE_KEYS if key in x}
+        batch = gather_global_batch({**ids, **y_pred})
+        return scale_for_replicas(self._batch_loss(batch, {key: batch[key] for key in ids}))
+
+    def _batch_loss(self, y_pred, ids):
+        config = self.config
         score = self.similarity({"set": y_pred["image_set"], "sketch": y_pred.get("image_sketch")},
                                 {"set": y_pred["text_set"], "sketch": y_pred.get("text_sketch")})
-        positives = losses.positive_mask(x)
+        positives = losses.positive_mask(ids)
         if config.loss == "info_nce":
             loss = losses.info_nce_loss(score, positives, temperature=config.info_nce_temperature)
         else:
@@ -215,6 +226,24 @@ class DualEncoder(keras.Model):
                 loss = loss + config.diversity_weight * (losses.diversity_loss(y_pred["image_residual"])
                                                          + losses.diversity_loss(y_pred["text_residual"]))
         return loss
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 (backend/tensorflow/trainer.py) builds a model made under a strategy from one data batch, which
+        # it first reduces over the replicas with MEAN; TensorFlow has no bool AddN, so the bool `caption_mask`
+        # fails there. Only shapes and dtypes are needed: take the first replica's batch instead.
+        if self._distribute_strategy is None:
+            return
+        import tensorflow as tf
+
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = next(batches)
+                break
+        data_batch = tf.nest.map_structure(
+            lambda value: self.distribute_strategy.experimental_local_results(value)[0]
+            if isinstance(value, tf.distribute.DistributedValues) else value, data_batch)
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
 
     def compile(self, optimizer=None, **kwargs):
         """Compile with the papers' optimizer by default (`make_optimizer`); `loss` is the model's own."""

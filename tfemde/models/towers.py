@@ -13,7 +13,7 @@ import pkgutil
 import keras
 from keras import layers
 
-from tfemde.layers import AllValidMask, AveragedBiGRU, MaskedMaxPooling
+from tfemde.layers import AllValidMask, AveragedBiGRU, GlobalBatchNormalization, MaskedMaxPooling
 
 
 @dataclasses.dataclass
@@ -39,7 +39,7 @@ def _residual_projection(features, mask, config, prefix):
     dim = config.embed_dim
     projected = layers.Dense(dim, kernel_initializer="glorot_uniform", name=f"{prefix}_fc")(features)
     hidden = layers.Dense(dim // 2, name=f"{prefix}_mlp_in")(projected)
-    hidden = layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{prefix}_mlp_bn")(hidden, mask=mask)
+    hidden = GlobalBatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{prefix}_mlp_bn")(hidden, mask=mask)
     hidden = layers.ReLU(name=f"{prefix}_mlp_relu")(hidden)
     hidden = layers.Dense(dim, name=f"{prefix}_mlp_out")(hidden)
     local = layers.Add(name=f"{prefix}_residual")([projected, hidden])
@@ -48,7 +48,7 @@ def _residual_projection(features, mask, config, prefix):
 
 def _conv_bn(features, filters, strides, name, relu=True):
     features = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name)(features)
-    features = layers.BatchNormalization(name=f"{name}_bn")(features)
+    features = GlobalBatchNormalization(name=f"{name}_bn")(features)
     return layers.ReLU(name=f"{name}_relu")(features) if relu else features
 
 
