@@ -4,7 +4,7 @@ the batch normalisation that spans replicas (`GlobalBatchNormalization`)."""
 import keras
 from keras import ops
 
-from tfemde.layers.replicas import replica_context
+from tfemde.layers.replicas import placed, replica_context
 
 
 def l2_normalize(x, axis=-1, epsilon=1e-12):
@@ -59,9 +59,10 @@ class GlobalBatchNormalization(keras.layers.BatchNormalization):
             weight = ops.cast(ops.broadcast_to(ops.expand_dims(ops.cast(mask, "bool"), -1), ops.shape(inputs)),
                               inputs.dtype)
         total, count = context.all_reduce(tf.distribute.ReduceOp.SUM, [
-            ops.sum(inputs * weight, axes, keepdims=True), ops.sum(weight, axes, keepdims=True)])
+            placed(ops.sum(inputs * weight, axes, keepdims=True), context),
+            placed(ops.sum(weight, axes, keepdims=True), context)])
         count = count if mask is None else count + keras.backend.epsilon()  # as the masked one-device moments
         mean = total / count
         squared = context.all_reduce(tf.distribute.ReduceOp.SUM,
-                                     ops.sum(ops.square((inputs - mean) * weight), axes, keepdims=True))
+                                     placed(ops.sum(ops.square((inputs - mean) * weight), axes, keepdims=True), context))
         return ops.squeeze(mean), ops.squeeze(squared / count)

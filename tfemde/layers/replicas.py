@@ -22,6 +22,18 @@ def replica_context():
     return context
 
 
+def placed(value, context):
+    """`value` with a device of this replica. With one device a worker, MultiWorkerMirroredStrategy traces the step
+    without device scopes, and TensorFlow 2.21's collectives then fail with "destinations can not be empty"."""
+    import tensorflow as tf
+
+    value = tf.convert_to_tensor(value)
+    if value.device:
+        return value
+    with tf.device(context.strategy.extended.worker_devices[0]):
+        return tf.identity(value)
+
+
 def num_replicas_in_sync() -> int:
     """How many replicas compute each step (1 outside a strategy)."""
     import tensorflow as tf
@@ -46,7 +58,7 @@ def gather_global_batch(values: dict) -> dict:
         return dict(values)
     # One collective per tensor: TensorFlow 2.21 packs a list into one concat (one dtype only) and its gradient
     # stacks the list's gradients (one shape only).
-    return {name: None if value is None else context.all_gather(value, axis=0) for name, value in values.items()}
+    return {name: None if value is None else context.all_gather(placed(value, context), axis=0) for name, value in values.items()}
 
 
 def scale_for_replicas(loss):
@@ -55,3 +67,12 @@ def scale_for_replicas(loss):
     if context is None:
         return loss
     return loss * (1.0 / context.num_replicas_in_sync)
+
+
+def in_multi_worker_mode() -> bool:
+    """Whether the strategy in scope is a MultiWorkerMirroredStrategy spanning more than one worker."""
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and bool(strategy.extended._in_multi_worker_mode()))

@@ -21,7 +21,7 @@ from tfemde.layers import (
 )
 from tfemde.models.config import DualEncoderConfig, preset
 from tfemde.models.optimization import CosineDecayPerStep, make_optimizer
-from tfemde.layers.replicas import gather_global_batch, scale_for_replicas
+from tfemde.layers.replicas import gather_global_batch, in_multi_worker_mode, scale_for_replicas
 from tfemde.models.towers import image_tower, text_tower
 
 IMAGE_INPUT_NAMES = {"pixels": ("image",), "backbone": ("image",), "regions": ("regions", "region_mask")}
@@ -227,6 +227,12 @@ class DualEncoder(keras.Model):
                                                          + losses.diversity_loss(y_pred["text_residual"]))
         return loss
 
+    def train_step(self, data):
+        return _reducible_logs(super().train_step(data))
+
+    def test_step(self, data):
+        return _reducible_logs(super().test_step(data))
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras 3.15 (backend/tensorflow/trainer.py) builds a model made under a strategy from one data batch, which
         # it first reduces over the replicas with MEAN; TensorFlow has no bool AddN, so the bool `caption_mask`
@@ -267,6 +273,21 @@ class DualEncoder(keras.Model):
             kwargs.setdefault("shuffle", False)  # a tf.data pipeline shuffles itself; Keras would only warn
         return super().fit(x, *args, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
                            initial_epoch=initial_epoch, **kwargs)
+
+
+def _reducible_logs(logs):
+    """The step's logs, each `[1]` instead of a scalar on several workers.
+
+    Keras 3.15 reduces a step's logs over the workers of a MultiWorkerMirroredStrategy with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails on a scalar ("Invalid reduction dimension 0 for input with
+    0 dimensions", keras-team/keras#20585, tensorflow/tensorflow#72388); a `[1]` value reduces to the same scalar.
+    """
+    import tensorflow as tf
+
+    if not in_multi_worker_mode():
+        return logs
+    return {name: tf.reshape(value, [1]) if getattr(value, "shape", None) == () else value
+            for name, value in logs.items()}
 
 
 def _is_tf_dataset(data) -> bool:
