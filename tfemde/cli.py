@@ -19,6 +19,7 @@ from tfemde.files import atomic_write  # noqa: E402 - after the log level, befor
 from tfemde.data.dataset import SPLITS  # noqa: E402
 from tfemde.export.convert import DEFAULT_OPSET, SUPPORTED_OPSETS  # noqa: E402
 from tfemde.models.config import DEFAULT_PRESET  # noqa: E402
+from tfemde.training.distribute import DISTRIBUTE_CHOICES  # noqa: E402
 from tfemde.training.runs import (DEFAULT_AUGMENT, DEFAULT_BALANCE_GROUPS, DEFAULT_BATCH_SIZE,  # noqa: E402
                                   DEFAULT_BUCKET_WIDTH, DEFAULT_EPOCHS, DEFAULT_VOCAB_SIZE)
 
@@ -44,7 +45,8 @@ def _overrides(pairs):
 # `train`'s own options: a `--set` of one of these would reach `train` twice.
 TRAIN_OPTIONS = {"data": "--data", "preset": "--preset", "epochs": "--epochs", "batch_size": "--batch-size",
                  "vocab_size": "--vocab-size", "seed": "--seed", "out": "--out", "overwrite": "--overwrite",
-                 "bucket_width": "--bucket-width", "balance_groups": "--balance-groups", "augment": "--augment"}
+                 "bucket_width": "--bucket-width", "balance_groups": "--balance-groups", "augment": "--augment",
+                 "strategy": "--distribute"}
 TRAIN_ONLY = ("verbose", "validate_every", "callbacks")
 
 
@@ -61,8 +63,10 @@ def _out_file(path, option="--out"):
 def cmd_train(args):
     from tfemde.models import PRESETS
     from tfemde.evaluation import format_metrics
+    from tfemde.training.distribute import make_strategy
     from tfemde.training.runs import train
 
+    strategy = make_strategy(args.distribute)  # before any other TensorFlow work (MultiWorkerMirroredStrategy)
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     overrides = _overrides(args.set)
@@ -74,7 +78,10 @@ def cmd_train(args):
             raise UserError(f"--set {key}=...: {key} is not a config field")
     run = train(data=args.data, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, out=args.out,
                 vocab_size=args.vocab_size, seed=args.seed, overwrite=args.overwrite, bucket_width=args.bucket_width,
-                balance_groups=args.balance_groups, augment=args.augment, **overrides)
+                balance_groups=args.balance_groups, augment=args.augment, strategy=strategy, **overrides)
+    if run is None:
+        print("worker done: the chief wrote the run folder")
+        return
     print(format_metrics({args.preset: run.metrics}))
     print(f"run written to {run.path}")
 
@@ -344,6 +351,10 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="the run folder to write (an interrupted run there with the same "
                     "settings resumes; any other run there is refused unless --overwrite)")
     tr.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    tr.add_argument("--distribute", choices=DISTRIBUTE_CHOICES, default="none",
+                    help="none: one device; mirrored: every GPU of this machine; multi_worker: the cluster in "
+                         "TF_CONFIG (run the same command on every worker; the chief writes --out). --batch-size is "
+                         "the global batch")
     tr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields, e.g. embed_dim=256")
     tr.set_defaults(func=cmd_train)
 

@@ -1,4 +1,5 @@
-"""Keras callbacks for retrieval training: validation R@K/RSUM in the logs, and the best checkpoint by RSUM."""
+"""Keras callbacks for retrieval training: validation R@K/RSUM in the logs, the best checkpoint by RSUM, and backups
+that a cluster of workers shares."""
 
 from __future__ import annotations
 
@@ -94,3 +95,26 @@ class BestCheckpoint(keras.callbacks.Callback):
             atomic_write(self.record_path, lambda tmp: Path(tmp).write_text(record))
             if self.verbose:
                 print(f" - {self.monitor} improved to {value:.2f}: saved {self.path}")
+
+
+class WorkerBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` for a cluster: the chief backs up as usual; another worker restores from the chief's
+    backup (the weights of every worker are the same after each step) and never writes or deletes it.
+
+    Args:
+        backup_dir: the chief's backup folder.
+        chief: whether this process is the chief.
+        **kwargs: `keras.callbacks.BackupAndRestore`'s (`save_freq`, ...).
+    """
+
+    def __init__(self, backup_dir, chief=True, **kwargs):
+        super().__init__(backup_dir, **kwargs)
+        self.chief = chief
+
+    def _save_model(self):
+        if self.chief:
+            super()._save_model()
+
+    def on_train_end(self, logs=None):
+        if self.chief:
+            super().on_train_end(logs)

@@ -6,6 +6,7 @@ A run folder holds `config.json`, `tokenizer.model`, `best.keras` (best validati
 
 from __future__ import annotations
 
+import contextlib
 import json
 import numbers
 import shutil
@@ -115,6 +116,17 @@ def _out_state(out: Path, identity: dict, overwrite: bool) -> str:
     return "replace"
 
 
+def _worker_state(out: Path, identity: dict) -> str:
+    """What a worker that is not the chief does: `"resume"` where the chief will (it sees the chief's interrupted
+    run with the same identity in `out`), else `"new"`; it never writes or removes anything in `out`."""
+    try:
+        previous = json.loads((out / "run.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "new"
+    resumable = (out / "backup").is_dir() and (out / "tokenizer.model").is_file()
+    return "resume" if resumable and previous == identity else "new"
+
+
 def _remove_run_files(out: Path):
     for path in [out / name for name in RUN_FILES] + list(out.glob(_TMP_PREFIX + "*")):
         if path.is_dir() and not path.is_symlink():
@@ -127,13 +139,14 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
           vocab_size=DEFAULT_VOCAB_SIZE,
           max_length=DEFAULT_MAX_LENGTH, seed=0, verbose=1, validate_every=1, callbacks=(), overwrite=False,
           bucket_width=DEFAULT_BUCKET_WIDTH, balance_groups=DEFAULT_BALANCE_GROUPS, augment=DEFAULT_AUGMENT,
-          **overrides) -> Run:
+          strategy=None, **overrides) -> Run | None:
     """Train a dual encoder with `model.fit` and write a complete run folder.
 
     Args:
         data: `"emoji"`, a path `tfemde.data.load` understands, or a `Dataset`.
         preset: a preset name (`tfemde.models.PRESETS`).
-        epochs, batch_size: the fit budget.
+        epochs, batch_size: the fit budget; `batch_size` is the global batch, split evenly over the replicas of
+            `strategy`, and the loss of each replica scores against all of it.
         out: the run folder (created). An interrupted run in it with the same settings and data resumes from
             `backup/`; any other run there is refused unless `overwrite`, and so is a folder holding other files.
         vocab_size: the SentencePiece vocabulary to train on the training captions.
@@ -150,20 +163,28 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
         augment: the papers' training augmentations, `tfemde.data.train_dataset`'s defaults (caption tokens masked,
             replaced or dropped with p = 0.2; images randomly cropped and flipped; regions dropped with p = 0.2).
             False trains on the pairs as they are.
+        strategy: `None`/`"none"` (one device), `"mirrored"` (every GPU of this machine), `"multi_worker"` (the
+            cluster in `TF_CONFIG`), or a `tf.distribute.Strategy` (`tfemde.training.distribute.make_strategy`).
+            The model is built under its scope. Under a cluster only the chief writes `out`, validates and keeps
+            the best checkpoint; to resume a killed run every worker must see `out`.
         **overrides: any `DualEncoderConfig` field.
 
     Returns:
-        the opened `Run`, with test metrics of the best checkpoint in `run.metrics`.
+        the opened `Run`, with test metrics of the best checkpoint in `run.metrics`; None on a worker that is not
+        the chief.
     """
     import keras
 
-    from tfemde.training.callbacks import BestCheckpoint, RetrievalValidation
+    from tfemde.training.callbacks import BestCheckpoint, RetrievalValidation, WorkerBackupAndRestore
+    from tfemde.training.distribute import is_chief, make_strategy, num_replicas
     from tfemde.data import NO_AUGMENTATION, eval_dataset, train_dataset
     from tfemde.evaluation import evaluate
     from tfemde.models import build_dual_encoder
     from tfemde.training.plots import plot_history
     from tfemde.text import Tokenizer
 
+    strategy = make_strategy(strategy)  # first: a MultiWorkerMirroredStrategy must come before other TensorFlow work
+    chief, replicas = is_chief(strategy), num_replicas(strategy)
     out = Path(out)
     for name, value, minimum in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("vocab_size", vocab_size, 4),
                                  ("max_length", max_length, 1), ("seed", seed, 0),
@@ -175,6 +196,9 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
             raise ValueError(f"{name} must be True or False; got {value!r}")
     if verbose not in (0, 1, 2):
         raise ValueError(f"verbose must be 0, 1 or 2; got {verbose!r}")
+    if batch_size % replicas:
+        raise ValueError(f"batch_size must be a multiple of the number of replicas ({replicas}), so that every replica "
+                         f"gets the same share of the global batch; got {batch_size}")
     dataset = resolve_dataset(data)
     splits = {name: dataset.split(name) for name in ("train", "val", "test")}
     for name in ("train", "val"):
@@ -184,7 +208,7 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
                 "bucket_width": bucket_width, "balance_groups": balance_groups, "augment": augment, "seed": seed,
                 "overrides": json.loads(json.dumps(overrides, sort_keys=True, default=repr)),
                 "data": data_digest(dataset)}
-    state = _out_state(out, identity, overwrite)
+    state = _out_state(out, identity, overwrite) if chief else _worker_state(out, identity)
     tokenizer_path = out / "tokenizer.model"
     if state == "resume":
         tokenizer = Tokenizer.load(tokenizer_path)  # keep the ids the backup was trained with
@@ -192,15 +216,23 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
         tokenizer = Tokenizer.train(splits["train"].captions, vocab_size=vocab_size)
     config = config_for(dataset, tokenizer, preset, max_length, **overrides)
     # Everything that can fail on the inputs (the model, the pipelines) is built before a file is written.
-    keras.utils.set_random_seed(seed)
-    model = build_dual_encoder(config)
-    model.compile()
+    with (strategy.scope() if strategy is not None else contextlib.nullcontext()):
+        keras.utils.set_random_seed(seed)
+        model = build_dual_encoder(config)
+        model.compile()
+    if verbose and replicas > 1:
+        print(f"{replicas} replicas: global batch {batch_size}, {batch_size // replicas} per replica"
+              + ("" if chief else " (a worker: the chief writes the run folder)"))
     image_size = config.image_size if dataset.kind == "image_files" else None
     train_data = train_dataset(splits["train"], tokenizer, batch_size=min(batch_size, splits["train"].num_captions),
                                max_length=max_length, seed=seed, image_size=image_size, bucket_width=bucket_width,
                                balance_groups=balance_groups, **({} if augment else NO_AUGMENTATION))
     val_data = eval_dataset(splits["val"], tokenizer, batch_size=256, max_length=max_length, image_size=image_size)
 
+    backup = WorkerBackupAndRestore(str(out / "backup"), chief=chief, delete_checkpoint=True)
+    if not chief:
+        model.fit(train_data, epochs=epochs, callbacks=[backup, *callbacks], verbose=0)
+        return None
     if state == "replace":
         _remove_run_files(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +243,7 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
     callbacks = [
         RetrievalValidation(val_data, every=validate_every, verbose=verbose),
         BestCheckpoint(out / "best.keras", verbose=verbose),
-        keras.callbacks.BackupAndRestore(str(out / "backup"), delete_checkpoint=True),
+        backup,
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=(out / "backup").is_dir()),
         *callbacks,
     ]
