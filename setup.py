@@ -26,6 +26,9 @@ TRAIN_REQUIRES = [
 ]
 # The approximate index (tfemde.serving.ann): FAISS is the well-kept library for the candidate stage.
 ANN_REQUIRES = ["faiss-cpu==1.15.1"]
+# Serving on NVIDIA GPUs: onnxruntime-gpu replaces the CPU wheel (both fill one `onnxruntime` folder; after
+# installing, `tfemde providers` says whether CUDA is there and what to do if not). Its newest release lags the CPU's.
+GPU_REQUIRES = ["onnxruntime-gpu==1.31.1"]
 # The emoji builder; pinned because the shipped data set's captions come from this release.
 BUILD_DATA_REQUIRES = ["emoji==2.16.0"]
 TEST_REQUIRES = TRAIN_REQUIRES + ANN_REQUIRES + ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"] + BUILD_DATA_REQUIRES
@@ -45,6 +48,7 @@ setup(
         "train": TRAIN_REQUIRES,
         "serve": [],  # the base install; kept so that `tfemde[serve]` still resolves
         "ann": ANN_REQUIRES,
+        "gpu": GPU_REQUIRES,
         "test": TEST_REQUIRES,
         "build-data": BUILD_DATA_REQUIRES,
     },

@@ -178,3 +178,23 @@ def test_a_cluster_with_a_killed_worker_resumes_from_the_chiefs_backup(jsonl_dat
     epochs = [int(line.split(",")[0]) for line in (out / "history.csv").read_text().splitlines()[1:]]
     assert epochs == [0, 1, 2], "the resumed cluster repeats or skips epochs"
     assert not (out / "backup").exists() and json.loads((out / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_training_defaults_to_mixed_precision_where_there_is_a_gpu(jsonl_data, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Where TensorFlow sees a GPU (faked here: this machine has none) a run trains mixed_float16 layers unless the
+    user says otherwise; on a CPU it stays float32."""
+    from test_cli import TINY_KWARGS
+
+    from tfemde.training import distribute
+    from tfemde.training.runs import train
+
+    kwargs = dict(data=str(jsonl_data), preset="vse", epochs=1, batch_size=16, vocab_size=40, verbose=1,
+                  **TINY_KWARGS)
+    monkeypatch.setattr(distribute, "gpus_present", lambda: True)
+    run = train(out=tmp_path / "gpu", **kwargs)
+    assert "training in mixed precision" in capsys.readouterr().out
+    assert run.config.mixed_precision and np.isfinite(run.metrics["rsum"])
+    assert run.model.get_layer("image_fc").compute_dtype == "float16"
+    assert not train(out=tmp_path / "asked", mixed_precision=False, **kwargs).config.mixed_precision
+    monkeypatch.setattr(distribute, "gpus_present", lambda: False)
+    assert not train(out=tmp_path / "cpu", **kwargs).config.mixed_precision

@@ -425,3 +425,20 @@ def test_a_mixed_precision_model_changes_no_global_state(tmp_path):
     assert plain.get_layer("image_fc").compute_dtype == "float32"
     outputs = encode(mixed, region_batch(np.random.default_rng(0)))
     assert all(np.isfinite(np.asarray(v)).all() for v in outputs.values())
+
+
+def test_a_mixed_precision_model_trains_with_loss_scaling(rng):
+    """mixed_float16 layers get a LossScaleOptimizer (Keras wraps only models whose own policy is mixed), and a
+    few fit steps on CPU give a finite float32 loss that falls, and move every trainable variable."""
+    model = build_dual_encoder("dive", **TINY, **REGIONS, mixed_precision=True)
+    model.compile()
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    batch = region_batch(rng)
+    start = [np.array(v.numpy(), copy=True) for v in model.trainable_variables]
+    history = model.fit(tf.data.Dataset.from_tensors(batch), epochs=6, verbose=0).history["loss"]
+    assert np.all(np.isfinite(history)) and history[-1] < history[0], history
+    still = [v.path for v, s in zip(model.trainable_variables, start) if np.array_equal(v.numpy(), s)]
+    assert not still, f"not trained: {still}"
+    plain = build_dual_encoder("dive", **TINY, **REGIONS)
+    plain.compile()
+    assert not isinstance(plain.optimizer, keras.optimizers.LossScaleOptimizer)

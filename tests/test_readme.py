@@ -58,7 +58,33 @@ def run(args, cwd, timeout=900, **kwargs):
 
 def test_every_block_is_one_this_file_runs():
     kinds = [lang for lang, _, _ in BLOCKS]
-    assert sorted(kinds) == sorted(["bash", "bash", "python", "python", "bash", "json", "jsonl", "text", "text"]), kinds
+    assert sorted(kinds) == sorted(["bash", "bash", "python", "python", "bash", "bash", "json", "jsonl", "text",
+                                    "text"]), kinds
+
+
+def test_multi_worker_example_is_one_cluster_of_commands_the_parser_accepts():
+    """The TF_CONFIG example cannot run here (two hosts); tests/test_distribute.py runs the same command on two
+    localhost workers. Here: every command parses, and the workers name one cluster, each its own index."""
+    import shlex
+
+    from tfemde.training.distribute import _tf_config
+
+    lines = block("bash", marker="multi-worker-example").replace("\\\n", " ").splitlines()
+    commands = [shlex.split(line) for line in lines if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2
+    clusters, indexes = [], []
+    for words in commands:
+        assert words[0].startswith("TF_CONFIG=") and words[1] == "tfemde"
+        os.environ["TF_CONFIG"] = words[0][len("TF_CONFIG="):]
+        try:
+            config = _tf_config()
+        finally:
+            del os.environ["TF_CONFIG"]
+        clusters.append(config["cluster"])
+        indexes.append(config["task"]["index"])
+        args = build_parser().parse_args(words[2:])
+        assert args.distribute == "multi_worker" and args.batch_size == 128
+    assert clusters[0] == clusters[1] and sorted(indexes) == list(range(len(clusters[0]["worker"])))
 
 
 def test_main_command_installs_the_package_with_its_data_and_console_script(tmp_path):

@@ -90,6 +90,36 @@ def test_choose_providers_with_fake_lists():
         choose_providers([cpu], requested=[])
 
 
+def test_a_gpu_wheel_without_cuda_is_reported_with_what_to_do(setup, monkeypatch, capsys):
+    """`pip install tfemde[gpu]` leaves both onnxruntime wheels in one folder; whichever was unpacked last runs.
+    When the GPU wheel is installed and CUDA is missing, Encoder.load warns and `tfemde providers` says what to do;
+    with CUDA there, or without the GPU wheel, nothing is said."""
+    from tfemde.cli import main
+    from tfemde.serving import providers
+
+    cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
+    both = {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"}
+    assert providers.cuda_problem([cpu], {"onnxruntime": "1.32.0"}) is None
+    assert providers.cuda_problem([cuda, cpu], both) is None
+    shadowed = providers.cuda_problem([cpu], both)
+    assert "both installed" in shadowed and "pip uninstall -y onnxruntime onnxruntime-gpu" in shadowed
+    assert "onnxruntime-gpu==1.31.1" in shadowed
+    assert "CUDA 12 / cuDNN 9" in providers.cuda_problem([cpu], {"onnxruntime-gpu": "1.31.1"})
+
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [cpu])  # as on a machine without CUDA
+    monkeypatch.setattr(providers, "installed_onnxruntime_wheels", lambda: dict(both))
+    monkeypatch.setattr("tfemde.serving.encoder.installed_onnxruntime_wheels", lambda: dict(both))
+    with pytest.warns(RuntimeWarning, match="both installed"):
+        Encoder.load(setup["export"])
+    assert main(["providers"]) == 1
+    captured = capsys.readouterr()
+    assert "serving uses: CPUExecutionProvider" in captured.out and "pip uninstall" in captured.err
+    monkeypatch.setattr(providers, "installed_onnxruntime_wheels", lambda: {"onnxruntime": "1.32.0"})
+    assert main(["providers"]) == 0
+
+
 def test_encoder_uses_the_chosen_providers(setup):
     import onnxruntime as ort
 

@@ -314,6 +314,24 @@ def cmd_search(args):
             print(f"  {rank:>3}. {score:8.4f}  {item}")
 
 
+def cmd_providers(args):
+    """The onnxruntime execution providers here, the ones serving would choose, and why CUDA is missing."""
+    import onnxruntime as ort
+
+    from tfemde.serving.providers import choose_providers, cuda_problem, installed_onnxruntime_wheels
+
+    available = ort.get_available_providers()
+    wheels = installed_onnxruntime_wheels()
+    print("onnxruntime wheels: " + (", ".join(f"{name} {version}" for name, version in wheels.items()) or "none"))
+    print("available providers: " + ", ".join(available))
+    print("serving uses: " + ", ".join(choose_providers(available)))
+    problem = cuda_problem(available, wheels)
+    if problem:
+        print(f"tfemde providers: warning: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     # Choices come from the library (both modules are TensorFlow-free, so the parser stays quick to build).
     from tfemde.evaluation import PROTOCOLS
@@ -416,6 +434,10 @@ def parser() -> argparse.ArgumentParser:
     se.add_argument("--allow-other-export", action="store_true",
                     help="search an index built with another export (e.g. a deliberately re-exported model)")
     se.set_defaults(func=cmd_search)
+
+    pv = sub.add_parser("providers", help="the onnxruntime execution providers serving uses here (CUDA or CPU), and "
+                        "what to do when the GPU wheel offers no CUDA")
+    pv.set_defaults(func=cmd_providers)
 
     data = sub.add_parser("data", help="data-set tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -252,10 +252,19 @@ class DualEncoder(keras.Model):
             self._symbolic_build(data_batch=data_batch)
 
     def compile(self, optimizer=None, **kwargs):
-        """Compile with the papers' optimizer by default (`make_optimizer`); `loss` is the model's own."""
+        """Compile with the papers' optimizer by default (`make_optimizer`); `loss` is the model's own.
+
+        A `mixed_precision` model gets its optimizer wrapped in a `LossScaleOptimizer` (dynamic loss scaling, so that
+        small float16 gradients do not flush to zero). Keras does that only for a model whose own policy is
+        mixed_float16; a DualEncoder's policy is per layer.
+        """
         if kwargs.get("loss") is not None:
             raise ValueError("DualEncoder computes its own loss from its config (config.loss); do not pass loss=")
-        super().compile(optimizer=optimizer or make_optimizer(self.config), **kwargs)
+        optimizer = optimizer or make_optimizer(self.config)
+        if (self.config.mixed_precision and kwargs.get("auto_scale_loss", True)
+                and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)):
+            optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.get(optimizer))
+        super().compile(optimizer=optimizer, **kwargs)
 
     def fit(self, x=None, *args, epochs=1, steps_per_epoch=None, callbacks=None, initial_epoch=0, **kwargs):
         """`keras.Model.fit`, plus two things the papers' recipe needs.

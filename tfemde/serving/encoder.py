@@ -14,6 +14,7 @@ Two text routes give the same embeddings (tests check it):
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +22,8 @@ import numpy as np
 
 from tfemde.serving import manifest as mf
 from tfemde.serving.embeddings import Embeddings
-from tfemde.serving.providers import _tensorflow_loaded, choose_providers, make_session
+from tfemde.serving.providers import (_tensorflow_loaded, choose_providers, cuda_problem, installed_onnxruntime_wheels,
+                                      make_session)
 
 TEXT_ROUTES = ("sentencepiece", "e2e")
 PRECISIONS = ("float32", "int8")
@@ -131,7 +133,12 @@ class Encoder:
         batch_size = cls._check_batch_size(batch_size)
         manifest = mf.read_manifest(export_dir)
         files = _model_files(mf.Manifest.from_dict(manifest, repr(str(export_dir))), precision)
-        chosen = choose_providers(ort.get_available_providers(), providers)
+        available = ort.get_available_providers()
+        chosen = choose_providers(available, providers)
+        if providers is None:
+            problem = cuda_problem(available, installed_onnxruntime_wheels())
+            if problem:
+                warnings.warn(problem, RuntimeWarning, stacklevel=2)
         verified = None
         if verify:
             text_file = mf.TEXT_E2E_ONNX if text_route == "e2e" else files.get(mf.TEXT_ONNX, mf.TEXT_ONNX)

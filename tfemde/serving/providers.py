@@ -55,6 +55,51 @@ def choose_providers(available: Sequence[str], requested=None) -> list:
     return chosen
 
 
+# onnxruntime-gpu is published a little behind onnxruntime: its newest release when this was pinned.
+ORT_GPU_VERSION = "1.31.1"
+GPU_INSTALL = (f"pip uninstall -y onnxruntime onnxruntime-gpu && pip install --no-deps "
+               f"onnxruntime-gpu=={ORT_GPU_VERSION}")
+
+
+def installed_onnxruntime_wheels() -> dict:
+    """`{distribution: version}` of the onnxruntime wheels installed (`onnxruntime`, `onnxruntime-gpu`)."""
+    from importlib import metadata
+
+    found = {}
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def cuda_problem(available: Sequence[str], installed: dict) -> Optional[str]:
+    """Why onnxruntime offers no CUDA provider where the GPU wheel was asked for, and what to do; None otherwise.
+
+    Both wheels install the same `onnxruntime` folder, so `pip install tfemde[gpu]` (the base install pins the CPU
+    wheel) leaves whichever was unpacked last, often the CPU one, without a word from pip.
+
+    Args:
+        available: `onnxruntime.get_available_providers()`.
+        installed: `installed_onnxruntime_wheels()`.
+
+    Example:
+        >>> cuda_problem(["CPUExecutionProvider"], {"onnxruntime": "1.32.0"}) is None
+        True
+    """
+    if CUDA in available or "onnxruntime-gpu" not in installed:
+        return None
+    if "onnxruntime" in installed:
+        return (f"onnxruntime {installed['onnxruntime']} (CPU) and onnxruntime-gpu {installed['onnxruntime-gpu']} are "
+                "both installed and share one folder; the CPU files shadow the GPU ones, so CUDA is not used. "
+                f"Keep only the GPU wheel: {GPU_INSTALL}")
+    return (f"onnxruntime-gpu {installed['onnxruntime-gpu']} is installed but offers no CUDA provider (available: "
+            f"{', '.join(available) or 'none'}): the CUDA 12 / cuDNN 9 libraries it needs are missing or not on the "
+            "library path (`pip install nvidia-cudnn-cu12 nvidia-cublas-cu12`, or see onnxruntime's CUDA "
+            "requirements); serving falls back to the CPU")
+
+
 def extensions_library_path() -> str:
     """The onnxruntime-extensions custom-op library, found without importing the package.
 

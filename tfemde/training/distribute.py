@@ -60,6 +60,13 @@ def _tf_config() -> dict:
     return config
 
 
+def gpus_present() -> bool:
+    """Whether TensorFlow sees a GPU (where `train` defaults to mixed precision)."""
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
 def is_chief(strategy) -> bool:
     """Whether this process writes the run folder: always without a cluster; the `chief` task, or worker 0 of a
     cluster without one (TensorFlow's convention)."""

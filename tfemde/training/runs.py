@@ -167,7 +167,7 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
             cluster in `TF_CONFIG`), or a `tf.distribute.Strategy` (`tfemde.training.distribute.make_strategy`).
             The model is built under its scope. Under a cluster only the chief writes `out`, validates and keeps
             the best checkpoint; to resume a killed run every worker must see `out`.
-        **overrides: any `DualEncoderConfig` field.
+        **overrides: any `DualEncoderConfig` field. `mixed_precision` defaults to True where TensorFlow sees a GPU.
 
     Returns:
         the opened `Run`, with test metrics of the best checkpoint in `run.metrics`; None on a worker that is not
@@ -176,7 +176,7 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
     import keras
 
     from tfemde.training.callbacks import BestCheckpoint, RetrievalValidation, WorkerBackupAndRestore
-    from tfemde.training.distribute import is_chief, make_strategy, num_replicas
+    from tfemde.training.distribute import gpus_present, is_chief, make_strategy, num_replicas
     from tfemde.data import NO_AUGMENTATION, eval_dataset, train_dataset
     from tfemde.evaluation import evaluate
     from tfemde.models import build_dual_encoder
@@ -204,6 +204,11 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
     for name in ("train", "val"):
         if splits[name].num_items == 0:
             raise ValueError(f"data set {dataset.name!r} has no {name} items; train needs train and val splits")
+    if "mixed_precision" not in overrides and gpus_present():
+        overrides["mixed_precision"] = True  # float16 on tensor cores, the loss in float32; never on a CPU
+        if verbose and chief:
+            print("GPU found: training in mixed precision (mixed_float16 layers, float32 loss); "
+                  "--set mixed_precision=false to turn it off")
     identity = {"preset": preset, "batch_size": batch_size, "vocab_size": vocab_size, "max_length": max_length,
                 "bucket_width": bucket_width, "balance_groups": balance_groups, "augment": augment, "seed": seed,
                 "overrides": json.loads(json.dumps(overrides, sort_keys=True, default=repr)),
