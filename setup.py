@@ -29,8 +29,9 @@ ANN_REQUIRES = ["faiss-cpu==1.15.1"]
 # Serving on NVIDIA GPUs: onnxruntime-gpu replaces the CPU wheel (both fill one `onnxruntime` folder; after
 # installing, `tfemde providers` says whether CUDA is there and what to do if not). Its newest release lags the CPU's.
 GPU_REQUIRES = ["onnxruntime-gpu==1.31.1"]
-# The emoji builder; pinned because the shipped data set's captions come from this release.
-BUILD_DATA_REQUIRES = ["emoji==2.16.0"]
+# The emoji builders; pinned because the shipped data set's captions come from this emoji release and its Twemoji
+# pixels from this CairoSVG (which needs the system's libcairo2).
+BUILD_DATA_REQUIRES = ["emoji==2.16.0", "cairosvg==2.9.1"]
 TEST_REQUIRES = TRAIN_REQUIRES + ANN_REQUIRES + ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"] + BUILD_DATA_REQUIRES
 
 setup(

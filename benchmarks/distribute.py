@@ -119,10 +119,10 @@ def gather_and_loss_seconds(strategy, pairs, runs=10):
     model = build_dual_encoder("dive", **DIVE_COCO)
 
     def loss_and_gradients(values):
-        sets = {k: tf.constant(v) for k, v in values.items() if k != "image_id"}
+        sets = {k: tf.identity(v) for k, v in values.items() if k != "image_id"}
         with tf.GradientTape() as tape:
             tape.watch(sets)
-            loss = model._batch_loss(sets, {"image_id": tf.constant(values["image_id"])})
+            loss = model._batch_loss(sets, {"image_id": values["image_id"]})
         return loss, tape.gradient(loss, sets)
 
     loss_fn = tf.function(loss_and_gradients, reduce_retracing=True)
@@ -167,9 +167,17 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128, help="global image-caption pairs a step (default 128)")
     parser.add_argument("--steps", type=int, default=4, help="timed fit steps per arm")
     parser.add_argument("--quality", action="store_true", help="also train the three quality arms")
+    parser.add_argument("--quality-only", action="store_true", help="only the quality arms (keeps the cost record)")
     args = parser.parse_args(argv)
     print(f"# {describe()}")
     print(f"# tensorflow {tf.__version__} | keras {keras.__version__} | two logical CPU devices for two replicas")
+    if args.quality_only:
+        record = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        print("\n## quality at a fixed number of examples: dive_temde, emoji, quickstart budget, global batch 64")
+        record.update(quality=quality(), quality_machine=describe())
+        RESULTS.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"\nwrote {RESULTS}")
+        return 0
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     batch = coco_batch(args.batch)
     print(f"\n## cost per step, DivE COCO size, global batch {args.batch} pairs")
@@ -177,10 +185,10 @@ def main(argv=None):
             "two replicas, gather": step_seconds(strategy, batch, args.steps)}
     with local_negatives():
         cost["two replicas, local negatives"] = step_seconds(strategy, batch, args.steps)
-    parts = gather_and_loss_seconds(strategy, args.batch)
     base = cost["one device"]
     for name, seconds in cost.items():
-        print(f"  {name:32s} {seconds:7.3f} s/step  {seconds / base:5.2f}x one device")
+        print(f"  {name:32s} {seconds:7.3f} s/step  {seconds / base:5.2f}x one device", flush=True)
+    parts = gather_and_loss_seconds(strategy, args.batch)
     print(f"  gather of embeddings + ids alone {parts['gather'] * 1e3:7.2f} ms "
           f"({parts['gather'] / cost['two replicas, gather']:.2%} of a two-replica step)")
     print(f"  loss fwd+bwd at {args.batch}x{args.batch}: {parts['loss_global'] * 1e3:.1f} ms; at "

@@ -224,3 +224,70 @@ def test_build_errors(tmp_path):
         build_emoji(tmp_path / "x.npz", palette=300, progress=False)
     with pytest.raises(ValueError, match="emoji_subset must hold emoji of the emoji package"):
         build_emoji(tmp_path / "x.npz", emoji_subset=["xy"], progress=False)
+
+
+# ------------------------------------------------------------------------------------------- the Twemoji style
+TWEMOJI_SVGS = __import__("pathlib").Path(__file__).with_name("data") / "twemoji"
+
+
+@pytest.fixture(scope="module")
+def two_styles():
+    return load("emoji", styles=("noto", "twemoji"))
+
+
+def test_twemoji_style_shares_concepts_captions_groups_and_splits(emoji_ds, two_styles):
+    """Each Twemoji image is an item of its emoji's group and split with the emoji's captions; the Noto items come
+    first, unchanged; the file is compact, documented and credited."""
+    assert builtin.STYLE_PATHS["twemoji"].stat().st_size < 6 * 2**20
+    notice = (builtin.BUILTIN_DIR / "NOTICE").read_text(encoding="utf-8")
+    assert "CC-BY 4.0" in notice and "Twitter, Inc" in notice and "@twemoji/svg 15.0.0" in notice
+    n = emoji_ds.num_items
+    styles = two_styles.item_styles
+    assert (styles[:n] == "noto").all() and (styles[n:] == "twemoji").all()
+    assert 3000 < (styles == "twemoji").sum() <= n
+    np.testing.assert_array_equal(two_styles.images[:n], emoji_ds.images)
+    index = {e: i for i, e in enumerate(emoji_ds.item_names)}
+    rng = np.random.default_rng(0)
+    for item in rng.choice(np.arange(n, two_styles.num_items), size=200, replace=False):
+        j = index[two_styles.item_names[item]]
+        assert two_styles.item_group[item] == emoji_ds.item_group[j]
+        assert two_styles.item_split[item] == emoji_ds.item_split[j] == expected_split(concept(emoji_ds.item_names[j]))
+        assert two_styles.item_captions(item) == emoji_ds.item_captions(j)
+        assert not np.array_equal(two_styles.images[item], emoji_ds.images[j])  # another artwork
+    # no concept crosses splits, whatever its style
+    for split in ("train", "val", "test"):
+        groups = set(two_styles.item_group[two_styles.item_split == split])
+        others = set(two_styles.item_group[two_styles.item_split != split])
+        assert not groups & others
+    twemoji_only = load("emoji", styles=("twemoji",), split="test")
+    assert (twemoji_only.item_styles == "twemoji").all() and twemoji_only.num_captions > twemoji_only.num_items
+    assert load("emoji").item_styles is None  # the default stays what the quickstart uses
+
+
+def test_style_errors():
+    with pytest.raises(ValueError, match="styles must be distinct names of noto, twemoji; got \\('noto', 'fluent'\\)"):
+        load("emoji", styles=("noto", "fluent"))
+    with pytest.raises(ValueError, match="styles must be distinct"):
+        load("emoji", styles=("noto", "noto"))
+    with pytest.raises(ValueError, match="styles applies to the built-in emoji set"):
+        load(str(builtin.EMOJI_PATH), styles=("noto",))
+
+
+def test_twemoji_builder_reproduces_the_shipped_images(tmp_path):
+    """Ten of the package's SVG files (shipped for this test) rendered again give the shipped pixels exactly."""
+    from tfemde.data.build_twemoji import build_twemoji, twemoji_file_names
+
+    names, images = builtin.read_style_file("twemoji")
+    names = [str(e) for e in names]
+    files = {p.name for p in TWEMOJI_SVGS.glob("*.svg")}
+    subset = [e for e in names if set(twemoji_file_names(e)) & files]
+    assert len(subset) == 10
+    stats = build_twemoji(tmp_path / "tw.npz", svg_dir=TWEMOJI_SVGS, emoji_subset=subset, progress=False)
+    assert stats["images"] == 10 and stats["missing"] == 0
+    rebuilt_names, rebuilt = builtin.read_style_file("twemoji", tmp_path / "tw.npz")
+    for e, image in zip(rebuilt_names, rebuilt):
+        np.testing.assert_array_equal(image, images[names.index(str(e))], err_msg=repr(e))
+    assert twemoji_file_names("\u2764\ufe0f") == ["2764-fe0f.svg", "2764.svg"]
+    with pytest.raises(ValueError, match="emoji_subset must hold emoji of the built-in set"):
+        build_twemoji(tmp_path / "x.npz", svg_dir=TWEMOJI_SVGS, emoji_subset=["not an emoji"], progress=False)
+    assert not (tmp_path / "x.npz").exists()

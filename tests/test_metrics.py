@@ -216,3 +216,46 @@ def test_concept_names_take_each_groups_first_captioned_item():
     names, groups, splits = concept_names(data)
     assert names == ["a0", "a1", "c-first"]  # group 9 (item 4) has no caption: no query
     assert groups.tolist() == [7, 5, 4] and splits.tolist() == ["train", "test", "test"]
+
+
+# ------------------------------------------------------------------------------------- image-to-image retrieval
+def _reference_image_metrics(sim, query_group, gallery_group):
+    """Per query, plain Python: rank of every gallery item (ties: irrelevant first), AP, hits in the top K."""
+    aps, hits = [], {1: [], 5: [], 10: []}
+    for q in range(len(sim)):
+        relevant = [g == query_group[q] for g in gallery_group]
+        if not any(relevant):
+            continue
+        ranked = sorted(range(len(gallery_group)), key=lambda j: (-sim[q][j], relevant[j]))
+        found, precisions = 0, []
+        for position, j in enumerate(ranked, 1):
+            if relevant[j]:
+                found += 1
+                precisions.append(found / position)
+        aps.append(sum(precisions) / len(precisions))
+        for k in hits:
+            hits[k].append(any(relevant[j] for j in ranked[:k]))
+    return 100 * np.mean(aps), {k: 100 * np.mean(v) for k, v in hits.items()}, len(aps)
+
+
+def test_image_retrieval_metrics_against_a_plain_reference(rng):
+    from tfemde.evaluation import image_retrieval_metrics
+
+    for trial in range(5):
+        queries, gallery = 40, 60
+        query_group = rng.integers(0, 25, queries)
+        gallery_group = rng.integers(0, 20, gallery)  # groups 20..24 have no gallery item: skipped
+        sim = np.round(rng.normal(size=(queries, gallery)), 1)  # rounding makes ties
+        got = image_retrieval_metrics(sim, query_group, gallery_group)
+        ap, hits, counted = _reference_image_metrics(sim, query_group, gallery_group)
+        assert got["map"] == pytest.approx(ap, abs=1e-4)
+        for k in (1, 5, 10):
+            assert got[f"r{k}"] == pytest.approx(hits[k], abs=1e-4)
+        assert got["queries"] == counted and got["skipped"] == queries - counted
+    # a perfect ranking, and ties that count against the model
+    perfect = image_retrieval_metrics(np.eye(3), [0, 1, 2], [0, 1, 2])
+    assert perfect["map"] == perfect["r1"] == 100.0
+    tied = image_retrieval_metrics(np.ones((1, 2)), [0], [1, 0])
+    assert tied["r1"] == 0.0 and tied["map"] == 50.0
+    with pytest.raises(ValueError, match=r"similarity must have shape \[Q, G\] = \(2, 3\)"):
+        image_retrieval_metrics(np.ones((3, 2)), [0, 1], [0, 1, 2])

@@ -87,19 +87,37 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from tfemde.evaluation import evaluate
-    from tfemde.evaluation import format_metrics
+    from tfemde.data import load
+    from tfemde.evaluation import evaluate, format_metrics
     from tfemde.models.run_folder import open_run, resolve_dataset
 
     out = _out_file(args.out) if args.out else None
+    i2i = args.task == "i2i"
+    if i2i and not (args.query_style and args.gallery_style):
+        raise UserError("--task i2i needs --query-style and --gallery-style (e.g. twemoji and noto)")
+    if not i2i and (args.query_style or args.gallery_style or args.gallery != "items"):
+        raise UserError("--query-style, --gallery-style and --gallery apply to --task i2i only")
     run = open_run(args.run_dir)
-    dataset = resolve_dataset(args.data).split(args.split)
+    if i2i and args.data == "emoji":
+        dataset = load("emoji", styles=tuple(dict.fromkeys((args.query_style, args.gallery_style))))
+    else:
+        dataset = resolve_dataset(args.data)
+    dataset = dataset.split(args.split)
     if dataset.num_items == 0:
         raise UserError(f"data set {dataset.name!r} has no {args.split} split to evaluate; choose another --split")
-    metrics = evaluate(run.model, dataset, tokenizer=run.tokenizer, max_length=run.config.max_length,
-                       protocol=args.protocol)
-    print(format_metrics({f"{run.config.preset} ({args.split}, {args.protocol})": metrics}))
-    out = out or Path(args.run_dir) / f"metrics_{args.split}_{args.protocol}.json"
+    if i2i:
+        metrics = evaluate(run, dataset, task="i2i", query_style=args.query_style, gallery_style=args.gallery_style,
+                           gallery=args.gallery, centroid_method=args.centroid_method)
+        label = f"{args.query_style}->{args.gallery_style}_{args.gallery}"
+        print(f"{run.config.preset} ({args.split}, {label}): " + ", ".join(
+            f"{key} {value:.2f}" if isinstance(value, float) else f"{key} {value}" for key, value in metrics.items()))
+        default_out = Path(args.run_dir) / f"metrics_{args.split}_i2i_{label.replace('->', '_to_')}.json"
+    else:
+        metrics = evaluate(run.model, dataset, tokenizer=run.tokenizer, max_length=run.config.max_length,
+                           protocol=args.protocol)
+        print(format_metrics({f"{run.config.preset} ({args.split}, {args.protocol})": metrics}))
+        default_out = Path(args.run_dir) / f"metrics_{args.split}_{args.protocol}.json"
+    out = out or default_out
     text = json.dumps({k: float(v) for k, v in metrics.items()}, indent=2) + "\n"
     atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     print(f"metrics written to {out}")
@@ -112,9 +130,20 @@ def cmd_quickstart(args):
 
 
 def cmd_build_emoji(args):
+    if args.style == "twemoji":
+        from tfemde.data.build_twemoji import build_twemoji
+
+        if args.langs:
+            raise UserError("--langs: the Twemoji style file holds images only (captions come from the Noto set)")
+        stats = build_twemoji(args.out, svg_dir=args.svg_dir, size=args.size)
+        print(f"wrote {args.out}: {stats['images']} Twemoji images, {stats['missing']} emoji without a Twemoji "
+              f"file, {stats['bytes'] / 2**20:.1f} MiB")
+        return 0
     from tfemde.data.build_emoji import main as build_main
 
-    argv = [args.out, "--size", str(args.size)] + (["--langs", *args.langs] if args.langs else [])
+    if args.svg_dir:
+        raise UserError("--svg-dir applies to --style twemoji only")
+    argv = [args.out, "--size", str(args.size)] + (["--langs", ",".join(args.langs)] if args.langs else [])
     return build_main(argv)
 
 
@@ -382,6 +411,14 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=SPLITS)
     ev.add_argument("--protocol", default="full", choices=tuple(PROTOCOLS))
     ev.add_argument("--out", help="the JSON to write (default RUN_DIR/metrics_SPLIT_PROTOCOL.json)")
+    ev.add_argument("--task", default="image_text", choices=("image_text", "i2i"),
+                    help="image_text: images <-> captions; i2i: images of one style search those of another")
+    ev.add_argument("--query-style", help="--task i2i: the queries' style (emoji: twemoji or noto)")
+    ev.add_argument("--gallery-style", help="--task i2i: the gallery's style")
+    ev.add_argument("--gallery", default="items", choices=("items", "centroids"),
+                    help="--task i2i: every gallery image, or one centroid per group")
+    ev.add_argument("--centroid-method", default="slot_mean", choices=("slot_mean", "kmeans", "union"),
+                    help="--gallery centroids: how a set head's group becomes one entry")
     ev.set_defaults(func=cmd_evaluate)
 
     ex = sub.add_parser("export", help="export a run's encoders to ONNX + SavedModel, checked against TensorFlow")
@@ -441,10 +478,14 @@ def parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="data-set tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    build = data_sub.add_parser("build-emoji", help="rebuild the emoji data set from Debian's font and CLDR")
+    build = data_sub.add_parser("build-emoji", help="rebuild the emoji data set from Debian's font and CLDR, or its "
+                                "Twemoji style from npm's @twemoji/svg")
     build.add_argument("out")
     build.add_argument("--size", type=int, default=64)
     build.add_argument("--langs", nargs="*")
+    build.add_argument("--style", choices=("noto", "twemoji"), default="noto",
+                       help="noto: the main file (images and captions); twemoji: the images-only style file")
+    build.add_argument("--svg-dir", help="--style twemoji: a folder of the package's SVG files (default: npm pack)")
     build.set_defaults(func=cmd_build_emoji)
     return top
 

@@ -33,8 +33,12 @@ from tfemde.data.common import stable_hash
 from tfemde.data.dataset import Dataset
 
 FORMAT = "tfemde-emoji-v1"
+STYLE_FORMAT = "tfemde-emoji-style-v1"
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 EMOJI_PATH = BUILTIN_DIR / "emoji.npz"
+# The styles of the built-in set: Noto (the main file, with the captions) and the images-only style files.
+STYLES = ("noto", "twemoji")
+STYLE_PATHS = {"twemoji": BUILTIN_DIR / "emoji_twemoji.npz"}
 SPLIT_PERCENT = {"train": 80, "val": 10, "test": 10}
 _KEYS = ("format", "size", "names", "group_keys", "captions", "caption_item")
 
@@ -151,3 +155,94 @@ def read_emoji_file(path=None, name: str = "emoji") -> Dataset:
     return Dataset(name=name, captions=list(cached["captions"]), caption_item=cached["caption_item"],
                    item_split=cached["item_split"], item_group=cached["item_group"], images=cached["images"],
                    item_names=cached["names"])
+
+
+def read_style_file(style: str, path=None):
+    """`(names [N'] str, images [N', S, S, 3] uint8)` of an images-only style file (`build_twemoji` writes one).
+
+    Args:
+        style: a style of `STYLES` other than `"noto"`.
+        path: the `.npz`; None for the shipped one.
+    """
+    if style not in STYLE_PATHS:
+        raise ValueError(f"style must be one of {', '.join(STYLE_PATHS)} (a file of images only); got {style!r}")
+    path = Path(path) if path is not None else STYLE_PATHS[style]
+    if not path.is_file():
+        raise FileNotFoundError(f"emoji style file {path} not found (rebuild it with "
+                                f"`tfemde data build-emoji {path} --style {style}`)")
+    stat = path.stat()
+    cache_key = ("style", str(path), stat.st_mtime_ns, stat.st_size)
+    with _cache_lock:
+        cached = _cache.get(cache_key)
+    if cached is None:
+        try:
+            z = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+        with z:
+            missing = [k for k in ("format", "style", "size", "names") if k not in z.files]
+            if missing:
+                raise ValueError(f"{path}: not an emoji style file; missing entries {missing}")
+            if str(z["format"]) != STYLE_FORMAT or str(z["style"]) != style:
+                raise ValueError(f"{path}: format must be {STYLE_FORMAT!r} of style {style!r}; got "
+                                 f"{str(z['format'])!r} of style {str(z['style'])!r}")
+            names = z["names"].astype(str)
+            images = _images(path, z, len(names), int(z["size"]))
+        names.flags.writeable = images.flags.writeable = False
+        cached = (names, images)
+        with _cache_lock:
+            _cache[cache_key] = cached
+    return cached
+
+
+def read_emoji_styles(styles=("noto",), name: str = "emoji") -> Dataset:
+    """The built-in emoji set in one or more styles: every emoji a style draws is one item of that style.
+
+    An item of another style has the captions, group and split of the same emoji in the Noto set, so the styles of
+    a concept share its group and never cross splits, and text-to-image retrieval counts every style's image of a
+    caption as a match. `item_styles` says which style each item is (image-to-image retrieval across styles).
+
+    Args:
+        styles: a sequence of `STYLES` (without repeats), e.g. `("noto", "twemoji")`; items come in this order.
+        name: the `Dataset` name.
+
+    Example:
+        >>> ds = read_emoji_styles(("noto", "twemoji"))
+        >>> sorted(set(ds.item_styles))
+        ['noto', 'twemoji']
+    """
+    styles = (styles,) if isinstance(styles, str) else tuple(styles)
+    bad = [s for s in styles if s not in STYLES]
+    if not styles or bad or len(set(styles)) != len(styles):
+        raise ValueError(f"styles must be distinct names of {', '.join(STYLES)}; got {styles!r}")
+    base = read_emoji_file(name=name)
+    index = {str(e): i for i, e in enumerate(base.item_names)}
+    items, images, item_styles = [], [], []
+    for style in styles:
+        if style == "noto":
+            rows, pixels = np.arange(base.num_items), base.images
+        else:
+            names, pixels = read_style_file(style)
+            if pixels.shape[1:] != base.images.shape[1:]:
+                raise ValueError(f"style {style!r} images must have shape {base.images.shape[1:]} like the Noto set; "
+                                 f"got {pixels.shape[1:]}")
+            unknown = [str(e) for e in names if str(e) not in index]
+            if unknown:
+                raise ValueError(f"style {style!r} has emoji that the Noto set lacks, e.g. {unknown[0]!r}")
+            rows = np.array([index[str(e)] for e in names], dtype=np.int64)
+        items.append(rows)
+        images.append(pixels)
+        item_styles.extend([style] * len(rows))
+    rows = np.concatenate(items)
+    # every item takes the captions of its emoji in the Noto set, in item order
+    order = np.argsort(base.caption_item, kind="stable")
+    starts = np.searchsorted(base.caption_item[order], np.arange(base.num_items + 1))
+    captions, caption_item = [], []
+    for item, row in enumerate(rows):
+        for c in order[starts[row]:starts[row + 1]]:
+            captions.append(base.captions[c])
+            caption_item.append(item)
+    return Dataset(name=name, captions=captions, caption_item=np.array(caption_item, dtype=np.int64),
+                   item_split=base.item_split[rows], item_group=base.item_group[rows],
+                   images=np.concatenate(images) if len(images) > 1 else images[0],
+                   item_names=np.asarray(base.item_names)[rows], item_styles=np.array(item_styles, dtype=str))

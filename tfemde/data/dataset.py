@@ -31,6 +31,8 @@ class Dataset:
         region_rows: `[N]` int64, the row of `regions` that holds each item (lets subsets share one memory map and
             lets readers de-duplicate releases whose image rows repeat). None means row i for item i.
         item_names: `[N]` str names for display (file name, emoji character), or None.
+        item_styles: `[N]` str domain of each item (the emoji set's `"noto"` / `"twemoji"`; street / shop photos),
+            for image-to-image retrieval across domains, or None.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Dataset:
     regions: Optional[np.ndarray] = None
     region_rows: Optional[np.ndarray] = None
     item_names: Optional[np.ndarray] = None
+    item_styles: Optional[np.ndarray] = None
 
     def __post_init__(self):
         holders = [f for f in ("images", "image_paths", "regions") if getattr(self, f) is not None]
@@ -58,8 +61,9 @@ class Dataset:
             got = len(getattr(self, field))
             if got != want:
                 raise ValueError(f"Dataset {self.name!r}: {field} must have length {want}; got {got}")
-        if self.item_names is not None and len(self.item_names) != n:
-            raise ValueError(f"Dataset {self.name!r}: item_names must have length {n}; got {len(self.item_names)}")
+        for field in ("item_names", "item_styles"):
+            if getattr(self, field) is not None and len(getattr(self, field)) != n:
+                raise ValueError(f"Dataset {self.name!r}: {field} must have length {n}; got {len(getattr(self, field))}")
         if len(self.caption_item) and (self.caption_item.min() < 0 or self.caption_item.max() >= n):
             raise ValueError(f"Dataset {self.name!r}: caption_item must index items 0..{n - 1}")
         bad = sorted(set(np.unique(self.item_split)) - set(SPLITS))
@@ -113,6 +117,7 @@ class Dataset:
             item_split=self.item_split[items],
             item_group=self.item_group[items],
             item_names=None if self.item_names is None else np.asarray(self.item_names)[items],
+            item_styles=None if self.item_styles is None else np.asarray(self.item_styles)[items],
         )
         if self.images is not None:
             fields["images"] = self.images[items]

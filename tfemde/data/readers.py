@@ -218,7 +218,7 @@ def read_jsonl(path, split=None, strict: bool = False, image_root=None, check_im
 
 
 def load(source, split=None, strict: bool = False, image_root=None, check_images: bool = True,
-         captions_per_image: int = 5) -> Dataset:
+         captions_per_image: int = 5, styles=None) -> Dataset:
     """Load a data set of images (or region features) and captions as a `tfemde.data.Dataset`.
 
     `source` is one of:
@@ -237,6 +237,8 @@ def load(source, split=None, strict: bool = False, image_root=None, check_images
         image_root: the image folder of a Karpathy JSON or JSONL file.
         check_images: open each image file's header (Karpathy, JSONL); False only checks that the files exist.
         captions_per_image: captions per image in precomp folders.
+        styles: the built-in set only: its art styles, e.g. `("noto", "twemoji")` (None: Noto alone). Each style's
+            image of an emoji is one item with the emoji's captions, group and split; `item_styles` names them.
 
     Returns:
         A `Dataset`: kind `"images"` (emoji), `"image_files"` (Karpathy, JSONL) or `"regions"` (precomp).
@@ -250,10 +252,14 @@ def load(source, split=None, strict: bool = False, image_root=None, check_images
     if source == "emoji" and not path.exists():
         from tfemde.data.builtin import read_emoji_file
 
+        from tfemde.data.builtin import read_emoji_styles
+
         check_split(split)
         _no_image_root(image_root, "the built-in emoji set")
-        ds = read_emoji_file()
+        ds = read_emoji_file() if styles is None else read_emoji_styles(styles)
         return ds if split is None else ds.split(split)
+    if styles is not None:
+        raise ValueError(f"styles applies to the built-in emoji set (source 'emoji') only; got source {str(source)!r}")
     if not path.exists():
         raise FileNotFoundError(f"data source {str(source)!r} not found; expected 'emoji', a Karpathy split JSON "
                                 f"file, a precomp folder ({{split}}_ims.npy + {{split}}_caps.txt) or a .jsonl file")

@@ -72,3 +72,13 @@ def encode_dataset(model, dataset, tokenizer=None, max_length=None, batch_size=2
                                image_size=image_size)
     return (_predict(model.image_encoder, dataset.items, config, progress, "encoding items"),
             _predict(model.text_encoder, dataset.captions, config, progress, "encoding captions"))
+
+
+def encode_items(model, dataset, tokenizer, batch_size=256, progress=False) -> Embeddings:
+    """Embeddings of every item of a `Dataset` (images or regions), in order, from the model's image encoder."""
+    from tfemde.data import eval_dataset
+
+    config = model.config
+    image_size = config.image_size if dataset.kind == "image_files" else None
+    data = eval_dataset(dataset, tokenizer, batch_size, max_length=config.max_length, image_size=image_size)
+    return _predict(model.image_encoder, data.items, config, progress, "encoding items")

@@ -383,3 +383,53 @@ def concept_ranks(similarity, query_group, item_group) -> np.ndarray:
     best = np.where(match, sim, -np.inf).max(axis=1)
     return (np.where(match, -np.inf, sim) >= best[:, None]).sum(axis=1)
 
+
+
+IMAGE_RECALL_AT = (1, 5, 10)
+
+
+def image_retrieval_metrics(similarity, query_group, gallery_group) -> Dict[str, float]:
+    """Image-to-image retrieval by group (street-to-shop style): mAP and R@1/5/10, in percent.
+
+    For every query the relevant gallery items are those of its group. AP is the mean precision at the ranks of
+    the relevant items; R@K is the share of queries with a relevant item in the top K. Ties count against the model
+    (an irrelevant item scoring equal to a relevant one ranks ahead of it). Queries whose group has no gallery item
+    are left out (`queries` counts the others, `skipped` them).
+
+    Args:
+        similarity: `[Q, G]` scores of the query images against the gallery.
+        query_group: `[Q]` group per query.
+        gallery_group: `[G]` group per gallery item.
+
+    Returns:
+        `{"map", "r1", "r5", "r10", "queries", "skipped"}`.
+
+    Example:
+        >>> import numpy as np
+        >>> s = np.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8]])
+        >>> m = image_retrieval_metrics(s, [0, 1], [0, 1, 1])
+        >>> round(m["map"], 2), m["r1"]
+        (100.0, 100.0)
+    """
+    sim = np.asarray(similarity, dtype=np.float32)
+    query_group, gallery_group = np.asarray(query_group), np.asarray(gallery_group)
+    if sim.ndim != 2 or sim.shape != (len(query_group), len(gallery_group)):
+        raise ValueError(f"similarity must have shape [Q, G] = ({len(query_group)}, {len(gallery_group)}); got "
+                         f"shape {sim.shape}")
+    relevant = query_group[:, None] == gallery_group[None, :]
+    has = relevant.any(axis=1)
+    sim, relevant = sim[has], relevant[has]
+    if not len(sim):
+        raise ValueError("no query has a relevant item in the gallery (no shared group)")
+    # irrelevant before relevant on ties: a stable sort by relevance, then a stable sort by score
+    by_relevance = np.argsort(relevant, axis=1, kind="stable")
+    by_score = np.argsort(-np.take_along_axis(sim, by_relevance, axis=1), axis=1, kind="stable")
+    ranked = np.take_along_axis(relevant, np.take_along_axis(by_relevance, by_score, axis=1), axis=1)
+    hits = np.cumsum(ranked, axis=1)
+    precision = hits / np.arange(1, ranked.shape[1] + 1)[None, :]
+    average_precision = (precision * ranked).sum(axis=1) / ranked.sum(axis=1)
+    out = {"map": float(100.0 * average_precision.mean())}
+    for k in IMAGE_RECALL_AT:
+        out[f"r{k}"] = float(100.0 * ranked[:, :k].any(axis=1).mean())
+    out.update(queries=int(len(sim)), skipped=int((~has).sum()))
+    return out

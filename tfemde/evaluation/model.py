@@ -9,9 +9,13 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from tfemde.evaluation.encode import encode_dataset
-from tfemde.evaluation.metrics import CONCEPT_HITS_AT, concept_ranks, protocol_metrics
+from tfemde.evaluation.encode import encode_dataset, encode_items
+from tfemde.evaluation.metrics import CONCEPT_HITS_AT, concept_ranks, image_retrieval_metrics, protocol_metrics
 from tfemde.serving import similarity as set_similarity
+from tfemde.serving.centroids import group_centroids
+
+TASKS = ("image_text", "i2i")
+GALLERIES = ("items", "centroids")
 
 
 def _similarity_kwargs(config):
@@ -38,7 +42,8 @@ def _resolve(model, tokenizer, dataset):
 
 
 def evaluate(model, dataset, split=None, protocol="full", tokenizer=None, max_length=None, batch_size=256,
-             progress=True, **protocol_kwargs) -> Dict[str, float]:
+             progress=True, task="image_text", query_style=None, gallery_style=None, gallery="items",
+             centroid_method="slot_mean", **protocol_kwargs) -> Dict[str, float]:
     """Retrieval metrics of a trained model on a data set: embeddings once, the similarity in chunks.
 
     Args:
@@ -49,14 +54,23 @@ def evaluate(model, dataset, split=None, protocol="full", tokenizer=None, max_le
         tokenizer: the run's `Tokenizer` (not needed when `model` is a run).
         max_length, batch_size: encoding settings (default max_length: the model config's).
         progress: progress bars while encoding and scoring.
+        task: `"image_text"` (both directions between images and captions) or `"i2i"` (image to image across
+            styles, `evaluate_images`: `query_style`, `gallery_style`, `gallery`, `centroid_method`).
         **protocol_kwargs: passed to the protocol (e.g. `fold_size`, `chunk_size`).
 
     Returns:
-        the metric dict of `retrieval_metrics` (recalls in percent, `rsum`, median and mean ranks).
+        the metric dict of `retrieval_metrics` (recalls in percent, `rsum`, median and mean ranks), or of
+        `image_retrieval_metrics` for `task="i2i"`.
 
     Example:
         >>> # metrics = evaluate("runs/quickstart/dive_temde", "emoji", split="test")
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    if task == "i2i":
+        return evaluate_images(model, dataset, query_style, gallery_style, split=split, tokenizer=tokenizer,
+                               gallery=gallery, centroid_method=centroid_method, batch_size=batch_size,
+                               progress=progress)
     model, tokenizer, dataset = _resolve(model, tokenizer, dataset)
     if split is not None:
         dataset = dataset.split(split)
@@ -67,6 +81,57 @@ def evaluate(model, dataset, split=None, protocol="full", tokenizer=None, max_le
     items, captions = encode_dataset(model, dataset, tokenizer, max_length, batch_size, progress)
     return protocol_metrics(protocol, items, captions, dataset.caption_item, groups=dataset.item_group,
                             progress=progress, **_similarity_kwargs(model.config), **protocol_kwargs)
+
+
+def evaluate_images(model, dataset, query_style, gallery_style, split=None, tokenizer=None, gallery="items",
+                    centroid_method="slot_mean", batch_size=256, progress=True) -> Dict[str, float]:
+    """Image-to-image retrieval across styles (street photo → catalogue photo): mAP and R@1/5/10 by group.
+
+    The images of `query_style` search those of `gallery_style` with the model's similarity; a gallery image of the
+    query's group is a match. With `gallery="centroids"` the gallery is one entry per group
+    (`tfemde.serving.centroids.group_centroids`).
+
+    Args:
+        model: a `DualEncoder`, a `Run` or a run folder.
+        dataset: a `Dataset` with `item_styles` (e.g. `load("emoji", styles=("noto", "twemoji"))`), or a name/path.
+        query_style, gallery_style: the styles of the queries and of the gallery (two different styles).
+        split: this split only (None: all of `dataset`).
+        tokenizer: the run's tokenizer (to build the evaluation pipeline; not needed for a run).
+        gallery: `"items"` (every gallery image) or `"centroids"` (one per group).
+        centroid_method: how a set head's group is summarised (`tfemde.serving.centroids.METHODS`).
+
+    Returns:
+        `{"map", "r1", "r5", "r10", "queries", "skipped", "gallery_size"}`.
+    """
+    if gallery not in GALLERIES:
+        raise ValueError(f"gallery must be one of {', '.join(GALLERIES)}; got {gallery!r}")
+    model, tokenizer, dataset = _resolve(model, tokenizer, dataset)
+    if split is not None:
+        dataset = dataset.split(split)
+    if dataset.item_styles is None:
+        raise ValueError(f"data set {dataset.name!r} has no item_styles; image-to-image retrieval across styles needs "
+                         "them, e.g. load('emoji', styles=('noto', 'twemoji'))")
+    styles = sorted(set(np.asarray(dataset.item_styles).tolist()))
+    for name, style in (("query_style", query_style), ("gallery_style", gallery_style)):
+        if style not in styles:
+            raise ValueError(f"{name} must be one of the data set's styles {styles}; got {style!r}")
+    if query_style == gallery_style:
+        raise ValueError(f"query_style and gallery_style must be different styles; got {query_style!r} twice")
+    if tokenizer is None:
+        raise ValueError("evaluate_images needs tokenizer= (the run's Tokenizer) when given a bare model")
+    queries = np.flatnonzero(dataset.item_styles == query_style)
+    targets = np.flatnonzero(dataset.item_styles == gallery_style)
+    embeddings = encode_items(model, dataset.subset(np.union1d(queries, targets)), tokenizer, batch_size, progress)
+    position = {item: row for row, item in enumerate(np.union1d(queries, targets))}
+    pick = lambda items: embeddings.take([position[i] for i in items])  # noqa: E731
+    query_embeddings, gallery_embeddings = pick(queries), pick(targets)
+    gallery_group = dataset.item_group[targets]
+    if gallery == "centroids":
+        gallery_embeddings, gallery_group = group_centroids(gallery_embeddings, gallery_group, centroid_method)
+    scores = set_similarity(query_embeddings, gallery_embeddings, **_similarity_kwargs(model.config))
+    out = image_retrieval_metrics(scores, dataset.item_group[queries], gallery_group)
+    out["gallery_size"] = int(len(gallery_group))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- concept queries

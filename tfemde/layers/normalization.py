@@ -63,6 +63,6 @@ class GlobalBatchNormalization(keras.layers.BatchNormalization):
             placed(ops.sum(weight, axes, keepdims=True), context)])
         count = count if mask is None else count + keras.backend.epsilon()  # as the masked one-device moments
         mean = total / count
-        squared = context.all_reduce(tf.distribute.ReduceOp.SUM,
-                                     placed(ops.sum(ops.square((inputs - mean) * weight), axes, keepdims=True), context))
+        squared = ops.sum(ops.square((inputs - mean) * weight), axes, keepdims=True)
+        squared = context.all_reduce(tf.distribute.ReduceOp.SUM, placed(squared, context))
         return ops.squeeze(mean), ops.squeeze(squared / count)

@@ -34,13 +34,6 @@ def placed(value, context):
         return tf.identity(value)
 
 
-def num_replicas_in_sync() -> int:
-    """How many replicas compute each step (1 outside a strategy)."""
-    import tensorflow as tf
-
-    return int(tf.distribute.get_strategy().num_replicas_in_sync)
-
-
 def gather_global_batch(values: dict) -> dict:
     """Each tensor `[b, ...]` of `values` as the global batch `[R·b, ...]`, this replica's rows where they were.
 
@@ -58,7 +51,8 @@ def gather_global_batch(values: dict) -> dict:
         return dict(values)
     # One collective per tensor: TensorFlow 2.21 packs a list into one concat (one dtype only) and its gradient
     # stacks the list's gradients (one shape only).
-    return {name: None if value is None else context.all_gather(placed(value, context), axis=0) for name, value in values.items()}
+    return {name: None if value is None else context.all_gather(placed(value, context), axis=0)
+            for name, value in values.items()}
 
 
 def scale_for_replicas(loss):
