@@ -19,7 +19,7 @@ def classes(rng):
     groups = np.concatenate([[c] * rng.integers(1, 6) for c in range(12)])
     rng.shuffle(groups)
     sets = unit(prototypes[groups] + 0.2 * rng.normal(size=(len(groups), 3, 8))).astype("float32")
-    sketches = rng.uniform(size=(len(groups), 2 * 4)).astype("float32")
+    sketches = unit(rng.uniform(size=(len(groups), 2, 4))).reshape(len(groups), 8).astype("float32")
     return Embeddings(sets, sketches=sketches, sketch_depth=2), groups * 10 + 3  # ids that are not 0..C-1
 
 
@@ -44,7 +44,8 @@ def test_slot_mean_union_and_kmeans(classes):
         members = embeddings.sets[groups == g]
         mean = members.mean(axis=0)
         np.testing.assert_allclose(slot.sets[row], mean / np.linalg.norm(mean, axis=-1, keepdims=True), atol=1e-6)
-        np.testing.assert_allclose(slot.sketches[row], embeddings.sketches[groups == g].mean(axis=0), atol=1e-6)
+        mean_sketch = embeddings.sketches[groups == g].mean(axis=0).reshape(2, 4)
+        np.testing.assert_allclose(slot.sketches[row], unit(mean_sketch).reshape(-1), atol=1e-6)
         # union: every member element once, the rest masked
         size = len(members) * k
         np.testing.assert_array_equal(union.sets[row, :size], members.reshape(-1, d))

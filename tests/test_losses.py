@@ -423,3 +423,72 @@ def test_the_01_names_in_losses_give_the_same_numbers(sets):
                      (losses.max_similarity, max_similarity)):
         np.testing.assert_array_equal(old(x, y, x_mask=x_mask, y_mask=y_mask).numpy(),
                                       new(x, y, a_mask=x_mask, b_mask=y_mask).numpy())
+
+
+# ------------------------------------------------------------------------------------------ centroid triplet
+def test_centroid_triplet_loss_against_numpy(rng):
+    """Re-derived per anchor in NumPy: leave-one-out per-slot centroid of its class as the positive, the most
+    similar other class's centroid as the negative, scored with the serving (NumPy) similarity; sketches averaged
+    (and their rows normalised: the Keras similarity takes row cosines)."""
+    from tfemde.serving import Embeddings, similarity as numpy_similarity
+    from tfemde.similarity import similarity as keras_similarity
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    sets = unit(rng.normal(size=(9, 3, 6))).astype("float32")
+    sketches = unit(rng.uniform(size=(9, 2, 4))).reshape(9, 8).astype("float32")  # unit rows, as encoders emit
+    labels = np.array([0, 0, 1, 1, 1, 2, 3, 3, 4])  # classes 2 and 4 have one member: no positive, not anchors
+    margin, alpha, weight = 0.3, 16.0, 0.5
+    got = float(losses.centroid_triplet_loss(
+        lambda a, b: keras_similarity(a, b, alpha=alpha, sketch_weight=weight, sketch_depth=2),
+        sets, labels, sketches=sketches, margin=margin))
+
+    def score(x_set, x_sketch, c_set, c_sketch):
+        c_sketch = unit(c_sketch.reshape(2, 4)).reshape(-1)  # the mean's rows again unit: cosines per partition
+        return float(numpy_similarity(Embeddings(x_set[None], x_sketch[None], sketch_depth=2),
+                                      Embeddings(c_set[None], c_sketch[None], sketch_depth=2),
+                                      alpha=alpha, sketch_weight=weight)[0, 0])
+
+    terms = []
+    for i in range(len(labels)):
+        mates = [j for j in range(len(labels)) if labels[j] == labels[i] and j != i]
+        if not mates:
+            continue
+        positive = score(sets[i], sketches[i], unit(sets[mates].mean(axis=0)), sketches[mates].mean(axis=0))
+        negatives = [score(sets[i], sketches[i], unit(sets[labels == c].mean(axis=0)),
+                           sketches[labels == c].mean(axis=0)) for c in set(labels) - {labels[i]}]
+        terms.append(max(margin + max(negatives) - positive, 0.0))
+    assert len(terms) == 7
+    assert got == pytest.approx(np.mean(terms), abs=1e-5)
+    # one member a class everywhere: no anchor, a loss of 0 (not NaN)
+    alone = losses.centroid_triplet_loss(lambda a, b: keras_similarity(a, b), sets[:4], np.arange(4))
+    assert float(alone) == 0.0
+
+
+def test_centroid_loss_in_the_dual_encoder_moves_images_of_a_group_together(rng):
+    """A DualEncoder with centroid_weight adds the term on its image sets by group_id: the loss differs from the
+    same model without it by exactly weight x the term, and every image-tower weight gets its gradient."""
+    from tfemde.models import build_dual_encoder
+
+    kwargs = dict(embed_dim=16, word_dim=8, vocab_size=40, max_length=8, num_slots=2, set_depth=1, set_heads=2,
+                  sketch_depth=2, sketch_bits=3, image_size=16, cnn_filters=(4, 8), dropout=0.0)
+    plain = build_dual_encoder("dive_temde", **kwargs)
+    with_centroids = build_dual_encoder("dive_temde", centroid_weight=0.5, **kwargs)
+    with_centroids.set_weights(plain.get_weights())
+    batch = {"image": rng.uniform(size=(8, 16, 16, 3)).astype("float32"),
+             "caption_ids": rng.integers(3, 40, (8, 6)).astype("int32"), "caption_mask": np.ones((8, 6), bool),
+             "image_id": np.arange(8), "group_id": np.array([0, 0, 1, 1, 2, 2, 3, 3])}
+    outputs = plain(batch, training=False)
+    term = losses.centroid_triplet_loss(plain.similarity, outputs["image_set"], batch["group_id"],
+                                        sketches=outputs["image_sketch"], margin=plain.config.margin)
+    difference = float(with_centroids.compute_loss(batch, y_pred=outputs)) - float(plain.compute_loss(
+        batch, y_pred=outputs))
+    assert float(term) > 0 and difference == pytest.approx(0.5 * float(term), abs=1e-5)
+    with tf.GradientTape() as tape:
+        trained = plain(batch, training=True)
+        loss = losses.centroid_triplet_loss(plain.similarity, trained["image_set"], batch["group_id"],
+                                            sketches=trained["image_sketch"], margin=0.2)
+    image_weights = [v for v in plain.trainable_variables if v.path.startswith("image_conv")]
+    gradients = tape.gradient(loss, image_weights)
+    assert image_weights and all(g is not None and np.any(g.numpy()) for g in gradients)

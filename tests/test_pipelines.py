@@ -576,3 +576,30 @@ def test_builtin_emoji_through_both_pipelines():
     np.testing.assert_array_equal(np.concatenate([b["caption_ids"] for b in caps]),
                                   _reference_ids(tokenizer, val.captions, 16))
     assert sum(len(b["image_id"]) for b in ev.items) == val.num_items
+
+
+def test_groups_times_instances_batches(parts, tokenizer):
+    """instances_per_group=M: every batch is B/M different groups, M items of each (all different while the group
+    has M), each with one of its own captions; as many batches an epoch as without it; new draws every epoch."""
+    ds = _make(parts, "images")
+    train = train_dataset(ds, tokenizer, batch_size=4, seed=3, instances_per_group=2, bucket_width=2)
+    epochs = [_epoch(train) for _ in range(2)]
+    assert {len(e) for e in epochs} == {ds.num_captions // 4} == {int(train.cardinality())}
+    for batch in epochs[0] + epochs[1]:
+        np.testing.assert_array_equal(batch["image_id"], parts["caption_item"][batch["caption_id"]])
+        groups = batch["group_id"].reshape(2, 2)
+        assert (groups[:, 0] == groups[:, 1]).all() and groups[0, 0] != groups[1, 0]
+        items = batch["image_id"].reshape(2, 2)
+        assert (items[:, 0] != items[:, 1]).all()  # the fixture's groups have two items each
+    assert not all(np.array_equal(a["caption_id"], b["caption_id"]) for a, b in zip(*epochs))
+    # M larger than a group: its items repeat, every one of them is used
+    wide = _epoch(train_dataset(ds, tokenizer, batch_size=6, seed=3, instances_per_group=3))
+    for batch in wide:
+        for members in batch["image_id"].reshape(2, 3):
+            assert len(set(members)) == 2
+    with pytest.raises(ValueError, match="batch_size must be a multiple of instances_per_group \\(2\\); got 5"):
+        train_dataset(ds, tokenizer, batch_size=5, instances_per_group=2)
+    with pytest.raises(ValueError, match="needs 7 groups a batch; dataset 'mem' has 6"):
+        train_dataset(ds, tokenizer, batch_size=14, instances_per_group=2)
+    with pytest.raises(ValueError, match="cannot be combined with balance_groups"):
+        train_dataset(ds, tokenizer, batch_size=4, instances_per_group=2, balance_groups=True)

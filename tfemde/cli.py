@@ -46,7 +46,7 @@ def _overrides(pairs):
 TRAIN_OPTIONS = {"data": "--data", "preset": "--preset", "epochs": "--epochs", "batch_size": "--batch-size",
                  "vocab_size": "--vocab-size", "seed": "--seed", "out": "--out", "overwrite": "--overwrite",
                  "bucket_width": "--bucket-width", "balance_groups": "--balance-groups", "augment": "--augment",
-                 "strategy": "--distribute"}
+                 "strategy": "--distribute", "instances_per_group": "--instances-per-group"}
 TRAIN_ONLY = ("verbose", "validate_every", "callbacks")
 
 
@@ -76,9 +76,17 @@ def cmd_train(args):
                             f"{TRAIN_OPTIONS[key]} instead")
         if key in TRAIN_ONLY:
             raise UserError(f"--set {key}=...: {key} is not a config field")
-    run = train(data=args.data, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, out=args.out,
+    data = args.data
+    if args.styles:
+        from tfemde.data import load
+
+        if args.data != "emoji":
+            raise UserError("--styles applies to --data emoji only")
+        data = load("emoji", styles=tuple(s.strip() for s in args.styles.split(",") if s.strip()))
+    run = train(data=data, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, out=args.out,
                 vocab_size=args.vocab_size, seed=args.seed, overwrite=args.overwrite, bucket_width=args.bucket_width,
-                balance_groups=args.balance_groups, augment=args.augment, strategy=strategy, **overrides)
+                balance_groups=args.balance_groups, augment=args.augment, strategy=strategy,
+                instances_per_group=args.instances_per_group, **overrides)
     if run is None:
         print("worker done: the chief wrote the run folder")
         return
@@ -398,6 +406,9 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="the run folder to write (an interrupted run there with the same "
                     "settings resumes; any other run there is refused unless --overwrite)")
     tr.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    tr.add_argument("--styles", help="--data emoji: the art styles to train on, e.g. noto,twemoji (default noto)")
+    tr.add_argument("--instances-per-group", type=int, default=0, metavar="M",
+                    help="batches of --batch-size/M groups x M of their images (for --set centroid_weight=...)")
     tr.add_argument("--distribute", choices=DISTRIBUTE_CHOICES, default="none",
                     help="none: one device; mirrored: every GPU of this machine; multi_worker: the cluster in "
                          "TF_CONFIG (run the same command on every worker; the chief writes --out). --batch-size is "

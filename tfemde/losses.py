@@ -22,6 +22,8 @@ __all__ = [
     "info_nce_loss",
     "mmd_loss",
     "diversity_loss",
+    "centroid_triplet_loss",
+    "batch_centroids",
     "positive_mask",
 ]
 
@@ -293,6 +295,73 @@ def diversity_loss(sets, t=2.0, mask=None):
     has_pairs = num_pairs > 0
     count = ops.maximum(ops.sum(ops.cast(has_pairs, "float32")), 1.0)
     return ops.sum(ops.where(has_pairs, per_set, 0.0)) / count
+
+
+def batch_centroids(sets, labels, sketches=None):
+    """Per-slot class centroids inside a batch: for every member i, its class's centroid and the leave-one-out one.
+
+    `centroid[i] = unit_per_slot(mean_{j: labels_j = labels_i} sets_j)` and `leave_one_out[i]` the same mean without
+    `sets_i` (0 for a class of one). Sketches, when given, are averaged the same way (not normalised), as the
+    centroid galleries do (`tfemde.serving.centroids`, `"slot_mean"`).
+
+    Args:
+        sets: `[B, K, D]` unit elements.
+        labels: `[B]` class of each member.
+        sketches: optional `[B, S]`.
+
+    Returns:
+        `(centroids, leave_one_out, class_size)`: dicts `{"set": [B, K, D], "sketch": [B, S] | None}` and `[B]` float32.
+    """
+    x = as_float32(sets)
+    labels = ops.convert_to_tensor(labels)
+    same = ops.cast(ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(labels, 0)), "float32")  # [B, B]
+    size = ops.sum(same, axis=1)
+    flat = ops.reshape(x, (ops.shape(x)[0], -1))
+    sums = ops.matmul(same, flat)
+    shape = ops.shape(x)
+
+    def unit(v):
+        v = ops.reshape(v, shape)
+        return v / ops.maximum(ops.sqrt(ops.sum(ops.square(v), axis=-1, keepdims=True)), 1e-12)
+
+    centroids = {"set": unit(sums / size[:, None]), "sketch": None}
+    others = ops.maximum(size - 1.0, 1.0)[:, None]
+    leave_one_out = {"set": unit((sums - flat) / others), "sketch": None}
+    if sketches is not None:
+        sk = as_float32(sketches)
+        sketch_sums = ops.matmul(same, sk)
+        centroids["sketch"] = sketch_sums / size[:, None]
+        leave_one_out["sketch"] = (sketch_sums - sk) / others
+    return centroids, leave_one_out, size
+
+
+def centroid_triplet_loss(score_fn, sets, labels, sketches=None, margin=0.2):
+    """The centroid triplet loss of Wieczorek et al. (2021) in the model's similarity (higher is closer).
+
+    For every image i whose class has another member in the batch:
+    `[margin + max_{j: labels_j != labels_i} S(x_i, c_j) - S(x_i, c_i^{-i})]_+`, with `c_j` the per-slot centroid of
+    j's class and `c_i^{-i}` the centroid of i's class without i (leave-one-out, as centroids-reid builds the
+    positive from the other members). Averaged over those images; 0 when there are none.
+
+    Args:
+        score_fn: `(a, b) -> [Na, Nb]` similarity of `{"set", "sketch"}` dicts (the DualEncoder's `similarity`).
+        sets: `[B, K, D]` image sets; labels: `[B]` classes; sketches: optional `[B, S]`.
+        margin: the margin.
+
+    Returns:
+        A float32 scalar.
+    """
+    check_number(margin, "margin", positive=False)
+    labels = ops.convert_to_tensor(labels)
+    centroids, leave_one_out, size = batch_centroids(sets, labels, sketches)
+    anchor = {"set": as_float32(sets), "sketch": None if sketches is None else as_float32(sketches)}
+    positive = ops.diagonal(score_fn(anchor, leave_one_out))  # [B]
+    other = ops.logical_not(ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(labels, 0)))
+    hardest = ops.max(ops.where(other, score_fn(anchor, centroids), NEGATIVE), axis=1)
+    valid = ops.logical_and(size > 1.0, ops.any(other, axis=1))
+    per_anchor = ops.relu(margin + hardest - positive)
+    count = ops.maximum(ops.sum(ops.cast(valid, "float32")), 1.0)
+    return ops.sum(ops.where(valid, per_anchor, 0.0)) / count
 
 
 def positive_mask(batch):

@@ -267,7 +267,7 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
                   image_augment: bool = True, flip: bool = True, crop_scale: float = 0.8, shuffle: bool = True,
                   repeat: bool = False, cache: bool = True, split: Optional[str] = None,
                   cache_max_bytes: int = CACHE_MAX_BYTES, bucket_width: int = 0,
-                  balance_groups: bool = False) -> tf.data.Dataset:
+                  balance_groups: bool = False, instances_per_group: int = 0) -> tf.data.Dataset:
     """Shuffled, augmented training batches of (item, caption) pairs, one element per caption.
 
     Args:
@@ -297,6 +297,12 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
             and the batches shuffled) and pads each batch only to the next multiple of `w` above its longest
             caption (at most `max_length`), so the text tower runs fewer steps; the model's outputs do not depend
             on the padding. The batches of an epoch are as many as without buckets.
+        balance_groups: draw each epoch's pairs with replacement so that every group is seen equally often.
+        instances_per_group: `M > 0` makes every batch `B / M` groups drawn at random (without repeats in a batch)
+            times `M` of their items (different items while the group has them), each with one of its captions at
+            random: the P x M sampling of centroid and triplet losses (centroids-reid). `B` must be a multiple of
+            `M`; the batches of an epoch are as many as without it, and `bucket_width` then only pads each batch to
+            its longest caption (the batches are not regrouped by length).
 
     Returns:
         A `tf.data.Dataset` of dict batches (see the module doc): `image` `[B, H, W, 3]` float32 or `regions`
@@ -343,13 +349,23 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
         raise ValueError(f"balance_groups must be True or False; got {balance_groups!r}")
     if balance_groups and not shuffle:
         raise ValueError("balance_groups=True draws pairs at random, so it needs shuffle=True")
-    if balance_groups:
+    instances_per_group = _check_int("instances_per_group", instances_per_group, minimum=0)
+    if instances_per_group:
+        if batch_size % instances_per_group:
+            raise ValueError(f"batch_size must be a multiple of instances_per_group ({instances_per_group}); got "
+                             f"{batch_size}")
+        if balance_groups or not shuffle:
+            raise ValueError("instances_per_group draws groups at random; it cannot be combined with "
+                             "balance_groups=True or shuffle=False")
+    if instances_per_group:
+        pairs = _groups_times_instances(dataset, batch_size, instances_per_group, seed)
+    elif balance_groups:
         pairs = _group_balanced_draws(dataset, seed)
     else:
         pairs = tf.data.Dataset.range(num_captions)
         if shuffle:
             pairs = pairs.shuffle(num_captions, seed=seed, reshuffle_each_iteration=True)
-    if bucket_width:
+    if bucket_width and not instances_per_group:
         pairs = _grouped_by_length(pairs, num_captions, batch_size, caption_length, bucket_width, seed, shuffle)
     if repeat:
         pairs = pairs.repeat()
@@ -415,7 +431,7 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
         return out
 
     result = tf.data.Dataset.zip(parts).map(make_batch, num_parallel_calls=AUTOTUNE)
-    if bucket_width:  # unbatch hides the length of an epoch, which fit's schedule needs
+    if bucket_width or instances_per_group:  # unbatch hides the length of an epoch, which fit's schedule needs
         result = result.apply(tf.data.experimental.assert_cardinality(
             tf.data.INFINITE_CARDINALITY if repeat else num_captions // batch_size))
     return result.with_options(pipeline_options()).prefetch(AUTOTUNE)
@@ -435,6 +451,39 @@ def _group_balanced_draws(dataset, seed):
 
     epoch_seeds = tf.data.Dataset.random(seed=seed + 3 * _AUGMENT_SEED_OFFSET, rerandomize_each_iteration=True)
     return epoch_seeds.take(1).map(draw).unbatch()
+
+
+def _groups_times_instances(dataset, batch_size, instances, seed):
+    """Each epoch `num_captions // B` batches of caption indices: `B / M` random groups, `M` items of each (distinct
+    while the group has enough), one random caption of each item. Drawn in NumPy from the epoch's seed."""
+    item_group = np.asarray(dataset.item_group)
+    caption_item = np.asarray(dataset.caption_item)
+    captioned = np.unique(caption_item)
+    groups, group_of_item = np.unique(item_group[captioned], return_inverse=True)
+    items_of_group = [captioned[group_of_item == g] for g in range(len(groups))]
+    order = np.argsort(caption_item, kind="stable")
+    starts = np.searchsorted(caption_item[order], np.arange(dataset.num_items + 1))
+    per_batch = batch_size // instances
+    if per_batch > len(groups):
+        raise ValueError(f"instances_per_group={instances} with batch_size={batch_size} needs {per_batch} groups a "
+                         f"batch; dataset {dataset.name!r} has {len(groups)}")
+    num_batches = dataset.num_captions // batch_size
+
+    def draw(epoch_seed):
+        rng = np.random.default_rng([seed, int(epoch_seed) & (2**63 - 1)])
+        out = np.empty((num_batches, per_batch, instances), dtype=np.int64)
+        for b in range(num_batches):
+            for p, g in enumerate(rng.choice(len(groups), size=per_batch, replace=False)):
+                members = items_of_group[g]
+                chosen = rng.permutation(members)[:instances] if len(members) >= instances else np.concatenate(
+                    [rng.permutation(members), rng.choice(members, size=instances - len(members))])
+                for m, item in enumerate(chosen):
+                    out[b, p, m] = order[rng.integers(starts[item], starts[item + 1])]
+        return out.reshape(-1)
+
+    epoch_seeds = tf.data.Dataset.random(seed=seed + 4 * _AUGMENT_SEED_OFFSET, rerandomize_each_iteration=True)
+    return epoch_seeds.take(1).map(
+        lambda s: tf.ensure_shape(tf.numpy_function(draw, [s], tf.int64), [num_batches * batch_size])).unbatch()
 
 
 def _grouped_by_length(order, num_captions, batch_size, caption_length, bucket_width, seed, shuffle):

@@ -26,7 +26,7 @@ FIELD_RANGES = {
     **{field: ("float", "(0", None) for field in (
         "ff_mult", "sketch_temperature", "alpha", "info_nce_temperature", "mmd_gamma", "learning_rate", "clipnorm")},
     **{field: ("float", 0, None) for field in (
-        "sketch_weight", "margin", "mmd_weight", "diversity_weight", "weight_decay")},
+        "sketch_weight", "margin", "mmd_weight", "diversity_weight", "centroid_weight", "weight_decay")},
     "dropout": ("float", 0, "1)"),
     "set_lr_scale": ("optional float", "(0", None),
     "set_head_dim": ("optional int", 1, None),
@@ -144,6 +144,10 @@ class DualEncoderConfig:
     mmd_weight: float = 0.01
     mmd_gamma: float = 0.5
     diversity_weight: float = 0.01
+    # Image-to-image centroid triplet loss (Wieczorek et al. 2021): each image against the leave-one-out centroid of
+    # its group in the batch and the most similar other group's centroid, with `margin`; 0 turns it off. Useful with
+    # several images a group in a batch (`train(instances_per_group=M)`, e.g. the emoji set's two styles).
+    centroid_weight: float = 0.0
     # optimisation (ALGORITHMS.md §3.5)
     learning_rate: float = 1e-3
     # DivE trains its set-prediction modules at 0.1x on pretrained region features; towers that learn from scratch

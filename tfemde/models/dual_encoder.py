@@ -225,6 +225,11 @@ class DualEncoder(keras.Model):
             if config.diversity_weight:
                 loss = loss + config.diversity_weight * (losses.diversity_loss(y_pred["image_residual"])
                                                          + losses.diversity_loss(y_pred["text_residual"]))
+        if config.centroid_weight:
+            labels = ids["group_id"] if "group_id" in ids else ids["image_id"]
+            loss = loss + config.centroid_weight * losses.centroid_triplet_loss(
+                self.similarity, y_pred["image_set"], labels, sketches=y_pred.get("image_sketch"),
+                margin=config.margin)
         return loss
 
     def train_step(self, data):

@@ -11,7 +11,8 @@ several ways (`METHODS`):
 - `"union"`: every member's elements in one set of `M·K` elements, padded with a mask (exact Chamfer over the
   class's images, the largest entry).
 
-Sketches (T-EMDE histograms) are averaged: a sketch of a set of images is the mean of their sketches.
+Sketches (T-EMDE histograms) are averaged, a sketch of a set of images being the mean of their sketches, and each
+partition's row is L2-normalised again, as the encoders emit them (the training similarity takes row cosines).
 NumPy only.
 """
 
@@ -123,6 +124,7 @@ def group_centroids(embeddings: Embeddings, groups, method: str = "slot_mean",
         flat = np.asarray(embeddings.sketches, dtype=np.float32)
         sketches = np.zeros((classes, flat.shape[1]), np.float32)
         np.add.at(sketches, label, flat)
-        sketches /= np.bincount(label, minlength=classes)[:, None]
+        rows = sketches.reshape(classes, embeddings.sketch_depth, -1)
+        sketches = _unit(rows).reshape(classes, -1).astype(np.float32)
     return (Embeddings(out.astype(np.float32), sketches=sketches, set_mask=out_mask,
                        sketch_depth=embeddings.sketch_depth if sketches is not None else None), ids)

@@ -139,7 +139,7 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
           vocab_size=DEFAULT_VOCAB_SIZE,
           max_length=DEFAULT_MAX_LENGTH, seed=0, verbose=1, validate_every=1, callbacks=(), overwrite=False,
           bucket_width=DEFAULT_BUCKET_WIDTH, balance_groups=DEFAULT_BALANCE_GROUPS, augment=DEFAULT_AUGMENT,
-          strategy=None, **overrides) -> Run | None:
+          instances_per_group=0, strategy=None, **overrides) -> Run | None:
     """Train a dual encoder with `model.fit` and write a complete run folder.
 
     Args:
@@ -163,6 +163,8 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
         augment: the papers' training augmentations, `tfemde.data.train_dataset`'s defaults (caption tokens masked,
             replaced or dropped with p = 0.2; images randomly cropped and flipped; regions dropped with p = 0.2).
             False trains on the pairs as they are.
+        instances_per_group: `M > 0` samples each batch as `batch_size / M` groups times `M` of their images
+            (`tfemde.data.train_dataset`), what the centroid loss (`--set centroid_weight=...`) learns from.
         strategy: `None`/`"none"` (one device), `"mirrored"` (every GPU of this machine), `"multi_worker"` (the
             cluster in `TF_CONFIG`), or a `tf.distribute.Strategy` (`tfemde.training.distribute.make_strategy`).
             The model is built under its scope. Under a cluster only the chief writes `out`, validates and keeps
@@ -188,7 +190,8 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
     out = Path(out)
     for name, value, minimum in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("vocab_size", vocab_size, 4),
                                  ("max_length", max_length, 1), ("seed", seed, 0),
-                                 ("validate_every", validate_every, 1), ("bucket_width", bucket_width, 0)):
+                                 ("validate_every", validate_every, 1), ("bucket_width", bucket_width, 0),
+                                 ("instances_per_group", instances_per_group, 0)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
     for name, value in (("overwrite", overwrite), ("balance_groups", balance_groups), ("augment", augment)):
@@ -211,6 +214,7 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
                   "--set mixed_precision=false to turn it off")
     identity = {"preset": preset, "batch_size": batch_size, "vocab_size": vocab_size, "max_length": max_length,
                 "bucket_width": bucket_width, "balance_groups": balance_groups, "augment": augment, "seed": seed,
+                **({"instances_per_group": instances_per_group} if instances_per_group else {}),
                 "overrides": json.loads(json.dumps(overrides, sort_keys=True, default=repr)),
                 "data": data_digest(dataset)}
     state = _out_state(out, identity, overwrite) if chief else _worker_state(out, identity)
@@ -231,7 +235,8 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
     image_size = config.image_size if dataset.kind == "image_files" else None
     train_data = train_dataset(splits["train"], tokenizer, batch_size=min(batch_size, splits["train"].num_captions),
                                max_length=max_length, seed=seed, image_size=image_size, bucket_width=bucket_width,
-                               balance_groups=balance_groups, **({} if augment else NO_AUGMENTATION))
+                               balance_groups=balance_groups, instances_per_group=instances_per_group,
+                               **({} if augment else NO_AUGMENTATION))
     val_data = eval_dataset(splits["val"], tokenizer, batch_size=256, max_length=max_length, image_size=image_size)
 
     backup = WorkerBackupAndRestore(str(out / "backup"), chief=chief, delete_checkpoint=True)
