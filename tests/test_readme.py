@@ -215,3 +215,22 @@ def test_quality_table_shows_the_committed_benchmark_results():
         for cell, key in zip(cells, ("i2t_r1", "t2i_r1", "rsum")):
             values = np.array([r[key] for r in runs])
             assert cell == f"{values.mean():.1f} ± {values.std():.1f}", (name, key, cell)
+
+
+def test_styles_table_shows_the_committed_benchmark_results():
+    """README's image-to-image table is benchmarks/styles.py's table of benchmarks/results/styles.json."""
+    results = json.loads((ROOT / "benchmarks" / "results" / "styles.json").read_text())
+    table = README.read_text(encoding="utf-8").split("<!-- styles-table -->")[1].split("\n\n")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    expected = []
+    for arm, records in results["arms"].items():
+        for gallery in records[0]["i2i"]:
+            cells = [arm, gallery]
+            for key in ("map", "r1"):
+                values = np.array([r["i2i"][gallery][key] for r in records])
+                cells.append(f"{values.mean():.1f} ± {values.std():.1f}")
+            for style in ("noto", "twemoji"):
+                values = np.array([r[f"t2i_rsum_{style}"] for r in records])
+                cells.append(f"{values.mean():.1f} ± {values.std():.1f}" if gallery == "full" else "")
+            expected.append(cells)
+    assert rows == expected
