@@ -100,6 +100,36 @@ def _images(path, z, n, size) -> np.ndarray:
     return images
 
 
+def _open_npz(path, keys, what):
+    """The open `.npz` at `path` (no pickles), refused with one line when unreadable or missing one of `keys`."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+    missing = [k for k in keys if k not in z.files]
+    if missing:
+        z.close()
+        raise ValueError(f"{path}: not an {what}; missing entries {missing}")
+    return z
+
+
+def _cached(path, kind, read):
+    """`read()`'s dict of arrays for the file at `path`, read once per process and version of the file; the
+    arrays are read-only (they are shared by every Dataset made from them)."""
+    stat = path.stat()
+    key = (kind, str(path), stat.st_mtime_ns, stat.st_size)
+    with _cache_lock:
+        cached = _cache.get(key)
+    if cached is None:
+        cached = read()
+        for value in cached.values():
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+        with _cache_lock:
+            _cache[key] = cached
+    return cached
+
+
 def read_emoji_file(path=None, name: str = "emoji") -> Dataset:
     """Read an emoji `.npz` (the shipped one by default) into a `Dataset` with images `[N, S, S, 3]` uint8.
 
@@ -122,19 +152,9 @@ def read_emoji_file(path=None, name: str = "emoji") -> Dataset:
         hint = " (the shipped data file is missing: rebuild it with `tfemde data build-emoji`)" \
             if path == EMOJI_PATH else ""
         raise FileNotFoundError(f"emoji data file {path} not found{hint}")
-    stat = path.stat()
-    cache_key = (str(path), stat.st_mtime_ns, stat.st_size)
-    with _cache_lock:
-        cached = _cache.get(cache_key)
-    if cached is None:
-        try:
-            z = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise ValueError(f"{path}: not a readable .npz file ({e})") from e
-        with z:
-            missing = [k for k in _KEYS if k not in z.files]
-            if missing:
-                raise ValueError(f"{path}: not an emoji data file; missing entries {missing}")
+
+    def read():
+        with _open_npz(path, _KEYS, "emoji data file") as z:
             if str(z["format"]) != FORMAT:
                 raise ValueError(f"{path}: format must be {FORMAT!r}; got {str(z['format'])!r}")
             arrays = {k: z[k] for k in _KEYS}
@@ -144,14 +164,11 @@ def read_emoji_file(path=None, name: str = "emoji") -> Dataset:
                                  f"got {len(arrays['group_keys'])}")
             images = _images(path, z, n, size)
         keys = [str(k) for k in arrays["group_keys"]]
-        cached = dict(images=images, names=arrays["names"].astype(str), captions=arrays["captions"].tolist(),
-                      caption_item=arrays["caption_item"].astype(np.int64), item_group=group_ids(keys),
-                      item_split=group_splits(keys))
-        for value in cached.values():
-            if isinstance(value, np.ndarray):
-                value.flags.writeable = False
-        with _cache_lock:
-            _cache[cache_key] = cached
+        return dict(images=images, names=arrays["names"].astype(str), captions=arrays["captions"].tolist(),
+                    caption_item=arrays["caption_item"].astype(np.int64), item_group=group_ids(keys),
+                    item_split=group_splits(keys))
+
+    cached = _cached(path, "emoji", read)
     return Dataset(name=name, captions=list(cached["captions"]), caption_item=cached["caption_item"],
                    item_split=cached["item_split"], item_group=cached["item_group"], images=cached["images"],
                    item_names=cached["names"])
@@ -170,29 +187,17 @@ def read_style_file(style: str, path=None):
     if not path.is_file():
         raise FileNotFoundError(f"emoji style file {path} not found (rebuild it with "
                                 f"`tfemde data build-emoji {path} --style {style}`)")
-    stat = path.stat()
-    cache_key = ("style", str(path), stat.st_mtime_ns, stat.st_size)
-    with _cache_lock:
-        cached = _cache.get(cache_key)
-    if cached is None:
-        try:
-            z = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise ValueError(f"{path}: not a readable .npz file ({e})") from e
-        with z:
-            missing = [k for k in ("format", "style", "size", "names") if k not in z.files]
-            if missing:
-                raise ValueError(f"{path}: not an emoji style file; missing entries {missing}")
+
+    def read():
+        with _open_npz(path, ("format", "style", "size", "names"), "emoji style file") as z:
             if str(z["format"]) != STYLE_FORMAT or str(z["style"]) != style:
                 raise ValueError(f"{path}: format must be {STYLE_FORMAT!r} of style {style!r}; got "
                                  f"{str(z['format'])!r} of style {str(z['style'])!r}")
             names = z["names"].astype(str)
-            images = _images(path, z, len(names), int(z["size"]))
-        names.flags.writeable = images.flags.writeable = False
-        cached = (names, images)
-        with _cache_lock:
-            _cache[cache_key] = cached
-    return cached
+            return {"names": names, "images": _images(path, z, len(names), int(z["size"]))}
+
+    cached = _cached(path, "style", read)
+    return cached["names"], cached["images"]
 
 
 def read_emoji_styles(styles=("noto",), name: str = "emoji") -> Dataset:

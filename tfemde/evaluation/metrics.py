@@ -361,6 +361,16 @@ def mean_std(values) -> str:
 CONCEPT_HITS_AT = (1, 5, 10)
 
 
+def _query_scores(similarity, query_group, item_group, columns):
+    """float32 `[Q, N]` scores and the two group arrays as NumPy, or one line when the shapes disagree."""
+    sim = np.asarray(similarity, dtype=np.float32)
+    query_group, item_group = np.asarray(query_group), np.asarray(item_group)
+    if sim.ndim != 2 or sim.shape != (len(query_group), len(item_group)):
+        raise ValueError(f"similarity must have shape [Q, {columns}] = ({len(query_group)}, {len(item_group)}); got "
+                         f"shape {sim.shape}")
+    return sim, query_group, item_group
+
+
 def concept_ranks(similarity, query_group, item_group) -> np.ndarray:
     """`[Q]` 0-based rank of each query's best-scoring item of its own group among all items.
 
@@ -372,11 +382,7 @@ def concept_ranks(similarity, query_group, item_group) -> np.ndarray:
     Ties count against the model, as in `retrieval_ranks`: an item of another group scoring equal to the best
     match ranks ahead of it.
     """
-    sim = np.asarray(similarity, dtype=np.float32)
-    query_group, item_group = np.asarray(query_group), np.asarray(item_group)
-    if sim.ndim != 2 or sim.shape != (len(query_group), len(item_group)):
-        raise ValueError(f"similarity must have shape [Q, N_items] = ({len(query_group)}, {len(item_group)}); got "
-                         f"shape {sim.shape}")
+    sim, query_group, item_group = _query_scores(similarity, query_group, item_group, "N_items")
     match = query_group[:, None] == item_group[None, :]
     if not match.any(axis=1).all():
         raise ValueError("every query_group must have at least one item in item_group")
@@ -411,11 +417,7 @@ def image_retrieval_metrics(similarity, query_group, gallery_group) -> Dict[str,
         >>> round(m["map"], 2), m["r1"]
         (100.0, 100.0)
     """
-    sim = np.asarray(similarity, dtype=np.float32)
-    query_group, gallery_group = np.asarray(query_group), np.asarray(gallery_group)
-    if sim.ndim != 2 or sim.shape != (len(query_group), len(gallery_group)):
-        raise ValueError(f"similarity must have shape [Q, G] = ({len(query_group)}, {len(gallery_group)}); got "
-                         f"shape {sim.shape}")
+    sim, query_group, gallery_group = _query_scores(similarity, query_group, gallery_group, "G")
     relevant = query_group[:, None] == gallery_group[None, :]
     has = relevant.any(axis=1)
     sim, relevant = sim[has], relevant[has]
