@@ -72,6 +72,33 @@ def gallery_costs(run, test):
     return out
 
 
+def slot_alignment(run, test):
+    """Does slot k mean the same thing across images? For every test concept drawn in both styles, its Noto and
+    Twemoji sets: the mean cosine of same-index slots, of the best slot permutation, and how often the identity is
+    the best permutation (chance: 1/K!)."""
+    from itertools import permutations
+
+    items = encode_items(run.model, test, run.tokenizer)
+    sets = items.sets
+    first = {}
+    for style in ("noto", "twemoji"):
+        for item in np.flatnonzero(test.item_styles == style):
+            first.setdefault((style, int(test.item_group[item])), item)
+    pairs = [(first[("noto", g)], first[("twemoji", g)]) for (s, g) in first if s == "noto" and ("twemoji", g) in first]
+    k = sets.shape[1]
+    orders = [list(p) for p in permutations(range(k))]
+    aligned, best, identity = [], [], 0
+    for a, b in pairs:
+        cosines = sets[a] @ sets[b].T  # [K, K]
+        scores = [float(np.mean(cosines[np.arange(k), order])) for order in orders]
+        aligned.append(scores[0])
+        best.append(max(scores))
+        identity += int(np.argmax(scores) == 0)
+    return {"pairs": len(pairs), "same_index_cosine": float(np.mean(aligned)),
+            "best_permutation_cosine": float(np.mean(best)), "identity_is_best": identity / max(len(pairs), 1),
+            "chance": 1.0 / len(orders)}
+
+
 def measure(run, test):
     record = {}
     record["i2i"] = {"full": evaluate_images(run, test, "twemoji", "noto", progress=False)}
@@ -82,6 +109,7 @@ def measure(run, test):
         one = test.subset(np.flatnonzero(test.item_styles == style))
         record[f"t2i_rsum_{style}"] = evaluate(run, one, progress=False)["rsum"]
     record["galleries"] = gallery_costs(run, test)
+    record["slot_alignment"] = slot_alignment(run, test)
     return record
 
 

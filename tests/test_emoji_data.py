@@ -291,3 +291,17 @@ def test_twemoji_builder_reproduces_the_shipped_images(tmp_path):
     with pytest.raises(ValueError, match="emoji_subset must hold emoji of the built-in set"):
         build_twemoji(tmp_path / "x.npz", svg_dir=TWEMOJI_SVGS, emoji_subset=["not an emoji"], progress=False)
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_build_emoji_command_makes_a_style_file(tmp_path, capsys):
+    from tfemde.cli import main
+
+    out = tmp_path / "tw.npz"
+    assert main(["data", "build-emoji", str(out), "--style", "twemoji", "--svg-dir", str(TWEMOJI_SVGS)]) == 0
+    names, images = builtin.read_style_file("twemoji", out)
+    assert len(names) == 10 and images.shape == (10, 64, 64, 3)
+    assert "wrote" in capsys.readouterr().out
+    assert main(["data", "build-emoji", str(tmp_path / "x.npz"), "--svg-dir", str(TWEMOJI_SVGS)]) == 2
+    assert "--svg-dir applies to --style twemoji only" in capsys.readouterr().err
+    assert main(["data", "build-emoji", str(tmp_path / "x.npz"), "--style", "twemoji", "--langs", "de"]) == 2
+    assert not (tmp_path / "x.npz").exists()

@@ -98,6 +98,7 @@ def test_main_command_installs_the_package_with_its_data_and_console_script(tmp_
         names = archive.namelist()
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert "tfemde/data/builtin/emoji.npz" in names and "tfemde/data/builtin/NOTICE" in names
+    assert "tfemde/data/builtin/emoji_twemoji.npz" in names
     assert re.search(r"^tfemde\s*=\s*tfemde\.cli:main$", entry_points, flags=re.M)
     # ... and that script runs the quickstart (tests/test_quickstart.py runs the job itself, in fast mode).
     assert "--fast" in run([str(BIN / "tfemde"), "quickstart", "--help"], cwd=tmp_path)
