@@ -222,7 +222,7 @@ def test_styles_table_shows_the_committed_benchmark_results():
     """README's image-to-image table is benchmarks/styles.py's table of benchmarks/results/styles.json."""
     results = json.loads((ROOT / "benchmarks" / "results" / "styles.json").read_text())
     table = README.read_text(encoding="utf-8").split("<!-- styles-table -->")[1].split("\n\n")[0]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.strip().splitlines()[2:]]
     expected = []
     for arm, records in results["arms"].items():
         for gallery in records[0]["i2i"]:
