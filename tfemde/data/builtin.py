@@ -213,7 +213,7 @@ def read_emoji_styles(styles=("noto",), name: str = "emoji") -> Dataset:
 
     Example:
         >>> ds = read_emoji_styles(("noto", "twemoji"))
-        >>> sorted(set(ds.item_styles))
+        >>> sorted(set(ds.item_styles.tolist()))
         ['noto', 'twemoji']
     """
     styles = (styles,) if isinstance(styles, str) else tuple(styles)

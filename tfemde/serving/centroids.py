@@ -70,7 +70,7 @@ def group_centroids(embeddings: Embeddings, groups, method: str = "slot_mean",
         >>> import numpy as np
         >>> x = np.array([[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 0.0]]], "float32")
         >>> centroids, ids = group_centroids(Embeddings(x), [7, 7, 3])
-        >>> ids.tolist(), np.round(centroids.sets[:, 0], 3).tolist()
+        >>> ids.tolist(), np.round(centroids.sets[:, 0].astype(float), 3).tolist()
         ([7, 3], [[0.707, 0.707], [1.0, 0.0]])
     """
     if not isinstance(embeddings, Embeddings):
