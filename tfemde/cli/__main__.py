@@ -1,0 +1,7 @@
+"""`python -m tfemde.cli`."""
+
+import sys
+
+from tfemde.cli import main
+
+sys.exit(main())
