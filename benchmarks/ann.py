@@ -97,6 +97,10 @@ def emoji(run_dir, n, queries, seed=0, noise=0.3):
             run.config.sketch_weight)
 
 
+# With RFlat: FAISS ranks 2 x neighbours keys by their PQ codes, keeps the best neighbours by exact inner products.
+REFINE_FACTOR = 2
+
+
 def per_query_ms(search, queries, batch, repeats):
     """Median wall ms per query of `search(queries[i:i+batch])` over `repeats` calls."""
     times = []
@@ -130,6 +134,8 @@ def configs(n):
     efs = [64, 128, 256, 512]
     out = [("elements", f"IVF{nlist},Flat", 256, "nprobe", probes),
            ("elements", f"IVF{nlist},PQ{D // 4}x4fs", 256, "nprobe", probes)]
+    if n > 200_000:  # near-copies crowd the candidates at 1M: many PQ candidates, kept by exact inner products
+        out += [("elements", f"IVF{nlist},PQ{D // 4}x4fs,RFlat", 2048, "nprobe", [8, 16, 32, 64])]
     if n <= 200_000:  # the single-vector keys (and HNSW, whose build is slow) only at the smaller size
         out += [("sketch", f"IVF{nlist_items},Flat", 1024, "nprobe", probes),
                 ("fde", f"IVF{nlist_items},Flat", 1024, "nprobe", probes),
@@ -144,7 +150,7 @@ def chosen(points, param):
     return min(good, key=lambda p: p["ms_batch1"]) if good else max(points, key=lambda p: p["recall@10"])
 
 
-def run_gallery(name, items, queries, alpha, sketch_weight, k, n_exact_single, only):
+def run_gallery(name, items, queries, alpha, sketch_weight, k, n_exact_single, only, factories=None):
     n = len(items)
     print(f"\n== {name}: {n:,} items of [{K}, {D}] (+ sketch {items.sketch_dim}), {len(queries)} queries, "
           f"alpha {alpha}, sketch weight {sketch_weight} ==", flush=True)
@@ -162,9 +168,10 @@ def run_gallery(name, items, queries, alpha, sketch_weight, k, n_exact_single, o
               "indexes": []}
     del exact
     for key, factory, neighbours, param, sweep in configs(n):
-        if only and key not in only:
+        if (only and key not in only) or (factories and not any(f in factory for f in factories)):
             continue
-        index = AnnSetIndex(alpha=alpha, sketch_weight=sketch_weight, key=key, factory=factory, neighbours=neighbours)
+        index = AnnSetIndex(alpha=alpha, sketch_weight=sketch_weight, key=key, factory=factory, neighbours=neighbours,
+                            search_params={"k_factor_rf": REFINE_FACTOR} if factory.endswith(",RFlat") else None)
         start = time.perf_counter()
         index.add(items)
         build = time.perf_counter() - start
@@ -286,6 +293,10 @@ def main(argv=None):
     parser.add_argument("--run", help="a trained run folder: adds the emoji gallery of its embeddings")
     parser.add_argument("--only", nargs="*", default=None, help="candidate keys to measure (default: all)")
     parser.add_argument("--skip-clustered", action="store_true")
+    parser.add_argument("--factories", nargs="*", default=None,
+                        help="measure only the FAISS factories containing one of these strings (e.g. RFlat)")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the indexes of the --out JSON that this run does not measure again")
     parser.add_argument("--replot", nargs="*", help="redraw the PNG of these result JSONs and stop")
     parser.add_argument("--table", nargs="*", help="print README rows from these result JSONs and stop")
     parser.add_argument("--out", default=None, help="path stem for the .json and .png (default: "
@@ -309,7 +320,13 @@ def main(argv=None):
     results = {}
     for name, make in galleries.items():
         items, queries, alpha, sketch_weight = make()
-        results[name] = run_gallery(name, items, queries, alpha, sketch_weight, 10, 3, args.only)
+        results[name] = run_gallery(name, items, queries, alpha, sketch_weight, 10, 3, args.only, args.factories)
+        if args.update and out.with_suffix(".json").exists():
+            earlier = json.loads(out.with_suffix(".json").read_text())["results"].get(name, {})
+            measured = {(e["key"], e["factory"]) for e in results[name]["indexes"]}
+            kept = [dict(e, measured_with=earlier.get("measured_with", "an earlier run")) for e in
+                    earlier.get("indexes", []) if (e["key"], e["factory"]) not in measured]
+            results[name]["indexes"] = kept + results[name]["indexes"]
         best = [(e, p) for e in results[name]["indexes"] for p in e["points"] if p["recall@10"] >= 0.98]
         if not best:
             best = [max(((e, p) for e in results[name]["indexes"] for p in e["points"]),
@@ -328,6 +345,11 @@ def main(argv=None):
                     point[entry["parameter"]], point["neighbours"], folder)
         del items, queries
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.update and out.with_suffix(".json").exists():
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        results = {**earlier["results"], **results}
+        machine = machine if earlier.get("machine") == machine else f"{machine}; galleries not measured again: " \
+            f"{earlier.get('machine')}"
     out.with_suffix(".json").write_text(json.dumps({"machine": machine, "results": results}, indent=1))
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")

@@ -98,6 +98,33 @@ def test_search_params_of_a_call_apply_to_that_call_only(rng):
     assert ivf.nprobe == 8
 
 
+def test_a_refined_index_takes_k_factor_rf_per_call(rng):
+    """`IVF,PQ,RFlat`: FAISS ranks k_factor_rf x neighbours keys by their PQ codes and keeps the best neighbours by
+    exact inner products; a wider refine never recalls less, and a call's k_factor_rf is that call's only."""
+    import faiss
+
+    items = clustered(rng, 3000)
+    queries = noisy(rng, items[rng.choice(3000, 40, replace=False)])
+    exact = SetIndex(alpha=16.0)
+    exact.add(items)
+    want = exact.search(queries, k=10)[0]
+    index = AnnSetIndex(alpha=16.0, factory="IVF16,PQ4,RFlat", neighbours=16, search_params={"nprobe": 16})
+    index.add(items)
+    inner = faiss.downcast_index(index._faiss_index.index)
+    assert isinstance(inner, faiss.IndexRefine)
+    narrow = index.search(queries, k=10, search_params={"k_factor_rf": 1})[0]
+    assert inner.k_factor == 1
+    wide = index.search(queries, k=10, search_params={"k_factor_rf": 16})[0]
+    assert inner.k_factor == 16
+    assert recall(want, wide) > recall(want, narrow)
+    index.search(queries[:1], k=10)
+    assert inner.k_factor == 1  # FAISS's default comes back
+    flat = AnnSetIndex(alpha=16.0, factory="IVF16,Flat")
+    flat.add(items)
+    with pytest.raises(ValueError, match="'k_factor_rf' is not a search parameter of a 'IVF16,Flat' index"):
+        flat.search(queries[:1], search_params={"k_factor_rf": 2})
+
+
 def test_few_neighbours_still_fill_k(rng):
     items = clustered(rng, 500)
     index = AnnSetIndex(alpha=16.0, factory="HNSW32", neighbours=1)

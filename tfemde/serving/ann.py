@@ -109,8 +109,11 @@ class AnnSetIndex:
             for `"auto"` (chosen from the number of keys at the first `add`). IVF and PQ
             indexes are trained on the first `add`, which must hold enough keys (FAISS wants about 40 per list).
         neighbours: keys retrieved per query element (`k′`); the candidates are the union of their items.
-        search_params: FAISS search parameters by name, e.g. `{"efSearch": 128}` for HNSW or `{"nprobe": 32}` for
-            IVF (set with `faiss.ParameterSpace`); None keeps FAISS's defaults.
+        search_params: FAISS search parameters by name, e.g. `{"efSearch": 128}` for HNSW, `{"nprobe": 32}` for
+            IVF, `{"k_factor_rf": 2}` for a refined index such as `"IVF4096,PQ64x4fs,RFlat"` (FAISS ranks
+            `k_factor_rf · neighbours` keys by their codes, then keeps the best `neighbours` by exact inner
+            products: the remedy when near-duplicate items crowd the candidates); set with `faiss.ParameterSpace`;
+            None keeps FAISS's defaults.
         store_dtype: `"float32"` or `"float16"` for the stored sets and sketches (half the bytes; the re-rank
             computes in float32).
         fde_options: with `key="fde"`, the arguments of `tfemde.serving.fde.encode` (default `DEFAULT_FDE`).
@@ -259,10 +262,13 @@ class AnnSetIndex:
 
     # -- searching -----------------------------------------------------------------------------------------------
     def _faiss_value(self, name: str):
-        """FAISS's current value of `name` (nprobe of an IVF index, efSearch of an HNSW graph), or None."""
+        """FAISS's current value of `name` (nprobe of an IVF index, efSearch of an HNSW graph, k_factor_rf of a
+        refined index), or None."""
         faiss = _faiss()
         inner = faiss.downcast_index(self._faiss_index.index)
         try:
+            if name == "k_factor_rf":
+                return inner.k_factor if isinstance(inner, faiss.IndexRefine) else None
             if name == "nprobe":
                 return faiss.extract_index_ivf(inner).nprobe
             if name == "efSearch":
@@ -281,7 +287,8 @@ class AnnSetIndex:
                 default = self._faiss_value(name)
                 if default is None:
                     raise ValueError(f"search_params: {name!r} is not a search parameter of a {self.factory!r} index "
-                                     "that a search may change (HNSW takes efSearch, IVF nprobe)")
+                                     "that a search may change (HNSW takes efSearch, IVF nprobe, a refined index "
+                                     "k_factor_rf)")
                 self._faiss_defaults[name] = default
         wanted = {**self._faiss_defaults, **self.search_params, **overrides}
         space = faiss.ParameterSpace()
@@ -292,7 +299,7 @@ class AnnSetIndex:
                 space.set_index_parameter(self._faiss_index, name, value)
             except RuntimeError:
                 raise ValueError(f"search_params: {name!r} is not a search parameter of a {self.factory!r} "
-                                 "index (HNSW takes efSearch, IVF nprobe)") from None
+                                 "index (HNSW takes efSearch, IVF nprobe, a refined index k_factor_rf)") from None
             self._applied_params[name] = value
 
     def _candidates(self, queries: Embeddings, neighbours: int, params: dict, n: int):
