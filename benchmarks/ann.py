@@ -198,7 +198,7 @@ def run_gallery(name, items, queries, alpha, sketch_weight, k, n_exact_single, o
         for value in sweep:
             measure(value, neighbours)
         best = chosen(entry["points"], param)
-        for nb in (neighbours // 4, neighbours // 2, neighbours * 2, neighbours * 4):
+        for nb in (neighbours // 4, neighbours // 2, neighbours * 2, neighbours * 3, neighbours * 4):
             measure(best[param], nb)
         result["indexes"].append(entry)
         del index
@@ -296,7 +296,7 @@ def main(argv=None):
     parser.add_argument("--factories", nargs="*", default=None,
                         help="measure only the FAISS factories containing one of these strings (e.g. RFlat)")
     parser.add_argument("--update", action="store_true",
-                        help="keep the indexes of the --out JSON that this run does not measure again")
+                        help="keep the galleries of the --out JSON that this run does not measure (--skip-clustered)")
     parser.add_argument("--replot", nargs="*", help="redraw the PNG of these result JSONs and stop")
     parser.add_argument("--table", nargs="*", help="print README rows from these result JSONs and stop")
     parser.add_argument("--out", default=None, help="path stem for the .json and .png (default: "
@@ -321,12 +321,6 @@ def main(argv=None):
     for name, make in galleries.items():
         items, queries, alpha, sketch_weight = make()
         results[name] = run_gallery(name, items, queries, alpha, sketch_weight, 10, 3, args.only, args.factories)
-        if args.update and out.with_suffix(".json").exists():
-            earlier = json.loads(out.with_suffix(".json").read_text())["results"].get(name, {})
-            measured = {(e["key"], e["factory"]) for e in results[name]["indexes"]}
-            kept = [dict(e, measured_with=earlier.get("measured_with", "an earlier run")) for e in
-                    earlier.get("indexes", []) if (e["key"], e["factory"]) not in measured]
-            results[name]["indexes"] = kept + results[name]["indexes"]
         best = [(e, p) for e in results[name]["indexes"] for p in e["points"] if p["recall@10"] >= 0.98]
         if not best:
             best = [max(((e, p) for e in results[name]["indexes"] for p in e["points"]),
