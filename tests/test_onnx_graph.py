@@ -1,4 +1,4 @@
-"""tfemde.export.onnx_graph.sort_nodes: topological order that counts what loop bodies read from outside."""
+"""tfemde.export.onnx_graph: node order that counts what loop bodies read from outside; tensordots as MatMuls."""
 
 import numpy as np
 import pytest
@@ -55,3 +55,69 @@ def test_sort_refuses_a_cycle():
                               [], [])
     with pytest.raises(ValueError, match="graph 'g' has a cycle"):
         sort_nodes(graph)
+
+
+def test_a_dense_layer_on_sets_converts_to_one_matmul_with_the_same_numbers():
+    """tf2onnx writes a Keras Dense on a [B, K, D] tensor as Reshape -> MatMul -> Reshape with ~12 shape nodes;
+    the converted graph holds the plain MatMul (and the bias Add) and computes what TensorFlow computes."""
+    import keras
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from tfemde.export import convert_function
+
+    dense = keras.layers.Dense(5)
+    dense.build((None, 3, 4))
+    dense.bias.assign(np.linspace(-1, 1, 5).astype(np.float32))
+    spec = tf.TensorSpec([None, 3, 4], tf.float32, name="sets")
+    fn = tf.function(lambda sets: {"out": dense(sets) * 2.0}, input_signature=[spec])
+    proto = convert_function(fn, [spec])
+    assert sorted(n.op_type for n in proto.graph.node) == ["Add", "MatMul", "Mul"]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).normal(size=(batch, 3, 4)).astype(np.float32)
+        np.testing.assert_allclose(session.run(["out"], {"sets": x})[0], fn(tf.constant(x))["out"].numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def _reshape_matmul_model(second_shape):
+    """`x [2, 3, 4] -> Reshape [6, 4] -> MatMul W [4, 5] -> Reshape second_shape`, with constant shapes, plus a
+    dead Neg node and its initializer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.arange(20, dtype=np.float32).reshape(4, 5) / 10
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["x2"]),
+             helper.make_node("MatMul", ["x2", "w"], ["y2"], name="dense/Tensordot/MatMul"),
+             helper.make_node("Reshape", ["y2", "back"], ["y"]), helper.make_node("Neg", ["unused"], ["dead"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([6, 4]), "flat"),
+                     numpy_helper.from_array(np.array(second_shape), "back"),
+                     numpy_helper.from_array(np.ones(2, np.float32), "unused")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("second_shape", [[2, 3, 5], [3, 2, 5]])
+def test_reshapes_not_computed_from_the_input_shape_stay(second_shape):
+    """Only reshapes whose targets come from Shape(x) are a tensordot's: constant ones (here one of them a different
+    layout, [3, 2, 5]) stay, even under a tensordot's name, and the graph computes the same values; dead nodes go."""
+    import onnxruntime as ort
+
+    from tfemde.export.onnx_graph import collapse_tensordots
+
+    model = _reshape_matmul_model(second_shape)
+    x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString()).run(["y"], {"x": x})[0]
+    assert collapse_tensordots(model) == 0
+    assert [n.op_type for n in model.graph.node] == ["Reshape", "MatMul", "Reshape"]
+    assert sorted(t.name for t in model.graph.initializer) == ["back", "flat", "w"]
+    got = ort.InferenceSession(model.SerializeToString()).run(["y"], {"x": x})[0]
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(want, (x.reshape(6, 4) @ _weight(model)).reshape(second_shape), rtol=1e-5)
+
+
+def _weight(model):
+    from onnx import numpy_helper
+
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w")

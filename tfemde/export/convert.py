@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from tfemde.export.onnx_graph import collapse_tensordots
+
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = tuple(range(13, 19))  # tf2onnx 1.17 stops at 18
 
@@ -88,7 +90,8 @@ def convert_function(fn, input_signature, opset: int = DEFAULT_OPSET, dims=None,
         what: a name for error messages.
 
     Returns:
-        The checked `onnx.ModelProto`.
+        The checked `onnx.ModelProto`, its Dense layers on 3-D tensors as plain MatMuls
+        (`tfemde.export.onnx_graph.collapse_tensordots`).
 
     Raises:
         ExportError: tf2onnx logged an ERROR or an unsupported op, left a non-ONNX op in the graph, or the graph
@@ -108,6 +111,7 @@ def convert_function(fn, input_signature, opset: int = DEFAULT_OPSET, dims=None,
     foreign = sorted({f"{n.domain}:{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if foreign:
         raise ExportError(f"the converted {what} contains non-ONNX ops: {', '.join(foreign)}")
+    collapse_tensordots(proto)
     return checked(proto, dims, f"converted {what}")
 
 
