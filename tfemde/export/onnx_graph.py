@@ -7,8 +7,7 @@ onnxruntime's quantizer) do not keep.
 `collapse_tensordots` turns tf2onnx's form of a Keras `Dense` on a `[B, K, D]` tensor (`tf.tensordot`: a chain of
 Shape / Gather / ReduceProd / Concat / Cast nodes computing a `[B·K, D]` Reshape before the MatMul and a
 `[B, K, E]` Reshape after it) into the one MatMul ONNX broadcasts over the leading axes; `prune` then drops what
-nothing reads. The set-prediction heads hold dozens of these; at one item per call their ~12 nodes each cost more
-than their arithmetic.
+nothing reads. The set-prediction heads hold dozens of these: a DivE-size graph loses 126-141 of its ~600 nodes.
 """
 
 from __future__ import annotations
@@ -133,7 +132,8 @@ def collapse_tensordots(model) -> int:
 
 
 def prune(graph) -> None:
-    """Drop the nodes and initializers of `graph` that no graph output depends on (subgraph reads counted)."""
+    """Drop the nodes and initializers of `graph` (topologically sorted) that no graph output depends on, counting
+    what subgraphs read from the enclosing scope."""
     needed = {v.name for v in graph.output}
     kept = []
     for node in reversed(list(graph.node)):
