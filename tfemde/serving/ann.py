@@ -109,11 +109,9 @@ class AnnSetIndex:
             for `"auto"` (chosen from the number of keys at the first `add`). IVF and PQ
             indexes are trained on the first `add`, which must hold enough keys (FAISS wants about 40 per list).
         neighbours: keys retrieved per query element (`k′`); the candidates are the union of their items.
-        search_params: FAISS search parameters by name, e.g. `{"efSearch": 128}` for HNSW, `{"nprobe": 32}` for
-            IVF, `{"k_factor_rf": 2}` for a refined index such as `"IVF4096,PQ64x4fs,RFlat"` (FAISS ranks
-            `k_factor_rf · neighbours` keys by their codes, then keeps the best `neighbours` by exact inner
-            products: the remedy when near-duplicate items crowd the candidates); set with `faiss.ParameterSpace`;
-            None keeps FAISS's defaults.
+        search_params: FAISS search parameters (`faiss.ParameterSpace`; None keeps FAISS's defaults): `efSearch`
+            (HNSW), `nprobe` (IVF), `k_factor_rf` (a refined index, e.g. `"IVF4096,PQ64x4fs,RFlat"`: FAISS ranks
+            `k_factor_rf · neighbours` keys by their codes and keeps the best `neighbours` by exact inner products).
         store_dtype: `"float32"` or `"float16"` for the stored sets and sketches (half the bytes; the re-rank
             computes in float32).
         fde_options: with `key="fde"`, the arguments of `tfemde.serving.fde.encode` (default `DEFAULT_FDE`).
@@ -262,8 +260,7 @@ class AnnSetIndex:
 
     # -- searching -----------------------------------------------------------------------------------------------
     def _faiss_value(self, name: str):
-        """FAISS's current value of `name` (nprobe of an IVF index, efSearch of an HNSW graph, k_factor_rf of a
-        refined index), or None."""
+        """FAISS's current value of `name` (an IVF's nprobe, an HNSW's efSearch, a refine's k_factor_rf), or None."""
         faiss = _faiss()
         inner = faiss.downcast_index(self._faiss_index.index)
         try:
