@@ -337,13 +337,13 @@ def test_caption_augmentation_keeps_tokens_order_and_never_empties(tokenizer):
 def test_caption_augmentation_keeps_order_of_unchanged_tokens():
     import tensorflow as tf
 
-    from tfemde.data.pipelines import _augment_captions
+    from tfemde.data.augmentation import augment_captions
 
     rng = np.random.default_rng(2)
     rows = [list(rng.integers(3, 30, size=rng.integers(0, 12))) for _ in range(300)]
     tokens = tf.ragged.constant(rows, dtype=tf.int32)
     sentinel = 999  # the only "random token", so replacements are recognisable
-    out = _augment_captions(tokens, tf.constant([4, 2], tf.int64), 0.5, MASK_ID, tf.constant([sentinel]))
+    out = augment_captions(tokens, tf.constant([4, 2], tf.int64), 0.5, MASK_ID, tf.constant([sentinel]))
     n = n_mask = n_replaced = n_kept = 0
     for original, got in zip(rows, out.to_list()):
         assert len(got) <= len(original) and (len(got) > 0) == (len(original) > 0)

@@ -18,16 +18,8 @@ serving runtime's decoder too: any format Pillow reads, first frame, high bit de
 composited over white, squashed to `image_size` with antialiased bilinear interpolation, rounded to uint8; the model
 sees the uint8 values divided by 255.
 
-Augmentations (training only, each switchable, all drawn from stateless random ops seeded per batch):
-
-* region drop (VSE∞ / DivE size augmentation): each region is dropped with probability `region_drop` by clearing its
-  `region_mask` entry; if every region of an item would be dropped, the one with the largest draw is kept;
-* caption augmentation (VSE∞ / DivE, p = `caption_augment`): each token is selected with probability p; of the
-  selected tokens 50% become `tokenizer.mask_id` (the `<mask>` control id, which text never encodes to), 10% become a
-  random ordinary token, 40% are deleted (later tokens move up, so a caption longer than `max_length` fills the
-  freed places). If every token of a caption would be deleted, none of its tokens is deleted;
-* image augmentation: a random square-ish crop keeping a side fraction in [`crop_scale`, 1] of each side, resized back
-  to the image size, and, if `flip`, a horizontal flip with probability 0.5.
+Augmentations (training only, each switchable, all drawn from stateless random ops seeded per batch): see
+`tfemde.data.augmentation`.
 
 Determinism: given `seed` (and TensorFlow's global seed, which `keras.utils.set_random_seed` sets), two datasets built
 alike give identical batches, epoch after epoch; each new iteration over the dataset (each `fit` epoch) reshuffles
@@ -42,6 +34,8 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from tfemde.data.augmentation import NO_AUGMENTATION  # noqa: F401 - tfemde.data exports it from here
+from tfemde.data.augmentation import augment_captions, augment_images, region_drop_mask
 from tfemde.data.dataset import SPLITS, Dataset
 from tfemde.data.sampling import SEED_OFFSET as _AUGMENT_SEED_OFFSET
 from tfemde.data.sampling import group_balanced_draws, grouped_by_length, groups_times_instances
@@ -50,8 +44,6 @@ from tfemde.text import Tokenizer
 
 AUTOTUNE = tf.data.AUTOTUNE
 CACHE_MAX_BYTES = 2 << 30
-# `train_dataset` keywords that turn off every augmentation (its defaults are the papers'): the pairs as they are.
-NO_AUGMENTATION = {"caption_augment": 0.0, "image_augment": False, "region_drop": 0.0}
 
 
 def pipeline_options() -> tf.data.Options:
@@ -152,23 +144,6 @@ def _pad(tokens, max_length, batch_size=None):
     return ids, mask
 
 
-def _augment_captions(tokens, seed, p, mask_id, normal_ids):
-    """Token mask (50%) / random replace (10%) / delete (40%) of each token with probability p; see module doc."""
-    flat = tokens.flat_values
-    n = tf.shape(flat)[0]
-    select = tf.random.stateless_uniform([n], seed=seed) < p
-    kind = tf.random.stateless_uniform([n], seed=seed + [0, 1])
-    pick = tf.random.stateless_uniform([n], seed=seed + [0, 2], maxval=tf.shape(normal_ids)[0], dtype=tf.int32)
-    masked = select & (kind < 0.5)
-    replaced = select & (kind >= 0.5) & (kind < 0.6)
-    deleted = select & (kind >= 0.6)
-    new = tf.where(masked, tf.cast(mask_id, flat.dtype), tf.where(replaced, tf.gather(normal_ids, pick), flat))
-    keep = ~deleted
-    kept_per_row = tf.math.unsorted_segment_sum(tf.cast(keep, tf.int32), tokens.value_rowids(), tokens.nrows())
-    keep = keep | tf.gather(kept_per_row == 0, tokens.value_rowids())
-    return tf.ragged.boolean_mask(tokens.with_flat_values(new), tokens.with_flat_values(keep))
-
-
 def caption_text_ids(captions) -> np.ndarray:
     """`[N]` int64: the same id for captions whose texts are equal after casefolding and collapsing whitespace."""
     normalized = [" ".join(str(caption).casefold().split()) for caption in captions]
@@ -176,15 +151,6 @@ def caption_text_ids(captions) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- regions
-def _region_mask(batch, num_regions, seed, p):
-    """`[B, R]` bool: each region kept with probability 1 - p, at least one per row."""
-    u = tf.random.stateless_uniform([batch, num_regions], seed=seed)
-    keep = u >= p
-    none_kept = ~tf.reduce_any(keep, axis=1, keepdims=True)
-    best = tf.one_hot(tf.argmax(u, axis=1), num_regions, on_value=True, off_value=False)
-    return keep | (none_kept & best)
-
-
 def _read_regions(dataset, items, num_regions, num_features):
     """`[B, R, F]` float32 features of `items`, read from the (memory-mapped) array only for these rows.
 
@@ -232,29 +198,6 @@ def _resize_uint8(images, image_size, chunk=512):
 
 def _to_float(images):
     return tf.cast(images, tf.float32) / 255.0
-
-
-def _augment_images(images, seed, crop_scale, flip):
-    """Random crop (side fraction in [crop_scale, 1], resized back) and horizontal flip of `[B, H, W, 3]` uint8.
-
-    Both are one `crop_and_resize`: a flipped image is a crop box whose x1 > x2. A full, unflipped box samples
-    exactly the original pixels.
-    """
-    batch = tf.shape(images)[0]
-    height, width = images.shape[1], images.shape[2]
-    side = tf.random.stateless_uniform([batch], seed=seed, minval=crop_scale, maxval=1.0)
-    if crop_scale >= 1.0:
-        side = tf.ones([batch])
-    offset = tf.random.stateless_uniform([batch, 2], seed=seed + [0, 1]) * (1.0 - side)[:, None]
-    x1, x2 = offset[:, 1], offset[:, 1] + side
-    if flip:
-        flipped = tf.random.stateless_uniform([batch], seed=seed + [0, 2]) < 0.5
-        x1, x2 = tf.where(flipped, x2, x1), tf.where(flipped, x1, x2)
-    boxes = tf.stack([offset[:, 0], x1, offset[:, 0] + side, x2], axis=1)
-    # float32 input: crop_and_resize is about 2x slower on uint8 input
-    x = tf.image.crop_and_resize(tf.cast(images, tf.float32), boxes, tf.range(batch), [height, width],
-                                 method="bilinear")
-    return tf.clip_by_value(x * (1.0 / 255.0), 0.0, 1.0)
 
 
 def _decoded_bytes(num_items, image_size):
@@ -404,7 +347,7 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
         if kind == "regions":
             out["regions"] = _read_regions(dataset, items, num_regions, num_features)
             if region_drop > 0:
-                out["region_mask"] = _region_mask(batch_size, num_regions, batch_seed + [1, 0], region_drop)
+                out["region_mask"] = region_drop_mask(batch_size, num_regions, batch_seed + [1, 0], region_drop)
             else:
                 out["region_mask"] = tf.ones([batch_size, num_regions], tf.bool)
         else:
@@ -413,12 +356,12 @@ def train_dataset(dataset: Dataset, tokenizer: Tokenizer, batch_size: int, max_l
             else:
                 images = tf.gather(pixels if all_images is None else all_images, items)
             if image_augment and (flip or crop_scale < 1.0):
-                out["image"] = _augment_images(images, batch_seed + [2, 0], crop_scale, flip)
+                out["image"] = augment_images(images, batch_seed + [2, 0], crop_scale, flip)
             else:
                 out["image"] = _to_float(images)
         caption = tokens.gather(caption_index)
         if caption_augment > 0:
-            caption = _augment_captions(caption, batch_seed + [3, 0], caption_augment, mask_id, normal_ids)
+            caption = augment_captions(caption, batch_seed + [3, 0], caption_augment, mask_id, normal_ids)
         length = max_length
         if bucket_width:
             longest = tf.maximum(tf.reduce_max(tf.gather(caption_length, caption_index)), 1)
