@@ -100,7 +100,7 @@ def test_search_params_of_a_call_apply_to_that_call_only(rng):
 
 def test_a_refined_index_takes_k_factor_rf_per_call(rng):
     """`IVF,PQ,RFlat`: FAISS ranks k_factor_rf x neighbours keys by their PQ codes and keeps the best neighbours by
-    exact inner products; a wider refine never recalls less, and a call's k_factor_rf is that call's only."""
+    exact inner products; a wider refine recalls more here, and a call's k_factor_rf is that call's only."""
     import faiss
 
     items = clustered(rng, 3000)
