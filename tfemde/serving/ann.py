@@ -11,10 +11,10 @@ the candidates worth scoring. The index keeps:
 - the items' sets, masks and sketches as arrays (memory-mapped after `load`, float16 optional), read only at the
   candidates' rows when a query is re-ranked with `tfemde.serving.similarity`'s code.
 
-`search` asks FAISS for `neighbours` keys per query element (or per query sketch), takes the union of their items
-and returns the best `k` of them by the exact score. A folder written by `save` holds the FAISS file, the arrays
-and a `manifest.json` with sizes and sha256 checksums; `load` refuses a file that is missing, truncated, changed or
-does not match the others.
+`search` asks FAISS for `neighbours` keys per query element (or sketch; or `refine` times more, of which the exact
+stored ones keep `neighbours`) and returns the best `k` of their items by the exact score (`ann_rerank`). `save`
+writes the FAISS file, the arrays and a `manifest.json` with sizes and sha256 checksums; `load` refuses a file
+that is missing, truncated, changed or does not match the others.
 
 Needs `faiss-cpu` (`pip install "tfemde[ann]"`); `SetIndex` stays the exact index that needs nothing.
 """
@@ -34,12 +34,13 @@ import numpy as np
 
 from tfemde.files import make_folder_beside, move_folder_into_place
 from tfemde.serving import fde
+from tfemde.serving.ann_rerank import candidate_rows, refine_keys, rerank
 from tfemde.serving.ann_store import (FAISS_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, StoredSets,
                                       check_files, check_replaceable, read_manifest)
 from tfemde.serving.embeddings import Embeddings
 from tfemde.serving.index import check_addable, extend_ids
 from tfemde.serving.manifest import file_records
-from tfemde.serving.similarity import check_alpha, sketch_similarity, smooth_chamfer_checked
+from tfemde.serving.similarity import check_alpha
 
 KEYS = ("elements", "sketch", "fde")
 # MUVERA encodings when key="fde" (tfemde.serving.fde.encode): 2 × 4 × 4 × 32 = 1,024 dimensions per item.
@@ -109,6 +110,9 @@ class AnnSetIndex:
             for `"auto"` (chosen from the number of keys at the first `add`). IVF and PQ
             indexes are trained on the first `add`, which must hold enough keys (FAISS wants about 40 per list).
         neighbours: keys retrieved per query element (`k′`); the candidates are the union of their items.
+        refine: FAISS retrieves `refine · neighbours` keys per query element and the best `neighbours` of them by
+            exact inner products with the stored elements (or sketches) go on: FAISS's `RFlat` without its float32
+            copy of the keys, for product-quantised indexes (`"IVF4096,PQ64x4fs"`); 1 uses FAISS's ranking.
         search_params: FAISS search parameters (`faiss.ParameterSpace`; None keeps FAISS's defaults): `efSearch`
             (HNSW), `nprobe` (IVF), `k_factor_rf` (a refined index, e.g. `"IVF4096,PQ64x4fs,RFlat"`: FAISS ranks
             `k_factor_rf · neighbours` keys by their codes and keeps the best `neighbours` by exact inner products).
@@ -133,7 +137,7 @@ class AnnSetIndex:
     def __init__(self, alpha: float = 16.0, sketch_weight: float = 0.0, key: str = "elements",
                  factory: Optional[str] = None, neighbours: int = DEFAULT_NEIGHBOURS,
                  search_params: Optional[dict] = None, store_dtype: str = "float32",
-                 export_digest: Optional[str] = None, fde_options: Optional[dict] = None):
+                 export_digest: Optional[str] = None, fde_options: Optional[dict] = None, refine: int = 1):
         self.alpha = check_alpha(alpha)
         self.sketch_weight = float(sketch_weight)
         if not np.isfinite(self.sketch_weight):
@@ -144,6 +148,7 @@ class AnnSetIndex:
             raise ValueError(f"factory must be a FAISS index_factory string (e.g. 'HNSW32') or None; got {factory!r}")
         if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or neighbours < 1:
             raise ValueError(f"neighbours must be an int >= 1; got {neighbours!r}")
+        self.refine = self._check_refine(refine, key)
         if search_params is not None and not (isinstance(search_params, dict) and all(
                 isinstance(name, str) and isinstance(v, (int, float, np.integer, np.floating)) and
                 not isinstance(v, bool) for name, v in search_params.items())):
@@ -174,6 +179,14 @@ class AnnSetIndex:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    @staticmethod
+    def _check_refine(refine, key: str) -> int:
+        if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)) or not 1 <= refine <= (
+                1 if key == "fde" else np.inf):
+            raise ValueError(f"refine must be an int >= 1 (1 with key='fde': the index stores no MUVERA encodings); "
+                             f"got {refine!r}")
+        return int(refine)
 
     def __repr__(self) -> str:
         return (f"AnnSetIndex({len(self)} items, key={self.key!r}, factory={self.factory!r}, "
@@ -253,7 +266,7 @@ class AnnSetIndex:
             index = self._faiss_index if self._faiss_index is not None else self._new_faiss_index(vectors)
             index.add_with_ids(vectors, key_ids)
             self._faiss_index = index
-            self._rows.append(embeddings.sets, embeddings.set_mask, embeddings.sketches)
+            self._rows.append(embeddings.sets, embeddings.set_mask, embeddings.sketches, embeddings.max_norm)
             if self._first is None:
                 self._first = embeddings[:1]
             self._ids = all_ids
@@ -299,8 +312,8 @@ class AnnSetIndex:
                                  "index (HNSW takes efSearch, IVF nprobe, a refined index k_factor_rf)") from None
             self._applied_params[name] = value
 
-    def _candidates(self, queries: Embeddings, neighbours: int, params: dict, n: int):
-        """`[Q]` sorted item rows per query from FAISS (items added after the snapshot of `n` items left out)."""
+    def _candidates(self, queries: Embeddings, neighbours: int, refine: int, params: dict, stored: StoredSets):
+        """`[Q]` sorted item rows per query from FAISS (items added after the `stored` snapshot left out)."""
         if self.key != "elements":
             vectors = queries.sketches if self.key == "sketch" else fde.encode(
                 queries.sets, queries.set_mask, "query", **self.fde_options)
@@ -314,34 +327,15 @@ class AnnSetIndex:
                 vectors, owner = vectors[valid], owner[valid]
         with self._lock:
             self._set_params(params)
-            _, labels = self._faiss_index.search(np.ascontiguousarray(vectors, np.float32), neighbours)
-        items = labels if self.key != "elements" else np.where(labels >= 0, labels // self._first.num_elements, -1)
-        rows_of = [[] for _ in range(len(queries))]
-        for o, row in zip(owner, items):
-            rows_of[o].append(row)
-        out = []
-        for rows in rows_of:
-            rows = np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
-            out.append(rows[(rows >= 0) & (rows < n)])
-        return out
-
-    def _rerank(self, stored: StoredSets, query: Embeddings, rows: np.ndarray, k: int):
-        """`(rows [k], scores [k])`: the best `k` of the candidate `rows` (sorted) by the exact score, best first."""
-        use_sketch = self.sketch_weight != 0.0
-        scores = np.zeros((1, len(rows)), np.float32)
-        if use_sketch:
-            sketch_similarity(query.sketches, stored.take(rows, "sketches"), query.sketch_depth,
-                              weight=self.sketch_weight, out=scores)
-        cand = Embeddings(stored.take(rows, "sets"), set_mask=stored.take(rows, "masks"))
-        smooth_chamfer_checked(query.sets, cand.sets, self.alpha, query.set_mask, cand.set_mask, query.max_norm,
-                               cand.max_norm, None, None, scores, use_sketch)
-        scores = scores[0]
-        top = np.argpartition(-scores, k - 1)[:k] if len(rows) > k else np.arange(len(rows))
-        order = top[np.lexsort((rows[top], -scores[top]))]
-        return rows[order], scores[order]
+            _, labels = self._faiss_index.search(np.ascontiguousarray(vectors, np.float32),
+                                                 min(neighbours * refine, self.num_keys))
+        if refine > 1:
+            labels = refine_keys(stored, self.key, vectors, labels, neighbours)
+        return candidate_rows(labels, owner, len(queries), self._first.num_elements if self.key == "elements" else None,
+                              len(stored))
 
     def search(self, queries: Embeddings, k: int = 10, neighbours: Optional[int] = None,
-               search_params: Optional[dict] = None) -> Tuple[np.ndarray, np.ndarray]:
+               search_params: Optional[dict] = None, refine: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
         """The best `k` items for every query among FAISS's candidates, by the exact score, best first.
 
         Args:
@@ -351,6 +345,7 @@ class AnnSetIndex:
                 fewer than `k` candidates is searched again with more, so every row has `k` items.
             search_params: FAISS parameters for this call only, over the index's `search_params` (`nprobe`,
                 `efSearch`, or one the index sets).
+            refine: the exact refine factor for this call (default: the index's `refine`).
 
         Returns:
             `(ids [Q, k], scores [Q, k] float32)`, by descending exact score (ties in insertion order).
@@ -377,19 +372,22 @@ class AnnSetIndex:
         neighbours = self.neighbours if neighbours is None else neighbours
         if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or neighbours < 1:
             raise ValueError(f"neighbours must be an int >= 1; got {neighbours!r}")
-        params = dict(search_params or {})
-        candidates = self._candidates(queries, int(neighbours), params, n)
+        refine, params = self.refine if refine is None else self._check_refine(refine, self.key), search_params or {}
+        candidates = self._candidates(queries, int(neighbours), refine, params, rows_now)
+        stored_norm = rows_now.max_norm
         out_rows = np.empty((len(queries), k), np.int64)
         out_scores = np.empty((len(queries), k), np.float32)
+
         for i, rows in enumerate(candidates):
             wider = int(neighbours)
             while len(rows) < k:  # too few distinct items among the keys: ask for more, up to all of them
                 wider = min(wider * 4, self.num_keys)
-                rows = self._candidates(queries[i], wider, params, n)[0]
+                rows = self._candidates(queries[i], wider, refine, params, rows_now)[0]
                 if wider >= self.num_keys:
                     rows = np.arange(n) if len(rows) < k else rows
                     break
-            out_rows[i], out_scores[i] = self._rerank(rows_now, queries[i], rows, k)
+            out_rows[i], out_scores[i] = rerank(rows_now, queries[i], rows, k, self.alpha, self.sketch_weight,
+                                                stored_norm)
         return item_ids[out_rows], out_scores
 
     # -- persistence ---------------------------------------------------------------------------------------------
@@ -421,6 +419,7 @@ class AnnSetIndex:
                     "format": FORMAT_NAME, "version": FORMAT_VERSION,
                     "alpha": self.alpha, "sketch_weight": self.sketch_weight, "key": self.key,
                     "factory": self.factory, "neighbours": self.neighbours, "search_params": self.search_params,
+                    "refine": self.refine, "max_norm": self._rows.max_norm,
                     "fde_options": self.fde_options,
                     "store_dtype": self.store_dtype, "export_digest": self.export_digest,
                     "items": len(self), "keys": self.num_keys, "set_shape": list(first.sets.shape[1:]),
@@ -477,10 +476,11 @@ class AnnSetIndex:
         index = cls(alpha=manifest["alpha"], sketch_weight=manifest["sketch_weight"], key=manifest["key"],
                     factory=manifest["factory"], neighbours=manifest["neighbours"],
                     search_params=manifest["search_params"], store_dtype=manifest["store_dtype"],
-                    export_digest=manifest["export_digest"], fde_options=manifest["fde_options"])
+                    export_digest=manifest["export_digest"], fde_options=manifest["fde_options"],
+                    refine=manifest.get("refine", 1))
         index._faiss_index = faiss_index
         index._ids = np.asarray(arrays["ids"])
-        index._rows.append(arrays["sets"], arrays.get("set_mask"), arrays.get("sketches"))
+        index._rows.append(arrays["sets"], arrays.get("set_mask"), arrays.get("sketches"), manifest.get("max_norm"))
         first_sketch = None if "sketches" not in arrays else np.asarray(arrays["sketches"][:1], np.float32)
         index._first = Embeddings(np.asarray(arrays["sets"][:1], np.float32), sketches=first_sketch,
                                   sketch_depth=manifest["sketch_depth"])

@@ -10,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 
+from tfemde.serving.embeddings import max_element_norm
 from tfemde.serving.manifest import sha256_file
 
 FORMAT_NAME = "tfemde.AnnSetIndex"
@@ -24,12 +25,14 @@ class StoredSets:
     def __init__(self, dtype):
         self.dtype = np.dtype(dtype)
         self.sets, self.masks, self.sketches = [], [], []
+        self.norms = []  # the largest valid element norm of each part, None until needed
         self.offsets = [0]
 
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def append(self, sets, mask, sketches) -> None:
+    def append(self, sets, mask, sketches, max_norm: Optional[float] = None) -> None:
+        self.norms.append(None if max_norm is None else float(max_norm))
         self.sets.append(sets if sets.dtype == self.dtype else sets.astype(self.dtype))
         self.masks.append(mask)
         self.sketches.append(None if sketches is None else
@@ -41,7 +44,33 @@ class StoredSets:
         copy = StoredSets(self.dtype)
         copy.sets, copy.masks, copy.sketches, copy.offsets = (list(self.sets), list(self.masks), list(self.sketches),
                                                               list(self.offsets))
+        copy.norms = self.norms  # shared: a norm computed by either is every holder's
         return copy
+
+    @property
+    def max_norm(self) -> float:
+        """The largest norm of a valid stored element (a part loaded without it is read once, the first time)."""
+        for p, norm in enumerate(self.norms):
+            if norm is None:
+                sets = self.sets[p]
+                self.norms[p] = max_element_norm(sets if sets.dtype == np.float32 else sets.astype(np.float32),
+                                                 self.masks[p])
+        return max(self.norms, default=0.0)
+
+    def num_keys(self, key: str) -> int:
+        """The id bound of the FAISS keys of the stored items: `N · K` for `"elements"`, `N` for `"sketch"`."""
+        return len(self) * (self.sets[0].shape[1] if key == "elements" and self.sets else 1)
+
+    def take_keys(self, ids: np.ndarray, key: str) -> np.ndarray:
+        """`[M, Dk]` float32 stored keys at sorted FAISS `ids`: elements (id `item · K + k`) or sketches (id `item`)."""
+        if key == "sketch":
+            return self.take(ids, "sketches")
+        k = self.sets[0].shape[1]
+        bounds = np.searchsorted(ids, np.asarray(self.offsets) * k)
+        got = [self.sets[p].reshape(-1, self.sets[p].shape[2])[ids[bounds[p]:bounds[p + 1]] - self.offsets[p] * k]
+               for p in range(len(self.sets)) if bounds[p] < bounds[p + 1]]
+        out = got[0] if len(got) == 1 else np.concatenate(got) if got else np.zeros((0, self.sets[0].shape[2]))
+        return out.astype(np.float32, copy=False)
 
     @property
     def has_mask(self) -> bool:
