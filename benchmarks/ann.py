@@ -97,7 +97,8 @@ def emoji(run_dir, n, queries, seed=0, noise=0.3):
             run.config.sketch_weight)
 
 
-# With RFlat: FAISS ranks 2 x neighbours keys by their PQ codes, keeps the best neighbours by exact inner products.
+# With RFlat or refine: 2 x neighbours keys ranked by their PQ codes, the best neighbours kept by exact inner products
+# (RFlat: from FAISS's float32 copy of the keys; refine: from the stored sets, so FAISS holds only the codes).
 REFINE_FACTOR = 2
 
 
@@ -125,23 +126,29 @@ def faiss_bytes(index) -> int:
 
 
 def configs(n):
-    """`(key, factory, neighbours, parameter name, sweep)`: the indexes measured at `n` items.
+    """`(key, factory, neighbours, parameter name, sweep, refine)`: the indexes measured at `n` items.
 
     Inverted lists: about 2·√keys (k-means on 40 keys a list stays within minutes on two cores at 4M keys)."""
     nlist = 1 << int(round(np.log2(2 * np.sqrt(n * K))))
     nlist_items = 1 << int(round(np.log2(2 * np.sqrt(n))))
     probes = [1, 4, 16, 32, 64, 128]
     efs = [64, 128, 256, 512]
-    out = [("elements", f"IVF{nlist},Flat", 256, "nprobe", probes),
-           ("elements", f"IVF{nlist},PQ{D // 4}x4fs", 256, "nprobe", probes)]
+    out = [("elements", f"IVF{nlist},Flat", 256, "nprobe", probes, 1),
+           ("elements", f"IVF{nlist},PQ{D // 4}x4fs", 256, "nprobe", probes, 1)]
     if n > 200_000:  # near-copies crowd the candidates at 1M: many PQ candidates, kept by exact inner products
-        out += [("elements", f"IVF{nlist},PQ{D // 4}x4fs,RFlat", 2048, "nprobe", [8, 16, 32, 64])]
+        out += [("elements", f"IVF{nlist},PQ{D // 4}x4fs", 2048, "nprobe", [8, 16, 32, 64], REFINE_FACTOR),
+                ("elements", f"IVF{nlist},PQ{D // 4}x4fs,RFlat", 2048, "nprobe", [16, 32, 64], 1)]
     if n <= 200_000:  # the single-vector keys (and HNSW, whose build is slow) only at the smaller size
-        out += [("sketch", f"IVF{nlist_items},Flat", 1024, "nprobe", probes),
-                ("fde", f"IVF{nlist_items},Flat", 1024, "nprobe", probes),
-                ("elements", "HNSW32", 256, "efSearch", efs), ("sketch", "HNSW32", 1024, "efSearch", efs),
-                ("fde", "HNSW32", 1024, "efSearch", efs)]
+        out += [("sketch", f"IVF{nlist_items},Flat", 1024, "nprobe", probes, 1),
+                ("fde", f"IVF{nlist_items},Flat", 1024, "nprobe", probes, 1),
+                ("elements", "HNSW32", 256, "efSearch", efs, 1), ("sketch", "HNSW32", 1024, "efSearch", efs, 1),
+                ("fde", "HNSW32", 1024, "efSearch", efs, 1)]
     return out
+
+
+def label(entry) -> str:
+    """The index's name in the table and plot: its factory, and `+ refine ×r` when the stored sets refine."""
+    return entry["factory"] + (f" + refine ×{entry['refine']}" if entry.get("refine", 1) > 1 else "")
 
 
 def chosen(points, param):
@@ -167,18 +174,20 @@ def run_gallery(name, items, queries, alpha, sketch_weight, k, n_exact_single, o
               "exact_ms_batch1": exact_1, "exact_ms_batch64": exact_64, "set_bytes_per_item": items.sets.nbytes / n,
               "indexes": []}
     del exact
-    for key, factory, neighbours, param, sweep in configs(n):
-        if (only and key not in only) or (factories and not any(f in factory for f in factories)):
+    for key, factory, neighbours, param, sweep, refine in configs(n):
+        index_name = factory + (f" + refine ×{refine}" if refine > 1 else "")
+        if (only and key not in only) or (factories and not any(f in index_name for f in factories)):
             continue
         index = AnnSetIndex(alpha=alpha, sketch_weight=sketch_weight, key=key, factory=factory, neighbours=neighbours,
-                            search_params={"k_factor_rf": REFINE_FACTOR} if factory.endswith(",RFlat") else None)
+                            search_params={"k_factor_rf": REFINE_FACTOR} if factory.endswith(",RFlat") else None,
+                            refine=refine)
         start = time.perf_counter()
         index.add(items)
         build = time.perf_counter() - start
         size = faiss_bytes(index)
-        entry = {"key": key, "factory": factory, "build_s": build, "faiss_bytes_per_item": size / n,
+        entry = {"key": key, "factory": factory, "refine": refine, "build_s": build, "faiss_bytes_per_item": size / n,
                  "neighbours": neighbours, "parameter": param, "points": []}
-        print(f"{key:>8} {factory:<18} built in {build:6.1f} s, FAISS {size / n:7.0f} B per item "
+        print(f"{key:>8} {index_name:<18} built in {build:6.1f} s, FAISS {size / n:7.0f} B per item "
               f"({size / items.sets.nbytes:.2f} of the float32 sets)", flush=True)
 
         def measure(value, nb):
@@ -205,12 +214,12 @@ def run_gallery(name, items, queries, alpha, sketch_weight, k, n_exact_single, o
     return result
 
 
-def out_of_core(items, queries, alpha, sketch_weight, k, key, factory, param, value, neighbours, folder):
+def out_of_core(items, queries, alpha, sketch_weight, k, key, factory, param, value, neighbours, refine, folder):
     """Save, reload memory-mapped (float32 and float16), and compare rankings and latency with the in-memory index."""
     rows = {}
     for dtype in ("float32", "float16"):
         index = AnnSetIndex(alpha=alpha, sketch_weight=sketch_weight, key=key, factory=factory,
-                            neighbours=neighbours, search_params={param: value}, store_dtype=dtype)
+                            neighbours=neighbours, search_params={param: value}, store_dtype=dtype, refine=refine)
         index.add(items)
         path = index.save(Path(folder) / f"index_{dtype}")
         memory = index.search(queries, k=k)[0]
@@ -245,7 +254,7 @@ def plot(results, path):
         for entry in result["indexes"]:
             points = [p for p in entry["points"] if p["neighbours"] == entry["neighbours"]]
             line, = ax.plot([p["ms_batch1"] for p in points], [p["recall@10"] for p in points], marker="o",
-                            label=f"{entry['key']} · {entry['factory']} (k′={entry['neighbours']}; dashed: k′)")
+                            label=f"{entry['key']} · {label(entry)} (k′={entry['neighbours']}; dashed: k′)")
             best = chosen(points, entry["parameter"])
             over_k = sorted([p for p in entry["points"] if p[entry["parameter"]] == best[entry["parameter"]]],
                             key=lambda p: p["neighbours"])
@@ -278,7 +287,7 @@ def markdown(paths) -> str:
                         f"{result['exact_ms_batch1']:.1f} | {result['exact_ms_batch64']:.1f} |")
             for entry in result["indexes"]:
                 point = chosen(entry["points"], entry["parameter"])
-                rows.append(f"| {where} | {entry['key']} · `{entry['factory']}` | {entry['build_s']:.0f} s | "
+                rows.append(f"| {where} | {entry['key']} · `{label(entry)}` | {entry['build_s']:.0f} s | "
                             f"{entry['faiss_bytes_per_item']:.0f} | {entry['parameter']} "
                             f"{point[entry['parameter']]}, {point['neighbours']} | {point['recall@10']:.3f} | "
                             f"{point['ms_batch1']:.2f} ({point['speedup_batch1']:.0f}×) | {point['ms_batch64']:.2f} "
@@ -327,8 +336,9 @@ def main(argv=None):
                         key=lambda ep: ep[1]["recall@10"])]
         if best:
             entry, point = min(best, key=lambda ep: ep[1]["ms_batch1"])
-            results[name]["chosen"] = {"key": entry["key"], "factory": entry["factory"], **point}
-            print(f"fastest at recall@10 >= 0.98 (else the best recall): {entry['key']} {entry['factory']} "
+            results[name]["chosen"] = {"key": entry["key"], "factory": entry["factory"], "refine": entry["refine"],
+                                       **point}
+            print(f"fastest at recall@10 >= 0.98 (else the best recall): {entry['key']} {label(entry)} "
                   f"{entry['parameter']}="
                   f"{point[entry['parameter']]} k'={point['neighbours']}: {point['ms_batch1']:.2f} ms "
                   f"({point['speedup_batch1']:.1f}x the exact index) at batch 1, {point['speedup_batch64']:.1f}x at "
@@ -336,7 +346,7 @@ def main(argv=None):
             with tempfile.TemporaryDirectory(dir=out.parent) as folder:
                 results[name]["out_of_core"] = out_of_core(
                     items, queries, alpha, sketch_weight, 10, entry["key"], entry["factory"], entry["parameter"],
-                    point[entry["parameter"]], point["neighbours"], folder)
+                    point[entry["parameter"]], point["neighbours"], entry["refine"], folder)
         del items, queries
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.update and out.with_suffix(".json").exists():
