@@ -597,6 +597,11 @@ def test_cli_embed_index_search(setup, tmp_path, capsys):
     np.testing.assert_array_equal(ids, exact_ids)
     np.testing.assert_allclose(scores, exact_scores, atol=1e-4)
     # float16 storage: the same best scores within float16's rounding (near ties may swap places)
+    # refined candidates from a PQ index: FAISS's 4 x 200 keys by their codes, the best 200 by the stored sets
+    assert main(["index", export, "--data", "emoji", "--split", "test", "--ann", "ivfpq",
+                 "--neighbours", "200", "--refine", "4", "--out", str(tmp_path / "emoji_pq.ann")]) == 0
+    assert json.loads((tmp_path / "emoji_pq.ann" / "manifest.json").read_text())["refine"] == 4
+    assert search_out(str(tmp_path / "emoji_pq.ann"))[0].shape == (4, 5)
     assert main(["index", export, "--data", "emoji", "--split", "test", "--ann", "flat", "--float16",
                  "--out", str(tmp_path / "emoji16.ann")]) == 0
     assert json.loads((tmp_path / "emoji16.ann" / "manifest.json").read_text())["store_dtype"] == "float16"

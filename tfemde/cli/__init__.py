@@ -129,6 +129,9 @@ def parser() -> argparse.ArgumentParser:
                          "candidates re-ranked exactly; 'auto' chooses by size (see tfemde.serving.ann)")
     ix.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
                     help="with --ann: FAISS neighbours per query element")
+    ix.add_argument("--refine", type=int, default=1,
+                    help="with --ann: FAISS returns REFINE x neighbours keys, the best neighbours by exact inner "
+                         "products with the stored sets go on (for --ann ivfpq on galleries of near-duplicates)")
     ix.add_argument("--float16", action="store_true", help="with --ann: store the sets in float16 (half the bytes)")
     ix.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     ix.set_defaults(func=cmd_index)

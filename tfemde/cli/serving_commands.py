@@ -137,17 +137,20 @@ def cmd_index(args):
         out = Path(args.out)
         ann = _ann_module()
         ann.check_replaceable(out)
+        for name, value in (("--neighbours", args.neighbours), ("--refine", args.refine)):
+            if value < 1:
+                raise UserError(f"{name} must be an int >= 1; got {value}")
     else:
         from tfemde.serving.ann import DEFAULT_NEIGHBOURS
 
-        if args.float16 or args.neighbours != DEFAULT_NEIGHBOURS:
-            raise UserError("--neighbours and --float16 are options of an approximate index; add --ann auto (or "
-                            "flat, hnsw, ivfpq)")
+        if args.float16 or args.neighbours != DEFAULT_NEIGHBOURS or args.refine != 1:
+            raise UserError("--neighbours, --refine and --float16 are options of an approximate index; add --ann "
+                            "auto (or flat, hnsw, ivfpq)")
         out = out_file(args.out)
     encoder = _serving_encoder(args)
     if args.ann:  # built before the encoding, which is the long part, so that a bad argument stops at once
         index = ann.AnnSetIndex(**encoder.similarity_kwargs, factory=args.ann, neighbours=args.neighbours,
-                                store_dtype="float16" if args.float16 else "float32",
+                                refine=args.refine, store_dtype="float16" if args.float16 else "float32",
                                 export_digest=encoder.export_digest)
     else:
         index = SetIndex(**encoder.similarity_kwargs, export_digest=encoder.export_digest)
