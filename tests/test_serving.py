@@ -75,6 +75,42 @@ def _write_png(path, pixels):
 
 
 # ---------------------------------------------------------------------------------------------- providers
+IDLE_CPU_SCRIPT = """
+import sys, time
+import numpy as np
+from onnx import TensorProto, helper
+from tfemde.serving.providers import make_session
+
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 256])
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 256])
+graph = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"])], "g", [x], [y])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+session = make_session(model.SerializeToString(), threads=2, spinning=sys.argv[1] == "1")
+feeds = {"x": np.random.default_rng(0).random((256, 256), dtype=np.float32)}
+for _ in range(10):
+    session.run(None, feeds)
+idle = 0.0
+for _ in range(10):
+    session.run(None, feeds)
+    start = time.process_time()
+    time.sleep(0.05)
+    idle += time.process_time() - start
+print(idle)
+"""
+
+
+def test_sessions_spin_only_while_a_call_runs_unless_asked():
+    """By default onnxruntime's threads stop spinning when a call returns: an idle session costs no CPU (with
+    `spinning=True` they go on spinning between calls, as onnxruntime's own default does)."""
+    def idle_cpu(spinning):
+        out = subprocess.run([sys.executable, "-c", IDLE_CPU_SCRIPT, "1" if spinning else "0"], capture_output=True,
+                             text=True, check=True, timeout=120)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    assert idle_cpu(False) < 0.02
+    assert idle_cpu(True) > 0.05
+
+
 def test_choose_providers_with_fake_lists():
     cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
     assert choose_providers([cpu]) == [cpu]

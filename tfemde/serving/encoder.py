@@ -106,8 +106,9 @@ class Encoder:
                 `text_e2e.onnx` on the strings); see the module docstring.
             batch_size: items per onnxruntime call in `encode_*` (overridable per call).
             threads: onnxruntime intra-op threads (None: one per core).
-            spinning: let idle onnxruntime threads spin-wait (faster on a dedicated machine, slower on a shared
-                one; see `tfemde.serving.providers.make_session`).
+            spinning: keep onnxruntime's threads spin-waiting between calls (faster on a dedicated machine,
+                slower on a shared one); by default they spin only while a call runs (see
+                `tfemde.serving.providers.make_session`).
             verify: check the sha256 of every file the encoder uses against the manifest (recommended).
             precision: `"float32"` (the exact export) or `"int8"` (`image.int8.onnx` / `text.int8.onnx` of an
                 export made with `quantize=True`: faster on CPUs, within the cosine recorded in the manifest).

@@ -134,9 +134,13 @@ def make_session(path, providers=None, custom_ops: bool = False, threads: Option
         providers: as for `choose_providers` (None: CUDA when available, else CPU).
         custom_ops: register the onnxruntime-extensions op library (needed by `text_e2e.onnx`).
         threads: intra-op threads (None: onnxruntime's default, one per core).
-        spinning: let idle intra-op threads spin-wait (onnxruntime's default). Off by default: on a machine
-            shared with other work, spinning threads took the cores from the ones doing the work (about 1.8x
-            slower single-item calls on the 2-core benchmark box); turn it on for a dedicated server.
+        spinning: keep the intra-op threads spin-waiting between calls too (onnxruntime's default). Off by
+            default: the threads spin only while a call runs, between its parallel nodes (a text graph's
+            recurrence runs one small parallel MatMul per step: waking sleeping threads there made the int8 text
+            graph 5-8 % slower), and stop when it returns (`session.force_spinning_stop`), since on a machine
+            shared with other work, threads spinning between calls took the cores from the ones doing the work
+            (about 1.8x slower single-item calls on the 2-core benchmark box, and a quarter of a core spent
+            per idle session). Turn it on for a dedicated server that answers calls back to back.
 
     Raises:
         RuntimeError: `custom_ops` in a process that has imported TensorFlow. Registering the
@@ -149,7 +153,9 @@ def make_session(path, providers=None, custom_ops: bool = False, threads: Option
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = int(threads)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    if not spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     if custom_ops:
         if _tensorflow_loaded():
             raise RuntimeError(
