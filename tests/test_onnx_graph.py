@@ -1,4 +1,5 @@
-"""tfemde.export.onnx_graph: node order that counts what loop bodies read from outside; tensordots as MatMuls."""
+"""tfemde.export.onnx_graph: node order that counts what loop bodies read from outside; tensordots as MatMuls; layer
+normalisations as one node."""
 
 import numpy as np
 import pytest
@@ -121,3 +122,82 @@ def _weight(model):
     from onnx import numpy_helper
 
     return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w")
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+@pytest.mark.parametrize("center, scale", [(True, True), (False, True), (True, False), (False, False)])
+def test_layer_normalization_converts_to_one_node_with_the_same_numbers(rank, center, scale):
+    """tf2onnx writes a Keras LayerNormalization as a dozen nodes (GlobalAveragePool or ReduceMean moments, Sqrt,
+    Reciprocal, Muls, Adds); the converted graph holds one LayerNormalization with its γ and β, and computes what
+    TensorFlow computes, for any batch."""
+    import keras
+    import onnxruntime as ort
+    import tensorflow as tf
+    from onnx import numpy_helper
+
+    from tfemde.export import convert_function
+
+    shape = (None, 3, 8) if rank == 3 else (None, 8)
+    norm = keras.layers.LayerNormalization(epsilon=1e-3, center=center, scale=scale)
+    norm.build(shape)
+    if scale:
+        norm.gamma.assign(np.linspace(0.5, 2, 8).astype(np.float32))
+    if center:
+        norm.beta.assign(np.linspace(-1, 1, 8).astype(np.float32))
+    spec = tf.TensorSpec(shape, tf.float32, name="x")
+    fn = tf.function(lambda x: {"out": norm(x) * 2.0 + x}, input_signature=[spec])
+    proto = convert_function(fn, [spec])
+    assert sorted(n.op_type for n in proto.graph.node) == ["Add", "LayerNormalization", "Mul"]
+    node = next(n for n in proto.graph.node if n.op_type == "LayerNormalization")
+    constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    np.testing.assert_allclose(constants[node.input[1]], norm.gamma.numpy() if scale else np.ones(8))
+    np.testing.assert_allclose(constants[node.input[2]], norm.beta.numpy() if center else np.zeros(8))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 4):
+        x = np.random.default_rng(batch).normal(size=(batch, *shape[1:])).astype(np.float32) * 3 + 1
+        np.testing.assert_allclose(session.run(["out"], {"x": x})[0], fn(tf.constant(x))["out"].numpy(),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def _layer_norm_model(mean_is_output):
+    """tf2onnx's layer normalisation of `x [2, 3, 8]` (γ, β constants), the mean also an output when asked."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node
+    nodes = [node("GlobalAveragePool", ["x"], ["mean"]), node("Sub", ["x", "mean"], ["d"]),
+             node("Mul", ["d", "d"], ["d2"]), node("GlobalAveragePool", ["d2"], ["var"]),
+             node("Add", ["var", "eps"], ["var_eps"]), node("Sqrt", ["var_eps"], ["std"]),
+             node("Reciprocal", ["std"], ["inv"]), node("Mul", ["inv", "gamma"], ["s"]),
+             node("Mul", ["x", "s"], ["xs"]), node("Neg", ["mean"], ["neg"]), node("Mul", ["neg", "s"], ["ms"]),
+             node("Add", ["ms", "beta"], ["shift"]), node("Add", ["xs", "shift"], ["y"])]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 8])]
+    if mean_is_output:
+        out.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, [2, 3, 1]))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])], out,
+        initializer=[numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+                     numpy_helper.from_array(np.linspace(0.5, 2, 8).reshape(1, 1, 8).astype(np.float32), "gamma"),
+                     numpy_helper.from_array(np.linspace(-1, 1, 8).reshape(1, 1, 8).astype(np.float32), "beta")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("mean_is_output", [False, True])
+def test_a_normalisation_is_fused_only_when_nothing_else_reads_its_moments(mean_is_output):
+    """The same chain fuses into one node; when the mean is also an output, fusing would drop a value the graph
+    gives, so nothing changes. The outputs are the same either way."""
+    import onnxruntime as ort
+
+    from tfemde.export.onnx_graph import fuse_layer_norms
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype(np.float32) * 2 + 1
+    before = _layer_norm_model(mean_is_output)
+    want = ort.InferenceSession(before.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    after = _layer_norm_model(mean_is_output)
+    assert fuse_layer_norms(after) == (0 if mean_is_output else 1)
+    assert len(after.graph.node) == (13 if mean_is_output else 1)
+    got = ort.InferenceSession(after.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    mean, std = x.mean(-1, keepdims=True), x.std(-1, keepdims=True)
+    np.testing.assert_allclose(got[0], (x - mean) / np.sqrt(std ** 2 + 1e-5) * np.linspace(0.5, 2, 8)
+                               + np.linspace(-1, 1, 8), rtol=1e-4, atol=1e-4)

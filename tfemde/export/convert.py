@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from tfemde.export.onnx_graph import collapse_tensordots
+from tfemde.export.onnx_graph import collapse_tensordots, fuse_layer_norms
 
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = tuple(range(13, 19))  # tf2onnx 1.17 stops at 18
@@ -90,8 +90,8 @@ def convert_function(fn, input_signature, opset: int = DEFAULT_OPSET, dims=None,
         what: a name for error messages.
 
     Returns:
-        The checked `onnx.ModelProto`, its Dense layers on 3-D tensors as plain MatMuls
-        (`tfemde.export.onnx_graph.collapse_tensordots`).
+        The checked `onnx.ModelProto`, its Dense layers on 3-D tensors as plain MatMuls and its layer
+        normalisations as `LayerNormalization` nodes (`tfemde.export.onnx_graph`).
 
     Raises:
         ExportError: tf2onnx logged an ERROR or an unsupported op, left a non-ONNX op in the graph, or the graph
@@ -112,6 +112,7 @@ def convert_function(fn, input_signature, opset: int = DEFAULT_OPSET, dims=None,
     if foreign:
         raise ExportError(f"the converted {what} contains non-ONNX ops: {', '.join(foreign)}")
     collapse_tensordots(proto)
+    fuse_layer_norms(proto)
     return checked(proto, dims, f"converted {what}")
 
 

@@ -8,6 +8,9 @@ onnxruntime's quantizer) do not keep.
 Shape / Gather / ReduceProd / Concat / Cast nodes computing a `[B·K, D]` Reshape before the MatMul and a
 `[B, K, E]` Reshape after it) into the one MatMul ONNX broadcasts over the leading axes; `prune` then drops what
 nothing reads. The set-prediction heads hold dozens of these: a DivE-size graph loses 126-141 of its ~600 nodes.
+
+`fuse_layer_norms` turns tf2onnx's 12 or 13 nodes for a Keras `LayerNormalization` over the last axis (the moments,
+then `x · γ/σ + (β - μ · γ/σ)`) into ONNX's `LayerNormalization` (opset 17), one kernel instead of a dozen passes.
 """
 
 from __future__ import annotations
@@ -68,13 +71,14 @@ def sort_nodes(graph):
 _SHAPE_ARITHMETIC = {"Cast", "Gather", "ReduceProd", "Unsqueeze", "Concat", "Squeeze", "Slice", "Identity"}
 
 
-def _ranks(model) -> dict:
-    """`{value name: rank}` of the values of `model`'s main graph whose rank ONNX shape inference knows."""
+def _shapes(model) -> dict:
+    """`{value name: [size or None per axis]}` of the values of `model`'s main graph whose rank ONNX shape inference
+    knows."""
     from onnx import shape_inference
 
     graph = shape_inference.infer_shapes(model).graph
-    return {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.value_info, *graph.input, *graph.output)
-            if v.type.tensor_type.HasField("shape")}
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in (*graph.value_info, *graph.input, *graph.output) if v.type.tensor_type.HasField("shape")}
 
 
 def collapse_tensordots(model) -> int:
@@ -92,7 +96,7 @@ def collapse_tensordots(model) -> int:
         for name in n.input:
             readers.setdefault(name, []).append(n)
     outputs = {v.name for v in graph.output}
-    ranks = _ranks(model)
+    ranks = {name: len(shape) for name, shape in _shapes(model).items()}
 
     def only_from_shape_of(name, x):
         todo, seen = [name], set()
@@ -129,6 +133,124 @@ def collapse_tensordots(model) -> int:
         rewired += 1
     prune(graph)
     return rewired
+
+
+def _last_axis_mean(node, x, ranks) -> bool:
+    """Whether `node` is the mean of `x` over its last axis, keeping that axis (tf2onnx writes a rank-3 mean as
+    GlobalAveragePool, which averages every axis after the second)."""
+    from onnx import helper
+
+    rank = ranks.get(x)
+    if node is None or node.input[0] != x or rank is None:
+        return False
+    if node.op_type == "GlobalAveragePool":
+        return rank == 3
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return (node.op_type == "ReduceMean" and len(node.input) == 1 and attributes.get("keepdims", 1) == 1
+            and list(attributes.get("axes", [])) in ([-1], [rank - 1]))
+
+
+def fuse_layer_norms(model) -> int:
+    """Replace tf2onnx's form of every layer normalisation over the last axis by a `LayerNormalization` node (in
+    place; opset >= 17, else nothing changes), then `prune`:
+
+        μ = mean(x); σ² = mean((x - μ)²); s = γ / sqrt(σ² + ε)   (γ: a constant, or none)
+        y = x · s + (-μ · s [+ β])                              (β: a constant, or none)
+
+    Only chains whose intermediate values nothing else reads, with a constant ε and constant γ and β of the last
+    axis's size. Returns the number of layer normalisations fused.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 17:
+        return 0
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producer = {out: n for n in graph.node for out in n.output}
+    readers = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    outputs = {v.name for v in graph.output}
+    shapes = _shapes(model)
+    ranks = {name: len(shape) for name, shape in shapes.items()}
+
+    def made_by(name, op):
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op else None
+
+    def read_only_by(node, *expected):
+        name = node.output[0]
+        return name not in outputs and sorted(map(id, readers.get(name, []))) == sorted(map(id, expected))
+
+    def vector(name, size):
+        value = constants.get(name)
+        if value is None or value.size != size or any(d != 1 for d in value.shape[:-1]):
+            return None
+        return value.reshape(-1).astype(np.float32)
+
+    def other_input(node, name):
+        rest = [i for i in node.input if i != name]
+        return rest[0] if len(rest) == 1 else None
+
+    fused, new_nodes, dead = 0, [], set()
+    for reciprocal in [n for n in graph.node if n.op_type == "Reciprocal"]:
+        sqrt = made_by(reciprocal.input[0], "Sqrt")
+        add_eps = sqrt and made_by(sqrt.input[0], "Add")
+        variance = add_eps and producer.get(add_eps.input[0])
+        square = variance and made_by(variance.input[0], "Mul")
+        centred = square and square.input[0] == square.input[1] and made_by(square.input[0], "Sub")
+        if not centred or constants.get(add_eps.input[1], np.zeros(2)).size != 1:
+            continue
+        x, mean = centred.input[0], producer.get(centred.input[1])
+        size = (shapes.get(x) or [None])[-1]
+        if not (size and _last_axis_mean(mean, x, ranks) and _last_axis_mean(variance, square.output[0], ranks)):
+            continue
+        scale, gamma = reciprocal, np.ones(size, np.float32)  # s = 1/σ, or γ/σ when a Mul by γ follows
+        after = readers.get(reciprocal.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Mul" and vector(other_input(after[0], reciprocal.output[0]),
+                                                                    size) is not None:
+            scale, gamma = after[0], vector(other_input(after[0], reciprocal.output[0]), size)
+        uses = readers.get(scale.output[0], [])
+        times_x = [n for n in uses if n.op_type == "Mul" and other_input(n, scale.output[0]) == x]
+        shift = [n for n in uses if n.op_type == "Mul" and made_by(other_input(n, scale.output[0]) or "", "Neg")]
+        if len(uses) != 2 or len(times_x) != 1 or len(shift) != 1:
+            continue
+        times_x, shift = times_x[0], shift[0]
+        neg = made_by(other_input(shift, scale.output[0]), "Neg")
+        last, beta, with_beta = (readers.get(shift.output[0]) or [None])[0], np.zeros(size, np.float32), []
+        if last is None or last.op_type != "Add" or neg.input[0] != mean.output[0]:
+            continue
+        if times_x.output[0] not in last.input:  # a β first: y = x · s + (-μ · s + β)
+            beta = vector(other_input(last, shift.output[0]), size)
+            outer = readers.get(last.output[0], [])
+            if beta is None or len(outer) != 1 or outer[0].op_type != "Add" or times_x.output[0] not in outer[0].input:
+                continue
+            with_beta, last = [last], outer[0]
+        chain = [(mean, [centred, neg]), (centred, [square, square]), (square, [variance]), (variance, [add_eps]),
+                 (add_eps, [sqrt]), (sqrt, [reciprocal]), (scale, [times_x, shift]), (times_x, [last]),
+                 (neg, [shift]), (shift, [with_beta[0] if with_beta else last])]
+        chain += [(reciprocal, [scale])] if scale is not reciprocal else []
+        chain += [(with_beta[0], [last])] if with_beta else []
+        if not all(read_only_by(node, *expected) for node, expected in chain):
+            continue
+        fused += 1
+        stem = f"{last.name or last.output[0]}/layer_norm"
+        graph.initializer.extend([numpy_helper.from_array(gamma, stem + "/gamma"),
+                                  numpy_helper.from_array(beta, stem + "/beta")])
+        new_nodes.append(helper.make_node(
+            "LayerNormalization", [x, stem + "/gamma", stem + "/beta"], [last.output[0]], name=stem, axis=-1,
+            epsilon=float(constants[add_eps.input[1]].reshape(()))))
+        dead.update(id(node) for node, _ in chain)
+        dead.add(id(last))
+    if fused:
+        kept = [n for n in graph.node if id(n) not in dead] + new_nodes
+        del graph.node[:]
+        graph.node.extend(kept)
+        sort_nodes(graph)
+        prune(graph)
+    return fused
 
 
 def prune(graph) -> None:
