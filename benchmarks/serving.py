@@ -262,8 +262,8 @@ def main(argv=None):
     paths = {"tokens_in_caption": workers.info["tokens_in_caption"],
              "encode_texts/1": measured[("ort", "encode_texts", 1, "sentencepiece")],
              "text_e2e/1": measured[("ort", "encode_texts", 1, "e2e")]}
-    print(f"onnxruntime {times['onnxruntime']} {times['providers']} (Encoder defaults: a thread per core, no "
-          f"spin-waiting) vs the SavedModel on TensorFlow {times['tensorflow']}; median per call, the two timed in "
+    print(f"onnxruntime {times['onnxruntime']} {times['providers']} (Encoder defaults: a thread per core, "
+          f"spin-waiting only during a call) vs the SavedModel on TensorFlow {times['tensorflow']}; median per call, the two timed in "
           "alternating rounds after warm-up")
     print()
     header = (f"{'encoder':<8}{'batch':>6}{'ORT ms/call':>13}{'ORT items/s':>13}{'TF ms/call':>12}"
