@@ -81,6 +81,18 @@ def _shapes(model) -> dict:
             for v in (*graph.value_info, *graph.input, *graph.output) if v.type.tensor_type.HasField("shape")}
 
 
+def _index(model):
+    """`(producer, readers, outputs, shapes)` of `model`'s main graph: the node making each value, the nodes reading
+    it (a node once per input it reads it as), the graph output names, and `_shapes`."""
+    graph = model.graph
+    producer = {out: n for n in graph.node for out in n.output}
+    readers = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    return producer, readers, {v.name for v in graph.output}, _shapes(model)
+
+
 def collapse_tensordots(model) -> int:
     """Replace every `tf.tensordot` over the last axis, `Reshape(x) -> MatMul(·, W) -> Reshape` (tf2onnx names the
     MatMul `.../Tensordot/MatMul`) whose two shapes are computed from `Shape(x)` alone, by `MatMul(x, W)` (in place;
@@ -90,13 +102,8 @@ def collapse_tensordots(model) -> int:
     """
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    producer = {out: n for n in graph.node for out in n.output}
-    readers = {}
-    for n in graph.node:
-        for name in n.input:
-            readers.setdefault(name, []).append(n)
-    outputs = {v.name for v in graph.output}
-    ranks = {name: len(shape) for name, shape in _shapes(model).items()}
+    producer, readers, outputs, shapes = _index(model)
+    ranks = {name: len(shape) for name, shape in shapes.items()}
 
     def only_from_shape_of(name, x):
         todo, seen = [name], set()
@@ -167,13 +174,7 @@ def fuse_layer_norms(model) -> int:
         return 0
     graph = model.graph
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    producer = {out: n for n in graph.node for out in n.output}
-    readers = {}
-    for n in graph.node:
-        for name in n.input:
-            readers.setdefault(name, []).append(n)
-    outputs = {v.name for v in graph.output}
-    shapes = _shapes(model)
+    producer, readers, outputs, shapes = _index(model)
     ranks = {name: len(shape) for name, shape in shapes.items()}
 
     def made_by(name, op):
