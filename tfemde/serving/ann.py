@@ -34,9 +34,9 @@ import numpy as np
 
 from tfemde.files import make_folder_beside, move_folder_into_place
 from tfemde.serving import fde
-from tfemde.serving.ann_rerank import candidate_rows, refine_keys, rerank
+from tfemde.serving.ann_rerank import candidate_rows, check_refine, refine_keys, rerank
 from tfemde.serving.ann_store import (FAISS_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, StoredSets,
-                                      check_files, check_replaceable, read_manifest)
+                                      check_files, check_replaceable, read_manifest, stored_max_norm)
 from tfemde.serving.embeddings import Embeddings
 from tfemde.serving.index import check_addable, extend_ids
 from tfemde.serving.manifest import file_records
@@ -148,7 +148,7 @@ class AnnSetIndex:
             raise ValueError(f"factory must be a FAISS index_factory string (e.g. 'HNSW32') or None; got {factory!r}")
         if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or neighbours < 1:
             raise ValueError(f"neighbours must be an int >= 1; got {neighbours!r}")
-        self.refine = self._check_refine(refine, key)
+        self.refine = check_refine(refine, key)
         if search_params is not None and not (isinstance(search_params, dict) and all(
                 isinstance(name, str) and isinstance(v, (int, float, np.integer, np.floating)) and
                 not isinstance(v, bool) for name, v in search_params.items())):
@@ -179,14 +179,6 @@ class AnnSetIndex:
 
     def __len__(self) -> int:
         return len(self._rows)
-
-    @staticmethod
-    def _check_refine(refine, key: str) -> int:
-        if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)) or not 1 <= refine <= (
-                1 if key == "fde" else np.inf):
-            raise ValueError(f"refine must be an int >= 1 (1 with key='fde': the index stores no MUVERA encodings); "
-                             f"got {refine!r}")
-        return int(refine)
 
     def __repr__(self) -> str:
         return (f"AnnSetIndex({len(self)} items, key={self.key!r}, factory={self.factory!r}, "
@@ -372,12 +364,11 @@ class AnnSetIndex:
         neighbours = self.neighbours if neighbours is None else neighbours
         if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or neighbours < 1:
             raise ValueError(f"neighbours must be an int >= 1; got {neighbours!r}")
-        refine, params = self.refine if refine is None else self._check_refine(refine, self.key), search_params or {}
+        refine, params = self.refine if refine is None else check_refine(refine, self.key), search_params or {}
         candidates = self._candidates(queries, int(neighbours), refine, params, rows_now)
         stored_norm = rows_now.max_norm
         out_rows = np.empty((len(queries), k), np.int64)
         out_scores = np.empty((len(queries), k), np.float32)
-
         for i, rows in enumerate(candidates):
             wider = int(neighbours)
             while len(rows) < k:  # too few distinct items among the keys: ask for more, up to all of them
@@ -480,7 +471,9 @@ class AnnSetIndex:
                     refine=manifest.get("refine", 1))
         index._faiss_index = faiss_index
         index._ids = np.asarray(arrays["ids"])
-        index._rows.append(arrays["sets"], arrays.get("set_mask"), arrays.get("sketches"), manifest.get("max_norm"))
+        norm = manifest.get("max_norm")  # (folders written before it was kept: read the sets once)
+        norm = stored_max_norm(arrays["sets"], arrays.get("set_mask")) if norm is None else norm
+        index._rows.append(arrays["sets"], arrays.get("set_mask"), arrays.get("sketches"), norm)
         first_sketch = None if "sketches" not in arrays else np.asarray(arrays["sketches"][:1], np.float32)
         index._first = Embeddings(np.asarray(arrays["sets"][:1], np.float32), sketches=first_sketch,
                                   sketch_depth=manifest["sketch_depth"])

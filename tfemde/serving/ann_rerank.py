@@ -21,6 +21,15 @@ from tfemde.serving.similarity import sketch_similarity, smooth_chamfer_checked
 # they are in the core's cache, instead of gathering all of them and reading them back.
 RERANK_BLOCK = 1024
 
+def check_refine(refine, key: str) -> int:
+    """`refine` as an int >= 1 (1 for `key="fde"`: no MUVERA encodings are stored); ValueError otherwise."""
+    if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)) or refine < 1 or (
+            refine > 1 and key == "fde"):
+        raise ValueError(f"refine must be an int >= 1 (1 with key='fde': the index stores no MUVERA encodings); "
+                         f"got {refine!r}")
+    return int(refine)
+
+
 def refine_keys(stored: StoredSets, key: str, vectors: np.ndarray, labels: np.ndarray,
                 neighbours: int) -> np.ndarray:
     """The best `neighbours` of each row's FAISS `labels` by exact inner product with the stored keys.

@@ -25,14 +25,14 @@ class StoredSets:
     def __init__(self, dtype):
         self.dtype = np.dtype(dtype)
         self.sets, self.masks, self.sketches = [], [], []
-        self.norms = []  # the largest valid element norm of each part, None until needed
+        self.norms = []  # the largest valid element norm of each part
         self.offsets = [0]
 
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def append(self, sets, mask, sketches, max_norm: Optional[float] = None) -> None:
-        self.norms.append(None if max_norm is None else float(max_norm))
+    def append(self, sets, mask, sketches, max_norm: float) -> None:
+        self.norms.append(float(max_norm))
         self.sets.append(sets if sets.dtype == self.dtype else sets.astype(self.dtype))
         self.masks.append(mask)
         self.sketches.append(None if sketches is None else
@@ -44,17 +44,12 @@ class StoredSets:
         copy = StoredSets(self.dtype)
         copy.sets, copy.masks, copy.sketches, copy.offsets = (list(self.sets), list(self.masks), list(self.sketches),
                                                               list(self.offsets))
-        copy.norms = self.norms  # shared: a norm computed by either is every holder's
+        copy.norms = list(self.norms)
         return copy
 
     @property
     def max_norm(self) -> float:
-        """The largest norm of a valid stored element (a part loaded without it is read once, the first time)."""
-        for p, norm in enumerate(self.norms):
-            if norm is None:
-                sets = self.sets[p]
-                self.norms[p] = max_element_norm(sets if sets.dtype == np.float32 else sets.astype(np.float32),
-                                                 self.masks[p])
+        """The largest norm of a valid stored element: a bound of the similarity's logits for any candidates."""
         return max(self.norms, default=0.0)
 
     def num_keys(self, key: str) -> int:
@@ -114,6 +109,12 @@ class StoredSets:
             out.flush()
             del out
         return names
+
+
+def stored_max_norm(sets: np.ndarray, mask: Optional[np.ndarray], block: int = 65536) -> float:
+    """`max_element_norm` of stored (possibly memory-mapped, float16) sets, a block of rows at a time."""
+    return max((max_element_norm(np.asarray(sets[i:i + block], np.float32), None if mask is None else
+                                 np.asarray(mask[i:i + block])) for i in range(0, len(sets), block)), default=0.0)
 
 
 def read_manifest(path: Path) -> dict:
