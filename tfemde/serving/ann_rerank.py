@@ -21,6 +21,7 @@ from tfemde.serving.similarity import sketch_similarity, smooth_chamfer_checked
 # they are in the core's cache, instead of gathering all of them and reading them back.
 RERANK_BLOCK = 1024
 
+
 def check_refine(refine, key: str) -> int:
     """`refine` as an int >= 1 (1 for `key="fde"`: no MUVERA encodings are stored); ValueError otherwise."""
     if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)) or refine < 1 or (
@@ -47,7 +48,6 @@ def refine_keys(stored: StoredSets, key: str, vectors: np.ndarray, labels: np.nd
     width = min(labels.shape[1], neighbours)
     out = np.full((len(labels), width), -1, np.int64)
     bound = stored.num_keys(key)
-
     for m, row in enumerate(labels):
         ids = np.sort(row[(row >= 0) & (row < bound)])  # FAISS returns a key once a query
         if len(ids) > width:
