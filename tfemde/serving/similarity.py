@@ -46,7 +46,7 @@ _CHUNK_COL_ELEMENTS = 4096
 _THREADS = max(1, min(os.cpu_count() or 1, 8))
 _MIN_WORK_PER_THREAD = 1 << 18
 # Cosines finished per step of a thread: 1 MiB of float32, plus the two partial sums (a quarter each), stays in a
-# core's 2 MiB L2 cache (2 MiB pieces were 1.5-2 % slower over a whole scoring, benchmarks/scoring.py's size).
+# core's 2 MiB L2 cache (2 MiB pieces were 1.5-2 % slower scoring 2,000 x 10,000 sets of 4 x 1,024, sketched).
 _CACHE_COSINES = 1 << 18
 
 ChunkSize = Union[None, int, Tuple[int, int]]
