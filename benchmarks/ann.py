@@ -14,7 +14,8 @@ latency per query at batch 1 and 64, next to the exact index's latency measured 
   original about 0.96; sketch rows likewise), and the queries are the test split's caption embeddings.
 
 Both sizes measure the element keys in an IVF index with float32 keys and with 4-bit product-quantised keys (FAISS
-fast scan, 1/32 of the float32 bytes); 100K also measures HNSW and the sketch and MUVERA keys.
+fast scan, 1/32 of the float32 bytes); 1M also the PQ keys refined by exact inner products (`refine=2`: from the
+stored sets; FAISS's `RFlat`: from its own float32 copy); 100K also HNSW and the sketch and MUVERA keys.
 
 Targets (issue 14): recall@10 >= 0.98 at >= 20x lower latency per query than the exact index; with PQ, FAISS index
 memory <= 1/4 of the float32 sets. Writes a JSON of every point and a recall-vs-latency plot (PNG).
@@ -175,7 +176,7 @@ def run_gallery(name, items, queries, alpha, sketch_weight, k, n_exact_single, o
               "indexes": []}
     del exact
     for key, factory, neighbours, param, sweep, refine in configs(n):
-        index_name = factory + (f" + refine ×{refine}" if refine > 1 else "")
+        index_name = label({"factory": factory, "refine": refine})
         if (only and key not in only) or (factories and not any(f in index_name for f in factories)):
             continue
         index = AnnSetIndex(alpha=alpha, sketch_weight=sketch_weight, key=key, factory=factory, neighbours=neighbours,
