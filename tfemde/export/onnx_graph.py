@@ -173,7 +173,10 @@ def fuse_layer_norms(model) -> int:
     if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 17:
         return 0
     graph = model.graph
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    initializers = {t.name: t for t in graph.initializer}
+
+    def constant(name):  # converted only when a chain asks (the graph's weights are most of its bytes)
+        return numpy_helper.to_array(initializers[name]) if name in initializers else None
     producer, readers, outputs, shapes = _index(model)
     ranks = {name: len(shape) for name, shape in shapes.items()}
 
@@ -186,7 +189,7 @@ def fuse_layer_norms(model) -> int:
         return name not in outputs and sorted(map(id, readers.get(name, []))) == sorted(map(id, expected))
 
     def vector(name, size):
-        value = constants.get(name)
+        value = constant(name)
         if value is None or value.size != size or any(d != 1 for d in value.shape[:-1]):
             return None
         return value.reshape(-1).astype(np.float32)
@@ -202,7 +205,8 @@ def fuse_layer_norms(model) -> int:
         variance = add_eps and producer.get(add_eps.input[0])
         square = variance and made_by(variance.input[0], "Mul")
         centred = square and square.input[0] == square.input[1] and made_by(square.input[0], "Sub")
-        if not centred or constants.get(add_eps.input[1], np.zeros(2)).size != 1:
+        epsilon = constant(add_eps.input[1]) if centred else None
+        if epsilon is None or epsilon.size != 1:
             continue
         x, mean = centred.input[0], producer.get(centred.input[1])
         size = (shapes.get(x) or [None])[-1]
@@ -242,7 +246,7 @@ def fuse_layer_norms(model) -> int:
                                   numpy_helper.from_array(beta, stem + "/beta")])
         new_nodes.append(helper.make_node(
             "LayerNormalization", [x, stem + "/gamma", stem + "/beta"], [last.output[0]], name=stem, axis=-1,
-            epsilon=float(constants[add_eps.input[1]].reshape(()))))
+            epsilon=float(epsilon.reshape(()))))
         dead.update(id(node) for node, _ in chain)
         dead.add(id(last))
     if fused:
