@@ -23,8 +23,10 @@ their ratio is the speed a perfect implementation would reach.
     python benchmarks/train_speed.py --quick            # batch 32 only, fewer steps
     python benchmarks/train_speed.py --presets dive --batches 32 --jit   # XLA-compiled train step
 
-Reference: the official PyTorch code runs this at 8.5 images/s on 2 CPU cores (3.8 s per step at batch 32);
-target >= 17 images/s.
+Reference: the official PyTorch code (kdwonn/DivE at f59bc1c, its own `train.train` iteration: AdamW, the same
+loss terms, float32; torch 2.13.0 CPU, 2 threads), measured side by side with this benchmark on an Intel Xeon 2-core
+box with AVX-512 and AMX on 2026-12-06: 15.5 / 15.1 images/s at batch 32 before / after, 15.2 at batch 128 (quoted
+before that day as 8.5 images/s, from an earlier box). Target: twice the official code's speed.
 """
 
 import argparse
@@ -43,8 +45,8 @@ from _machine import cpu_model, describe, load_average, memory_gib  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 
-REFERENCE_IMAGES_PER_SECOND = 8.5
-TARGET_IMAGES_PER_SECOND = 17.0
+REFERENCE_IMAGES_PER_SECOND = 15.2
+TARGET_IMAGES_PER_SECOND = 2 * REFERENCE_IMAGES_PER_SECOND
 CAPTIONS_PER_IMAGE = 5
 
 
@@ -385,13 +387,14 @@ def main(argv=None):
     for r in results:
         r["bound"] = r["images"] / (r["gflop"] / max(rate, end_rate))
     print("\n## images per second, one fit step (median of the timed steps)")
-    print(f"| {'preset':<10} | {'batch':>5} | {'s/step':>7} | {'images/s':>8} | {'best':>6} | {'vs 8.5':>6} | "
+    versus = f"vs {REFERENCE_IMAGES_PER_SECOND}"
+    print(f"| {'preset':<10} | {'batch':>5} | {'s/step':>7} | {'images/s':>8} | {'best':>6} | {versus:>7} | "
           f"{'CPU s/step':>10} | {'img/CPU-s x2':>12} | {'GFLOP/step':>10} | {'GFLOP/s':>7} | {'matmul bound':>12} |")
-    print(f"|{'-' * 12}|{'-' * 7}|{'-' * 9}|{'-' * 10}|{'-' * 8}|{'-' * 8}|{'-' * 12}|{'-' * 14}|{'-' * 12}|{'-' * 9}|"
+    print(f"|{'-' * 12}|{'-' * 7}|{'-' * 9}|{'-' * 10}|{'-' * 8}|{'-' * 9}|{'-' * 12}|{'-' * 14}|{'-' * 12}|{'-' * 9}|"
           f"{'-' * 14}|")
     for r in results:
         print(f"| {r['preset']:<10} | {r['images']:>5} | {r['step']:7.2f} | {r['ips']:8.2f} | {r['best']:6.2f} | "
-              f"{r['ips'] / REFERENCE_IMAGES_PER_SECOND:5.2f}x | {r['cpu']:10.2f} | "
+              f"{r['ips'] / REFERENCE_IMAGES_PER_SECOND:6.2f}x | {r['cpu']:10.2f} | "
               f"{args.threads * r['images'] / r['cpu']:12.2f} | {r['gflop']:10.0f} | {r['gflop'] / r['step']:7.0f} | "
               f"{r['bound']:12.1f} |")
     print(f"# reference: official PyTorch {REFERENCE_IMAGES_PER_SECOND} images/s; target >= "
