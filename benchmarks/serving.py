@@ -104,7 +104,8 @@ class _OrtRunner:
         self.e2e = Encoder.load(export_dir, text_route="e2e")
         self.caption = ["a man riding a red horse on the beach near a small dog"]
         self.info = {"providers": self.encoder.providers, "onnxruntime": onnxruntime.__version__,
-                     "tokens_in_caption": int(self.encoder.tokenize(self.caption)[1].sum())}
+                     "tokens_in_caption": int(self.encoder.tokenize(self.caption)[1].sum()),
+                     "int8_files": sorted(self.int8._files.values())}
 
     def call(self, what, batch, variant):
         if what == "encode_texts":
@@ -304,7 +305,8 @@ def main(argv=None):
             print(f"{what:<8}{batch:>6}{1000 * o:>13.2f}{batch / o:>13.0f}{1000 * t:>12.2f}{batch / t:>12.0f}"
                   f"{t / o:>8.2f}")
     print("-" * len(header))
-    print(f"int8 export (Encoder precision='int8'; cosine to TF >= {cosines}):")
+    print(f"int8 export (Encoder precision='int8' runs {', '.join(times['int8_files'])} on this CPU; cosine to TF "
+          f">= {cosines}):")
     for what in ("image", "text"):
         cells = []
         for b in BATCHES:

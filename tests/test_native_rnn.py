@@ -136,7 +136,8 @@ def test_native_and_loop_exports_agree_with_keras(tmp_path):
     loop = export_run(model, tmp_path / "loop", tokenizer=tokenizer, native_rnn=False)
     recurrence = json.loads((native / "manifest.json").read_text(encoding="utf-8"))["recurrence"]
     assert recurrence == {"image.onnx": "onnx GRU", "text.onnx": "onnx GRU", "text_e2e.onnx": "onnx GRU",
-                          "image.int8.onnx": "onnx Loop (tfemde)", "text.int8.onnx": "onnx Loop (tfemde)"}
+                          "image.int8.onnx": "onnx Loop (tfemde)", "text.int8.onnx": "onnx Loop (tfemde)",
+                          "image.int8.vnni.onnx": "onnx Loop (tfemde)", "text.int8.vnni.onnx": "onnx Loop (tfemde)"}
     assert not (native / ".loop.text.onnx").exists()
     for name in ("image.onnx", "text.onnx"):
         assert "GRU" in _op_types(onnx.load(str(native / name))) and "Loop" not in _op_types(onnx.load(str(native / name)))

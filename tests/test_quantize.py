@@ -13,9 +13,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tfemde.export.quantize import inline_loop_weights, int8_name, quantize_int8
+from tfemde.export.quantize import inline_loop_weights, int8_name, quantize_int8, vnni_name, write_vnni_copy
 from tfemde.serving import Encoder
 from tfemde.serving import manifest as mf
+from tfemde.serving.providers import cpu_has_vnni
 from test_export import _caption_feeds, _keras, _region_feeds, _write_run
 
 SIZES = dict(embed_dim=16, word_dim=8, num_slots=2, set_depth=1, set_heads=2, sketch_depth=4, sketch_bits=3)
@@ -149,7 +150,8 @@ def test_int8_encoder_agrees_with_the_float_encoder(quantized, rng):
     regions = rng.normal(size=(4, 36, 24)).astype(np.float32)
     a, b = exact.encode_images(regions), fast.encode_images(regions)
     assert _cosines(a.sets, b.sets).min() >= 0.99
-    assert set(fast._sessions) == {int8_name(mf.TEXT_ONNX), int8_name(mf.IMAGE_ONNX)}
+    name = vnni_name if cpu_has_vnni() else int8_name
+    assert set(fast._sessions) == {name(mf.TEXT_ONNX), name(mf.IMAGE_ONNX)}
 
 
 def test_int8_errors(quantized, tmp_path):
@@ -165,10 +167,11 @@ def test_int8_errors(quantized, tmp_path):
     assert Encoder.load(plain).precision == "float32"
     with pytest.raises(ValueError, match="no int8 graphs; export with quantize=True"):
         Encoder.load(plain, precision="int8")
-    (plain / "text.int8.onnx").write_bytes(b"corrupt")
+    running = (vnni_name if cpu_has_vnni() else int8_name)(mf.TEXT_ONNX)  # the int8 text graph this CPU runs
+    (plain / running).write_bytes(b"corrupt")
     manifest["quantized"] = json.loads((quantized["dir"] / mf.MANIFEST_NAME).read_text())["quantized"]
     (plain / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(mf.ExportFileError, match="text.int8.onnx"):
+    with pytest.raises(mf.ExportFileError, match=running.replace(".", r"\.")):
         Encoder.load(plain, precision="int8")
 
 
@@ -245,3 +248,77 @@ def test_every_quantized_weight_in_the_exported_graphs_is_uint8(quantized):
         for node in quantized_ops:
             weight = inits[node.input[1]]
             assert weight.data_type == onnx.TensorProto.UINT8, (name, node.name)
+
+
+def _weight_integers(model):
+    """`{weight name: w - zero point}` (int64) of every `MatMulInteger` of `model` and its loop bodies."""
+    from onnx import numpy_helper
+
+    graphs = [model.graph] + _loop_bodies(model)
+    inits = {t.name: t for g in graphs for t in g.initializer}
+    out = {}
+    for node in (n for g in graphs for n in g.node if n.op_type == "MatMulInteger"):
+        weight, zero = (numpy_helper.to_array(inits[node.input[i]]) for i in (1, 3))
+        out[node.input[1]] = (weight.dtype, weight.astype(np.int64) - zero.astype(np.int64))
+    return out
+
+
+def test_vnni_copies_hold_the_same_integers_as_int8_weights(quantized, tmp_path, rng):
+    """`*.int8.vnni.onnx` (checksummed in the manifest) holds every quantized weight of its int8 graph, loop bodies
+    included, as int8 with the same `w - zero point`; on a CPU with VNNI (where the Encoder runs it) the saturating
+    MatMul's U8S8 product equals the NumPy re-derivation, as the uint8 graph's does everywhere."""
+    manifest = json.loads((quantized["dir"] / mf.MANIFEST_NAME).read_text())
+    for what, exported in (("image", mf.IMAGE_ONNX), ("text", mf.TEXT_ONNX)):
+        entry = manifest["quantized"][what]
+        assert entry["vnni_file"] == vnni_name(exported) and entry["vnni_file"] in manifest["files"]
+        unsigned = _weight_integers(onnx.load(str(quantized["dir"] / entry["file"])))
+        signed = _weight_integers(onnx.load(str(quantized["dir"] / entry["vnni_file"])))
+        assert unsigned and unsigned.keys() == signed.keys()
+        for name, (dtype, integers) in signed.items():
+            assert dtype == np.int8 and unsigned[name][0] == np.uint8, name
+            np.testing.assert_array_equal(integers, unsigned[name][1])
+
+    x = _saturating_matmul(tmp_path, rng)
+    quantize_int8(tmp_path / "mm.onnx", tmp_path / "mm.int8.onnx")
+    write_vnni_copy(tmp_path / "mm.int8.onnx", tmp_path / "mm.int8.vnni.onnx")
+    model = onnx.load(str(tmp_path / "mm.int8.vnni.onnx"))
+    assert [t.data_type for t in model.graph.initializer if len(t.dims) == 2] == [onnx.TensorProto.INT8]
+    want = _dequantized_reference(model, x)
+    np.testing.assert_allclose(want, _dequantized_reference(onnx.load(str(tmp_path / "mm.int8.onnx")), x))
+    if cpu_has_vnni():
+        got = ort.InferenceSession(str(tmp_path / "mm.int8.vnni.onnx"), providers=["CPUExecutionProvider"]).run(
+            ["y"], {"x": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_the_int8_encoder_runs_the_vnni_copies_only_where_the_cpu_has_vnni(quantized, monkeypatch, tmp_path):
+    import tfemde.serving.encoder as encoder_module
+
+    texts = ["a man riding a horse", "dog"]
+    runs = {}
+    for vnni in (False, True):
+        monkeypatch.setattr(encoder_module, "cpu_has_vnni", lambda vnni=vnni: vnni)
+        encoder = Encoder.load(quantized["dir"], precision="int8")
+        runs[vnni] = encoder.encode_texts(texts).sets
+        name = vnni_name if vnni else int8_name
+        assert set(encoder._sessions) == {name(mf.TEXT_ONNX)}
+    if cpu_has_vnni():
+        np.testing.assert_allclose(runs[True], runs[False], atol=1e-6)
+    older = tmp_path / "older"  # an export written before the VNNI copies: its int8 graphs on every CPU
+    shutil.copytree(quantized["dir"], older)
+    manifest = json.loads((older / mf.MANIFEST_NAME).read_text())
+    for what in ("image", "text"):
+        del manifest["quantized"][what]["vnni_file"]
+    (older / mf.MANIFEST_NAME).write_text(json.dumps(manifest))
+    encoder = Encoder.load(older, precision="int8")
+    encoder.encode_texts(texts)
+    assert set(encoder._sessions) == {int8_name(mf.TEXT_ONNX)}
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu sse2 avx2 avx512f avx512_vnni", True), ("fpu avx2 avx_vnni", True),
+                                             ("fpu sse2 avx2 avx512f", False), ("fp asimd asimddp", False)])
+def test_cpu_has_vnni_reads_the_cpu_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert cpu_has_vnni(str(cpuinfo)) is expected
+    assert cpu_has_vnni(str(tmp_path / "missing")) is False

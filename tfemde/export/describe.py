@@ -13,7 +13,7 @@ import re
 import sys
 
 from tfemde.export.quantize import METHOD as QUANTIZATION_METHOD
-from tfemde.export.quantize import int8_name
+from tfemde.export.quantize import int8_name, vnni_name
 from tfemde.export.signatures import IMAGE_SIGNATURE, TEXT_SIGNATURE
 from tfemde.export.tokenizer_graph import CONTRIB_DOMAIN
 from tfemde.serving import manifest as mf
@@ -56,9 +56,9 @@ def _manifest(config, tokenizer, opset, verification, source) -> dict:
     if "int8" in verification:
         manifest["quantized"] = {
             "method": QUANTIZATION_METHOD,
-            "image": {"file": int8_name(mf.IMAGE_ONNX), "of": mf.IMAGE_ONNX,
+            "image": {"file": int8_name(mf.IMAGE_ONNX), "vnni_file": vnni_name(mf.IMAGE_ONNX), "of": mf.IMAGE_ONNX,
                       **verification["int8"][int8_name(mf.IMAGE_ONNX)]},
-            "text": {"file": int8_name(mf.TEXT_ONNX), "of": mf.TEXT_ONNX,
+            "text": {"file": int8_name(mf.TEXT_ONNX), "vnni_file": vnni_name(mf.TEXT_ONNX), "of": mf.TEXT_ONNX,
                      **verification["int8"][int8_name(mf.TEXT_ONNX)]},
         }
     return manifest

@@ -12,7 +12,7 @@ import numpy as np
 from tfemde.export.convert import DEFAULT_OPSET, SUPPORTED_OPSETS, _name_dims
 from tfemde.export.describe import _dumps, _manifest
 from tfemde.export.native_rnn import NATIVE, convert_encoder
-from tfemde.export.quantize import inline_loop_weights, int8_name, quantize_int8
+from tfemde.export.quantize import inline_loop_weights, int8_name, quantize_int8, vnni_name, write_vnni_copy
 from tfemde.export.signatures import _functions, _save_saved_model, _specs
 from tfemde.export.tokenizer_graph import text_e2e_model
 from tfemde.export.verify import _verify
@@ -162,6 +162,8 @@ def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=
                 else:
                     recurrence[int8_name(name)] = recurrence[name]
                 quantize_int8(float_graph, tmp / int8_name(name))
+                write_vnni_copy(tmp / int8_name(name), tmp / vnni_name(name))
+                recurrence[vnni_name(name)] = recurrence[int8_name(name)]
                 if float_graph.name.startswith(".loop."):
                     float_graph.unlink()
         verification = _verify(tmp, image_fn, text_fn, config, tokenizer, quantized=quantize)

@@ -48,6 +48,8 @@ class Manifest:
         image_size: `(H, W)` for image models, None for region models.
         region_dim: F for region models, None for image models.
         int8_files: `{float graph: its int8 graph}` of a quantized export, else `{}`.
+        int8_vnni_files: `{float graph: its int8 graph with int8 weights}` for CPUs with VNNI (exports before
+            2026-12-06 have none: `{}`).
         files: `{relative path: {"sha256", "bytes"}}` of every other file of the export.
         raw: the whole manifest as read.
     """
@@ -65,6 +67,7 @@ class Manifest:
     image_size: Optional[Tuple[int, int]]
     region_dim: Optional[int]
     int8_files: Dict[str, str]
+    int8_vnni_files: Dict[str, str]
     files: Dict[str, dict]
     raw: dict = dataclasses.field(repr=False, compare=False)
 
@@ -98,9 +101,12 @@ class Manifest:
             raise ExportFileError(f"the {MANIFEST_NAME} of {where} has no valid 'image.size' (expected [H, W]; got "
                                   f"{size!r}); re-export the model with this tfemde")
         quantized = get("quantized", dict, optional=True) or {}
-        int8_files = {}
+        int8_files, int8_vnni_files = {}, {}
         for what in ("image", "text") if quantized else ():
             int8_files[get(f"quantized.{what}.of", str)] = get(f"quantized.{what}.file", str)
+            vnni_file = get(f"quantized.{what}.vnni_file", str, optional=True)
+            if vnni_file is not None:
+                int8_vnni_files[get(f"quantized.{what}.of", str)] = vnni_file
         return cls(
             preset=get("preset", str),
             set_size=get("embedding.set_size", int),
@@ -115,6 +121,7 @@ class Manifest:
             image_size=None if size is None else (size[0], size[1]),
             region_dim=get("image.region_dim", int) if regions else None,
             int8_files=int8_files,
+            int8_vnni_files=int8_vnni_files,
             files=get("files", dict),
             raw=manifest,
         )

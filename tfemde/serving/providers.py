@@ -14,6 +14,23 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
+
+
+def cpu_has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU multiplies uint8 x int8 with VNNI (x86-64 `avx512_vnni` or `avx_vnni` in Linux's
+    `/proc/cpuinfo` flags); False where that cannot be read (other systems: the int8 graphs' portable form)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return any(flag in value.split() for flag in VNNI_FLAGS)
+    except OSError:
+        pass
+    return False
+
+
 def choose_providers(available: Sequence[str], requested=None) -> list:
     """The execution providers to create sessions with, in priority order.
 
