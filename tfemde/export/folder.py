@@ -96,9 +96,9 @@ def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=
             is refused.
         opset: the ONNX opset, 13 to 18 (tf2onnx 1.17's range).
         tokenizer: the training `Tokenizer` (or its `.model` path); defaults to the run's.
-        quantize: also write `image.int8.onnx` and `text.int8.onnx` (int8 weights, faster on CPUs, not exact:
-            each must keep a cosine of at least `INT8_MIN_COSINE` to TensorFlow's outputs). Load them with
-            `Encoder.load(export_dir, precision="int8")`.
+        quantize: also write `image.int8.onnx` and `text.int8.onnx` (8-bit weights, faster on CPUs, not exact:
+            each must keep a cosine of at least `INT8_MIN_COSINE` to TensorFlow's outputs) and their copies for
+            CPUs with VNNI, `*.int8.vnni.onnx`. Load them with `Encoder.load(export_dir, precision="int8")`.
         native_rnn: run the BiGRUs as ONNX `GRU` ops (onnxruntime's own kernel; `tfemde.export.native_rnn`);
             False keeps tf2onnx's `Loop`s. The manifest's `recurrence` says which each graph has.
 
