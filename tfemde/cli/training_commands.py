@@ -141,4 +141,6 @@ def cmd_export(args):
     if spec.int8_files:
         cosines = spec.raw["verification"]["int8"]
         print("int8 graphs, smallest cosine to TF: " + ", ".join(
-            f"{name} {cosines[name]['min_cosine']:.4f}" for name in spec.int8_files.values()))
+            f"{name} {cosines[name]['min_cosine']:.4f}" for name in spec.int8_files.values())
+            + (f" (and {', '.join(spec.int8_vnni_files.values())}: the same integers, run on CPUs with VNNI)"
+               if spec.int8_vnni_files else ""))
