@@ -39,7 +39,8 @@ INT8_SUFFIX = ".int8.onnx"
 VNNI_SUFFIX = ".int8.vnni.onnx"
 METHOD = ("onnxruntime dynamic quantization: uint8 per-channel asymmetric MatMul weights (loop bodies included), "
           "uint8 activations quantized per call (U8U8 kernels: no int16 saturation on CPUs without VNNI); not "
-          "exact, see min_cosine")
+          "exact, see min_cosine. vnni_file: the same graph with the weights shifted to int8 (the same integers; "
+          "U8S8 kernels, run on CPUs with VNNI)")
 
 
 def int8_name(name: str) -> str:
