@@ -112,7 +112,8 @@ class Encoder:
                 `tfemde.serving.providers.make_session`).
             verify: check the sha256 of every file the encoder uses against the manifest (recommended).
             precision: `"float32"` (the exact export) or `"int8"` (`image.int8.onnx` / `text.int8.onnx` of an
-                export made with `quantize=True`: faster on CPUs, within the cosine recorded in the manifest).
+                export made with `quantize=True`: faster on CPUs, within the cosine recorded in the manifest; on a
+                CPU with VNNI their `*.int8.vnni.onnx` copies, which give the same outputs faster).
 
         Raises:
             ExportFileError: the folder is not an export, or a file it needs is missing, corrupt or changed (the
