@@ -11,8 +11,8 @@ directions at once). The graph is made in three steps:
 3. each layer's recurrence, its weights taken from the Keras layer, is spliced in between: the extra outputs feed
    it and it produces the tensors the stand-in inputs were. The extra inputs and outputs disappear.
 
-The recurrence is one bidirectional ONNX `GRU` op (`recurrence="gru"`, the float32 graphs) or one lean `Loop`
-(`recurrence="loop"`, ~34 nodes a step for both directions, input projections hoisted out of it), from which the
+The recurrence is one bidirectional ONNX `GRU` op (`recurrence="gru"`, the float32 graphs) or two lean `Loop`s
+(`recurrence="loop"`, one per direction, ~17 nodes a step, input projections hoisted out of them), from which the
 int8 graphs are quantized: onnxruntime has no int8 GRU kernel.
 
 Keras' GRU (`reset_after=True`, gates in the order z, r, h) is ONNX's GRU with `linear_before_reset=1`: the kernel
@@ -162,32 +162,21 @@ def _gru_nodes(index, layer):
     return nodes, initializers
 
 
-def _loop_nodes(index, layer):
-    """Nodes and initializers computing the layer's outputs with one lean ONNX `Loop` (both directions per step).
-
-    The input projections of all steps are two matrix multiplies before the loop; the backward direction runs
-    forward over each row reversed within its length (`ReverseSequence`); a step past a row's length keeps the
-    state and outputs zeros. The body multiplies only by its own initializers (the recurrent kernels), so
-    onnxruntime's dynamic quantizer makes int8 MatMuls of them: the int8 graphs use this form, since onnxruntime
-    has no int8 GRU kernel.
-    """
+def _loop_body(p, cells, lengths, name):
+    """One `Loop` body stepping the directions in `cells` (`{direction: GRU cell}`) once; returns
+    `(body, constants)`: the graph and the initializers (projections, input biases) it reads from outside."""
     from keras import ops
     from onnx import TensorProto, helper, numpy_helper
 
-    names = _names(index)
-    p = f"{_PREFIX}{index}/"
-    units = layer.units
     node = helper.make_node
-    constants = {"axis1": np.array([1], np.int64), "one": np.array(1, np.int64), "first": np.array([0], np.int64),
-                 "units": np.array([units], np.int64), "half": np.array(0.5, np.float32),
-                 "steps_axis": np.array(1, np.int64), "true": np.array(True)}
+    units = next(iter(cells.values())).units
+    constants = {}
     body_constants = {"gates": np.array([2 * units, units], np.int64), "halves": np.array([units, units], np.int64),
                       "zero": np.array(0.0, np.float32), "axis1": np.array([1], np.int64)}
-    body_nodes = [node("Less", ["iteration", p + "lengths64"], ["valid_rows"]),
+    body_nodes = [node("Less", ["iteration", lengths], ["valid_rows"]),
                   node("Unsqueeze", ["valid_rows", "axis1"], ["valid"]),
                   node("Identity", ["cond"], ["cond_out"])]
-    directions = {"forward": layer.forward_layer.cell, "backward": layer.backward_layer.cell}
-    for d, cell in directions.items():
+    for d, cell in cells.items():
         bias = ops.convert_to_numpy(cell.bias)  # [2, 3H]: input bias, recurrent bias
         constants[f"{d}_kernel"] = ops.convert_to_numpy(cell.kernel)
         constants[f"{d}_input_bias"] = bias[0]
@@ -214,16 +203,44 @@ def _loop_nodes(index, layer):
         ]
     state = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
     body = helper.make_graph(
-        body_nodes, f"{p}body",
+        body_nodes, f"{p}{name}",
         [helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond", TensorProto.BOOL, []), state("forward_h"), state("backward_h")],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), state("forward_h_next"),
-         state("backward_h_next"), state("forward_y"), state("backward_y")],
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])] + [state(f"{d}_h") for d in cells],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])] + [state(f"{d}_h_next") for d in cells]
+        + [state(f"{d}_y") for d in cells],
         initializer=[numpy_helper.from_array(np.asarray(v, np.float32 if v.dtype.kind == "f" else v.dtype), k)
                      for k, v in body_constants.items()])
-    _prefix_local_names(body, p + "step/")
+    _prefix_local_names(body, f"{p}{name}/")
+    return body, constants
+
+
+def _loop_nodes(index, layer):
+    """Nodes and initializers computing the layer's outputs with two lean ONNX `Loop`s, one per direction.
+
+    The input projections of all steps are two matrix multiplies before the loops; the backward direction runs
+    forward over each row reversed within its length (`ReverseSequence`); a step past a row's length keeps the
+    state and outputs zeros. A body multiplies only by its own initializers (the recurrent kernels), so
+    onnxruntime's dynamic quantizer makes int8 MatMuls of them: the int8 graphs use this form, since onnxruntime
+    has no int8 GRU kernel. One direction after the other, each core re-reads only its share of one recurrent
+    kernel at every step (1.5 MB in int8 at D = 1,024: it stays in a 2 MB L2 cache), not of both.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = _names(index)
+    p = f"{_PREFIX}{index}/"
+    units = layer.units
+    node = helper.make_node
+    constants = {"axis1": np.array([1], np.int64), "one": np.array(1, np.int64), "first": np.array([0], np.int64),
+                 "units": np.array([units], np.int64), "half": np.array(0.5, np.float32),
+                 "steps_axis": np.array(1, np.int64), "true": np.array(True)}
     states = ([names["forward_state"], names["backward_state"]] if layer.return_state
               else [p + "forward_state", p + "backward_state"])
+    loops = []
+    for d, cell, state, sequence in (("forward", layer.forward_layer.cell, states[0], "forward_Y"),
+                                     ("backward", layer.backward_layer.cell, states[1], "backward_Y_reversed")):
+        body, used = _loop_body(p, {d: cell}, p + "lengths64", f"{d}_step")
+        constants.update(used)
+        loops.append(node("Loop", [p + "steps", p + "true", p + "zeros"], [state, p + sequence], body=body))
     nodes = [
         node("Transpose", [names["input"]], [p + "time_major"], perm=[1, 0, 2]),  # [T, N, F]
         node("Cast", [names["mask"]], [p + "mask_int"], to=TensorProto.INT64),
@@ -241,8 +258,7 @@ def _loop_nodes(index, layer):
         node("Concat", [p + "batch", p + "units"], [p + "state_shape"], axis=0),
         node("ConstantOfShape", [p + "state_shape"], [p + "zeros"],
              value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])),
-        node("Loop", [p + "steps", p + "true", p + "zeros", p + "zeros"],
-             states + [p + "forward_Y", p + "backward_Y_reversed"], body=body),
+        *loops,
         node("ReverseSequence", [p + "backward_Y_reversed", p + "lengths_at_least_1"], [p + "backward_Y"],
              batch_axis=1, time_axis=0),
         node("Add", [p + "forward_Y", p + "backward_Y"], [p + "Y_sum"]),
