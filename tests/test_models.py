@@ -293,6 +293,15 @@ def test_a_config_saved_before_a_field_existed_rebuilds_its_own_model(tmp_path):
     assert old.sketch_layer_norm is False
     assert build_dual_encoder(old).get_layer("sketch").layer_norm is False
     assert build_dual_encoder(preset("dive_temde", **TINY, **REGIONS)).get_layer("sketch").layer_norm is True
+    # The same for GPO's rank prior (vse_infty): an older config has none.
+    saved = preset("vse_infty", **TINY, **REGIONS).to_dict()
+    assert saved["gpo_rank_prior"] > 0
+    del saved["gpo_rank_prior"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    old = DualEncoderConfig.load(tmp_path / "config.json")
+    assert old.gpo_rank_prior == 0.0
+    assert build_dual_encoder(old).get_layer("image_gpo").rank_prior == 0.0
+    assert build_dual_encoder(preset("vse_infty", **TINY, **REGIONS)).get_layer("image_gpo").rank_prior > 0
 
 
 def test_config_json_round_trip_and_errors(tmp_path):

@@ -80,7 +80,7 @@ def np_gpo(layer, x, mask):
             continue
         ranked = -np.sort(-feats, axis=0)  # descending per dimension
         h = np_bigru_ave(np_rank_pe(n, layer.d_pe), layer.gru.forward_layer.cell, layer.gru.backward_layer.cell, U)
-        scores = h @ layer.score.kernel.numpy()[:, 0]
+        scores = h @ layer.score.kernel.numpy()[:, 0] - layer.rank_prior * np.arange(n)
         theta = np.exp((scores - scores.max()) / layer.temperature)
         theta /= theta.sum()
         out[b] = theta @ ranked
@@ -137,8 +137,9 @@ def test_keras_bidirectional_gru_is_length_aware(rng):
         np.testing.assert_array_equal(got[b, n:], 0.0)
 
 
-def test_gpo_matches_numpy_with_variable_lengths(rng):
-    gpo = make_gpo(rng)
+@pytest.mark.parametrize("rank_prior", [0.0, 0.3])
+def test_gpo_matches_numpy_with_variable_lengths(rng, rank_prior):
+    gpo = make_gpo(rng, rank_prior=rank_prior)
     x = rng.normal(size=(B, L, D)).astype("float32")
     pooled, weights = gpo(x, mask=MASK, return_weights=True)
     want, want_w = np_gpo(gpo, x, MASK)
@@ -231,3 +232,17 @@ def test_bad_shapes_raise_naming_the_argument(cls):
         layer(np.zeros((4, 6), "float32"))
     with pytest.raises(ValueError, match=r"mask must have shape \[batch, length\].*\(4, 5\)"):
         layer(np.zeros((4, 6, 3), "float32"), mask=np.ones((4, 5)))
+
+
+def test_gpo_rank_prior_starts_near_max_pooling(rng):
+    """With zero generator scores, the prior alone weights rank r by softmax(-prior * r / temperature): a large
+    prior is max pooling, and the prior shifts the weights towards the top ranks for any generator."""
+    x = rng.normal(size=(B, L, D)).astype("float32")
+    gpo = make_gpo(rng, rank_prior=5.0)
+    gpo.score.kernel.assign(np.zeros((U, 1), "float32"))
+    np.testing.assert_allclose(npy(gpo(x, mask=MASK)), npy(MaskedMaxPooling()(x, mask=MASK)), atol=1e-5)
+    weights = {prior: npy(make_gpo(np.random.default_rng(3), rank_prior=prior)(x, return_weights=True)[1])
+               for prior in (0.0, 0.1)}
+    assert np.all(weights[0.1][:, 0] > weights[0.0][:, 0]) and np.all(weights[0.1][:, -1] < weights[0.0][:, -1])
+    with pytest.raises(ValueError, match="rank_prior"):
+        GPO(rank_prior=-1.0)

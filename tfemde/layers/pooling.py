@@ -105,6 +105,9 @@ class GPO(_MaskedPooling):
         d_pe: size of the rank positional encoding (32).
         gru_units: hidden size of each GRU direction (32).
         temperature: softmax temperature over ranks (0.1, fixed in the reference).
+        rank_prior: `rank_prior · r` is subtracted from the score of rank r before the softmax (0, the reference:
+            an untrained generator weights the ranks at random); with 0.1 an untrained GPO weights rank r by about
+            e^-r, near max pooling, and learns from there.
 
     Call arguments:
         inputs: `[B, L, D]`.
@@ -122,15 +125,18 @@ class GPO(_MaskedPooling):
         (2, 6)
     """
 
-    def __init__(self, d_pe=32, gru_units=32, temperature=0.1, **kwargs):
+    def __init__(self, d_pe=32, gru_units=32, temperature=0.1, rank_prior=0.0, **kwargs):
         super().__init__(**kwargs)
         if int(d_pe) < 1 or int(gru_units) < 1:
             raise ValueError(f"d_pe and gru_units must be positive ints; got d_pe={d_pe!r}, gru_units={gru_units!r}")
         if float(temperature) <= 0:
             raise ValueError(f"temperature must be > 0; got {temperature!r}")
+        if not float(rank_prior) >= 0:
+            raise ValueError(f"rank_prior must be >= 0; got {rank_prior!r}")
         self.d_pe = int(d_pe)
         self.gru_units = int(gru_units)
         self.temperature = float(temperature)
+        self.rank_prior = float(rank_prior)
 
     def build(self, input_shape):
         check_rank(input_shape, 3, "inputs", "[batch, length, dim]")
@@ -159,6 +165,8 @@ class GPO(_MaskedPooling):
         hidden = self.gru(pe, mask=rank_mask)
         # The sharp softmax runs in float32: -1e4 / 0.1 overflows float16 to -inf (NaN on an empty row).
         scores = ops.cast(ops.squeeze(self.score(hidden), -1), "float32")  # [B, L]
+        if self.rank_prior:
+            scores = scores - self.rank_prior * ops.expand_dims(ops.cast(ops.arange(length), "float32"), 0)
         scores = ops.where(rank_mask, scores, ops.full_like(scores, GPO_FILL))
         weights = ops.softmax(scores / self.temperature, axis=1)
         weights = ops.cast(weights * ops.cast(rank_mask, "float32"), dtype)  # zeros for an all-padded row
@@ -176,5 +184,6 @@ class GPO(_MaskedPooling):
 
     def get_config(self):
         config = super().get_config()
-        config.update(d_pe=self.d_pe, gru_units=self.gru_units, temperature=self.temperature)
+        config.update(d_pe=self.d_pe, gru_units=self.gru_units, temperature=self.temperature,
+                      rank_prior=self.rank_prior)
         return config

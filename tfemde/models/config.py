@@ -26,7 +26,8 @@ FIELD_RANGES = {
     **{field: ("float", "(0", None) for field in (
         "ff_mult", "sketch_temperature", "alpha", "info_nce_temperature", "mmd_gamma", "learning_rate", "clipnorm")},
     **{field: ("float", 0, None) for field in (
-        "sketch_weight", "margin", "mmd_weight", "diversity_weight", "centroid_weight", "weight_decay")},
+        "sketch_weight", "margin", "mmd_weight", "diversity_weight", "centroid_weight", "weight_decay",
+        "gpo_rank_prior")},
     "dropout": ("float", 0, "1)"),
     "set_lr_scale": ("optional float", "(0", None),
     "set_head_dim": ("optional int", 1, None),
@@ -36,7 +37,7 @@ FIELD_RANGES = {
 
 
 # Fields whose default changed the model when they were added, with the value of the model before them.
-FIELDS_ADDED_LATER = {"sketch_layer_norm": False}
+FIELDS_ADDED_LATER = {"sketch_layer_norm": False, "gpo_rank_prior": 0.0}
 
 
 def _check_field(field, value, kind, low, high):
@@ -113,6 +114,10 @@ class DualEncoderConfig:
     # heads
     head: str = "set"
     pooling: str = "max"
+    # GPO (pooling="gpo"): `gpo_rank_prior · r` off the score of rank r, so that an untrained GPO starts near max
+    # pooling instead of a random weighting of the ranks (0 is VSE-infinity's). vse_infty at the quickstart budget,
+    # validation RSUM, seeds 0 / 1 / 2: 331.3 / 315.1 / 310.3 with 0.1, 316.6 / 288.7 / 313.1 with 0 (0.3: 307.1 / 311.8).
+    gpo_rank_prior: float = 0.1
     num_slots: int = 4
     set_depth: int = 4
     set_heads: int = 4

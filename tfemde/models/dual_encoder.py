@@ -56,7 +56,7 @@ def _vector_head(config, tower, modality, shared):
     elif config.pooling == "mean":
         pooled = MaskedMeanPooling(name=f"{modality}_pool")(tower.local, mask=tower.mask)
     elif config.pooling == "gpo":
-        pooled = GPO(name=f"{modality}_gpo")(tower.local, mask=tower.mask)
+        pooled = GPO(rank_prior=config.gpo_rank_prior, name=f"{modality}_gpo")(tower.local, mask=tower.mask)
     elif config.pooling == "attention":
         pooled = SelfAttentionBlock(config.attention_heads, config.dropout, name=f"{modality}_self_attention")(
             tower.local, mask=tower.mask)
