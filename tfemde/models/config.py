@@ -117,7 +117,7 @@ class DualEncoderConfig:
     # GPO (pooling="gpo"): `gpo_rank_prior · r` off the score of rank r, so that an untrained GPO starts near max
     # pooling instead of a random weighting of the ranks (0 is VSE-infinity's). vse_infty at the quickstart budget,
     # validation RSUM, seeds 0-4: 331.3 / 315.1 / 310.3 / 316.1 / 299.3 with 0.1, 316.6 / 288.7 / 313.1 / 290.2 / 287.6
-    # with 0 (0.3: 307.1 / 311.8 on seeds 0 / 1).
+    # with 0 (0.3: 307.1 / 311.8 on seeds 0 / 1; 0.05: 312.1 / 316.6 / 299.0 on seeds 0-2).
     gpo_rank_prior: float = 0.1
     num_slots: int = 4
     set_depth: int = 4
