@@ -162,55 +162,51 @@ def _gru_nodes(index, layer):
     return nodes, initializers
 
 
-def _loop_body(p, cells, lengths, name):
-    """One `Loop` body stepping the directions in `cells` (`{direction: GRU cell}`) once; returns
-    `(body, constants)`: the graph and the initializers (projections, input biases) it reads from outside."""
+def _loop_body(p, d, cell, lengths):
+    """The `Loop` body of one step of direction `d` (`"forward"` / `"backward"`, its GRU `cell`); returns
+    `(body, constants)`: the graph and the initializers (input kernel, input bias) the nodes around it need."""
     from keras import ops
     from onnx import TensorProto, helper, numpy_helper
 
     node = helper.make_node
-    units = next(iter(cells.values())).units
-    constants = {}
+    units = cell.units
     body_constants = {"gates": np.array([2 * units, units], np.int64), "halves": np.array([units, units], np.int64),
                       "zero": np.array(0.0, np.float32), "axis1": np.array([1], np.int64)}
     body_nodes = [node("Less", ["iteration", lengths], ["valid_rows"]),
                   node("Unsqueeze", ["valid_rows", "axis1"], ["valid"]),
                   node("Identity", ["cond"], ["cond_out"])]
-    for d, cell in cells.items():
-        bias = ops.convert_to_numpy(cell.bias)  # [2, 3H]: input bias, recurrent bias
-        constants[f"{d}_kernel"] = ops.convert_to_numpy(cell.kernel)
-        constants[f"{d}_input_bias"] = bias[0]
-        body_constants[f"{d}_recurrent_kernel"] = ops.convert_to_numpy(cell.recurrent_kernel)
-        body_constants[f"{d}_recurrent_bias"] = bias[1]
-        h = f"{d}_h"
-        body_nodes += [
-            node("Gather", [p + f"{d}_projected", "iteration"], [f"{d}_x"], axis=0),  # [N, 3H]
-            node("MatMul", [h, f"{d}_recurrent_kernel"], [f"{d}_hu_raw"]),
-            node("Add", [f"{d}_hu_raw", f"{d}_recurrent_bias"], [f"{d}_hu"]),
-            node("Split", [f"{d}_x", "gates"], [f"{d}_x_zr", f"{d}_x_h"], axis=1),
-            node("Split", [f"{d}_hu", "gates"], [f"{d}_hu_zr", f"{d}_hu_h"], axis=1),
-            node("Add", [f"{d}_x_zr", f"{d}_hu_zr"], [f"{d}_zr_raw"]),
-            node("Sigmoid", [f"{d}_zr_raw"], [f"{d}_zr"]),
-            node("Split", [f"{d}_zr", "halves"], [f"{d}_z", f"{d}_r"], axis=1),
-            node("Mul", [f"{d}_r", f"{d}_hu_h"], [f"{d}_r_hu_h"]),
-            node("Add", [f"{d}_x_h", f"{d}_r_hu_h"], [f"{d}_c_raw"]),
-            node("Tanh", [f"{d}_c_raw"], [f"{d}_c"]),
-            node("Sub", [h, f"{d}_c"], [f"{d}_h_minus_c"]),
-            node("Mul", [f"{d}_z", f"{d}_h_minus_c"], [f"{d}_z_h_minus_c"]),
-            node("Add", [f"{d}_c", f"{d}_z_h_minus_c"], [f"{d}_h_new"]),  # z*h + (1-z)*c
-            node("Where", ["valid", f"{d}_h_new", h], [f"{d}_h_next"]),
-            node("Where", ["valid", f"{d}_h_new", "zero"], [f"{d}_y"]),
-        ]
+    bias = ops.convert_to_numpy(cell.bias)  # [2, 3H]: input bias, recurrent bias
+    constants = {f"{d}_kernel": ops.convert_to_numpy(cell.kernel), f"{d}_input_bias": bias[0]}
+    body_constants[f"{d}_recurrent_kernel"] = ops.convert_to_numpy(cell.recurrent_kernel)
+    body_constants[f"{d}_recurrent_bias"] = bias[1]
+    h = f"{d}_h"
+    body_nodes += [
+        node("Gather", [p + f"{d}_projected", "iteration"], [f"{d}_x"], axis=0),  # [N, 3H]
+        node("MatMul", [h, f"{d}_recurrent_kernel"], [f"{d}_hu_raw"]),
+        node("Add", [f"{d}_hu_raw", f"{d}_recurrent_bias"], [f"{d}_hu"]),
+        node("Split", [f"{d}_x", "gates"], [f"{d}_x_zr", f"{d}_x_h"], axis=1),
+        node("Split", [f"{d}_hu", "gates"], [f"{d}_hu_zr", f"{d}_hu_h"], axis=1),
+        node("Add", [f"{d}_x_zr", f"{d}_hu_zr"], [f"{d}_zr_raw"]),
+        node("Sigmoid", [f"{d}_zr_raw"], [f"{d}_zr"]),
+        node("Split", [f"{d}_zr", "halves"], [f"{d}_z", f"{d}_r"], axis=1),
+        node("Mul", [f"{d}_r", f"{d}_hu_h"], [f"{d}_r_hu_h"]),
+        node("Add", [f"{d}_x_h", f"{d}_r_hu_h"], [f"{d}_c_raw"]),
+        node("Tanh", [f"{d}_c_raw"], [f"{d}_c"]),
+        node("Sub", [h, f"{d}_c"], [f"{d}_h_minus_c"]),
+        node("Mul", [f"{d}_z", f"{d}_h_minus_c"], [f"{d}_z_h_minus_c"]),
+        node("Add", [f"{d}_c", f"{d}_z_h_minus_c"], [f"{d}_h_new"]),  # z*h + (1-z)*c
+        node("Where", ["valid", f"{d}_h_new", h], [f"{d}_h_next"]),
+        node("Where", ["valid", f"{d}_h_new", "zero"], [f"{d}_y"]),
+    ]
     state = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
     body = helper.make_graph(
-        body_nodes, f"{p}{name}",
+        body_nodes, f"{p}{d}_step",
         [helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])] + [state(f"{d}_h") for d in cells],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])] + [state(f"{d}_h_next") for d in cells]
-        + [state(f"{d}_y") for d in cells],
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, []), state(h)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), state(f"{d}_h_next"), state(f"{d}_y")],
         initializer=[numpy_helper.from_array(np.asarray(v, np.float32 if v.dtype.kind == "f" else v.dtype), k)
                      for k, v in body_constants.items()])
-    _prefix_local_names(body, f"{p}{name}/")
+    _prefix_local_names(body, f"{p}{d}_step/")
     return body, constants
 
 
@@ -239,7 +235,7 @@ def _loop_nodes(index, layer):
     loops = []
     for d, cell, state, sequence in (("forward", layer.forward_layer.cell, states[0], "forward_Y"),
                                      ("backward", layer.backward_layer.cell, states[1], "backward_Y_reversed")):
-        body, used = _loop_body(p, {d: cell}, p + "lengths64", f"{d}_step")
+        body, used = _loop_body(p, d, cell, p + "lengths64")
         constants.update(used)
         loops.append(node("Loop", [p + "steps", p + "true", p + "zeros"], [state, p + sequence], body=body))
     nodes = [
