@@ -69,14 +69,16 @@ class Encoder:
     """
 
     def __init__(self, export_dir, manifest: dict, providers, text_route: str, batch_size: int, threads,
-                 spinning: bool = False, precision: str = "float32", verified: Optional[dict] = None):
+                 spinning: bool = False, precision: str = "float32", verified: Optional[dict] = None,
+                 files: Optional[dict] = None):
         self.export_dir = Path(export_dir)
         # {file name: bytes} read and checked at load; sessions and the tokenizer are made from these bytes, so the
         # encoder runs what was verified even if the folder changes later.
         self._verified = dict(verified or {})
         self.precision = precision
         self.spec = spec = mf.Manifest.from_dict(manifest, repr(str(export_dir)))
-        self._files = _model_files(spec, precision, cpu_has_vnni())
+        # {exported name: file run in its place}, chosen once by `load` (which verified those files).
+        self._files = dict(files) if files is not None else _model_files(spec, precision, cpu_has_vnni())
         self.manifest = manifest
         self.export_digest = mf.export_digest(manifest)
         self.providers = providers
@@ -147,7 +149,8 @@ class Encoder:
             text_file = mf.TEXT_E2E_ONNX if text_route == "e2e" else files.get(mf.TEXT_ONNX, mf.TEXT_ONNX)
             image_file = files.get(mf.IMAGE_ONNX, mf.IMAGE_ONNX)
             verified = mf.read_verified(export_dir, manifest, [image_file, text_file, mf.TOKENIZER_FILE])
-        return cls(export_dir, manifest, chosen, text_route, batch_size, threads, spinning, precision, verified)
+        return cls(export_dir, manifest, chosen, text_route, batch_size, threads, spinning, precision, verified,
+                   files)
 
     def __repr__(self) -> str:
         sketch = f", sketch {self.sketch_size} (depth {self.sketch_depth})" if self.sketch_size else ""
