@@ -76,10 +76,12 @@ def main(argv=None):
                         overwrite=True, **budget)
             concepts = concept_queries(run, "emoji")
             train_rsum = evaluate(run, "emoji", split="train", progress=False)["rsum"]
-            raw.setdefault(name, []).append({**run.metrics, "train_rsum": train_rsum,
+            val_rsum = json.loads((run.path / "best.json").read_text())["best"]  # what the defaults were chosen on
+            raw.setdefault(name, []).append({**run.metrics, "train_rsum": train_rsum, "val_rsum": val_rsum,
                                              **{f"concepts_{split}_{k}": c[k] for split, c in concepts.items()
                                                 for k in ("hit@1", "hit@5", "hit@10")}})
-            print(f"  {name:<11} seed {seed}: RSUM {run.metrics['rsum']:6.1f}, train-split RSUM {train_rsum:6.1f}, "
+            print(f"  {name:<11} seed {seed}: RSUM {run.metrics['rsum']:6.1f}, validation RSUM {val_rsum:6.1f}, "
+                  f"train-split RSUM {train_rsum:6.1f}, "
                   f"concept hit@5 train {concepts['train']['hit@5']:.1f} / test {concepts['test']['hit@5']:.1f}  "
                   f"({time.time() - started:.0f} s)", flush=True)
             if args.json:  # after every run, so an interrupted benchmark keeps what it measured
@@ -104,7 +106,10 @@ def report(raw):
     if all("concepts_train_hit@5" in m for runs in raw.values() for m in runs):
         print("\nTraining-split RSUM and concept queries (each concept's name over all images; hit@K in %):")
         for name, runs in raw.items():
-            cells = [f"train RSUM {mean_std([m['train_rsum'] for m in runs])}"] + [
+            cells = [f"train RSUM {mean_std([m['train_rsum'] for m in runs])}"]
+            if all("val_rsum" in m for m in runs):  # results written before it was recorded have none
+                cells.append(f"validation RSUM {mean_std([m['val_rsum'] for m in runs])}")
+            cells += [
                 f"{split} hit@{k} {mean_std([m[f'concepts_{split}_hit@{k}'] for m in runs])}"
                 for split in ("train", "test") for k in (1, 5, 10)]
             print(f"  {name:<11} " + "  ".join(cells))

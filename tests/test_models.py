@@ -405,6 +405,37 @@ def test_set_prediction_learning_rate_scale_defaults_by_image_input():
         preset("dive", set_lr_scale=-1)
 
 
+def test_info_nce_temperature_is_per_unit_of_the_similarity_range(rng, tmp_path):
+    """None: 0.05 for a similarity bounded by 1, 0.05 (1 + λ) with the sketch term; a set value wins; the loss
+    is NumPy's symmetric InfoNCE at that temperature; a config saved with a number keeps it."""
+    from tfemde.models.config import INFO_NCE_TEMPERATURE, DualEncoderConfig
+
+    assert INFO_NCE_TEMPERATURE == 0.05
+    assert preset("vse").resolved_info_nce_temperature == 0.05
+    assert preset("dive").resolved_info_nce_temperature == 0.05
+    assert preset("dive_temde").resolved_info_nce_temperature == pytest.approx(0.075)
+    assert preset("temde", sketch_weight=1.0).resolved_info_nce_temperature == pytest.approx(0.1)
+    assert preset("dive_temde", info_nce_temperature=0.03).resolved_info_nce_temperature == 0.03
+    with pytest.raises(ValueError, match="info_nce_temperature must be a number > 0; got 0"):
+        preset("dive_temde", info_nce_temperature=0)
+    preset("dive_temde", info_nce_temperature=0.05).save(tmp_path / "config.json")
+    assert DualEncoderConfig.load(tmp_path / "config.json").resolved_info_nce_temperature == 0.05
+
+    model = build_dual_encoder("dive_temde", **TINY, **REGIONS, mmd_weight=0.0, diversity_weight=0.0)
+    batch = region_batch(rng, batch=5, num_images=4)  # rows 0 and 4 are the same image
+    out = encode(model, batch)
+    loss = float(model.compute_loss(x=batch, y_pred={k: tf.constant(v) for k, v in out.items()}))
+    s = keras.ops.convert_to_numpy(model.similarity({"set": out["image_set"], "sketch": out["image_sketch"]},
+                                                    {"set": out["text_set"], "sketch": out["text_sketch"]}))
+    logits = s.astype("float64") / 0.075
+    positive = batch["image_id"][:, None] == batch["image_id"][None, :]
+
+    def direction(lg, pos):
+        return np.mean([np.log(np.exp(row).sum()) - np.log(np.exp(row[p]).sum()) for row, p in zip(lg, pos)])
+
+    assert loss == pytest.approx(0.5 * (direction(logits, positive) + direction(logits.T, positive.T)), rel=1e-4)
+
+
 def test_set_head_dim_sets_the_width_of_the_set_prediction_projections():
     """None keeps the reference's 2 * D / H per head; an explicit width reaches every projection of both modules."""
     default = build_dual_encoder("dive", **TINY, **REGIONS)

@@ -24,7 +24,8 @@ FIELD_RANGES = {
     "cnn_blocks": ("int", 0, None),
     "warmup_epochs": ("int", 0, None),
     **{field: ("float", "(0", None) for field in (
-        "ff_mult", "sketch_temperature", "alpha", "info_nce_temperature", "mmd_gamma", "learning_rate", "clipnorm")},
+        "ff_mult", "sketch_temperature", "alpha", "mmd_gamma", "learning_rate", "clipnorm")},
+    "info_nce_temperature": ("optional float", "(0", None),
     **{field: ("float", 0, None) for field in (
         "sketch_weight", "margin", "mmd_weight", "diversity_weight", "centroid_weight", "weight_decay",
         "gpo_rank_prior")},
@@ -36,6 +37,12 @@ FIELD_RANGES = {
 }
 
 
+# The InfoNCE temperature of a similarity bounded by 1. The sketch presets' similarity (set or vector cosine +
+# λ · sketch cosine) is bounded by 1 + λ, and their temperature scales with it (`resolved_info_nce_temperature`).
+# Validation split, quickstart budget, seeds 0-2, 0.07 for every preset against 0.05: dive_temde 324.9 / 319.8,
+# temde 304.8 / 294.2, attention 296.0 / 289.4, dive 321.8 / 321.0, vse 307.4 / 312.4, vse_infty 316.6 / 318.9
+# (README, "Limits and deviations"). A temperature learned as CLIP does fell to ~0.047 for dive_temde, worse.
+INFO_NCE_TEMPERATURE = 0.05
 # Fields whose default changed the model when they were added, with the value of the model before them.
 FIELDS_ADDED_LATER = {"sketch_layer_norm": False, "gpo_rank_prior": 0.0}
 
@@ -146,7 +153,9 @@ class DualEncoderConfig:
     margin: float = 0.2
     reduction: str = "mean"
     warmup_epochs: int = 1
-    info_nce_temperature: float = 0.05
+    # None: INFO_NCE_TEMPERATURE per unit of the similarity's range, which the sketch term widens from 1 to 1 + λ
+    # (`resolved_info_nce_temperature`).
+    info_nce_temperature: Optional[float] = None
     mmd_weight: float = 0.01
     mmd_gamma: float = 0.5
     diversity_weight: float = 0.01
@@ -192,6 +201,14 @@ class DualEncoderConfig:
         if self.set_lr_scale is not None:
             return float(self.set_lr_scale)
         return 0.1 if self.image_input == "regions" else 1.0
+
+    @property
+    def resolved_info_nce_temperature(self) -> float:
+        """The InfoNCE temperature in use: `info_nce_temperature`, or `INFO_NCE_TEMPERATURE · (1 + sketch_weight)`
+        when the similarity adds the sketch term (cosines bounded by 1 + λ), `INFO_NCE_TEMPERATURE` otherwise."""
+        if self.info_nce_temperature is not None:
+            return float(self.info_nce_temperature)
+        return INFO_NCE_TEMPERATURE * (1.0 + (self.sketch_weight if self.sketch else 0.0))
 
     @property
     def sketch_size(self) -> int:

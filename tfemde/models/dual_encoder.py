@@ -209,7 +209,7 @@ class DualEncoder(keras.Model):
                                 {"set": y_pred["text_set"], "sketch": y_pred.get("text_sketch")})
         positives = losses.positive_mask(ids)
         if config.loss == "info_nce":
-            loss = losses.info_nce_loss(score, positives, temperature=config.info_nce_temperature)
+            loss = losses.info_nce_loss(score, positives, temperature=config.resolved_info_nce_temperature)
         else:
             loss = ops.cond(
                 self._hardest_negatives > 0.5,
