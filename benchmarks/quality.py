@@ -79,7 +79,10 @@ def main(argv=None):
             val_rsum = json.loads((run.path / "best.json").read_text())["best"]  # what the defaults were chosen on
             raw.setdefault(name, []).append({**run.metrics, "train_rsum": train_rsum, "val_rsum": val_rsum,
                                              **{f"concepts_{split}_{k}": c[k] for split, c in concepts.items()
-                                                for k in ("hit@1", "hit@5", "hit@10")}})
+                                                for k in ("hit@1", "hit@5", "hit@10")},
+                                             **{f"concepts_{split}_{part}_hit@5": c[part]["hit@5"]
+                                                for split, c in concepts.items()
+                                                for part in ("seen_words", "unseen_words") if part in c}})
             print(f"  {name:<11} seed {seed}: RSUM {run.metrics['rsum']:6.1f}, validation RSUM {val_rsum:6.1f}, "
                   f"train-split RSUM {train_rsum:6.1f}, "
                   f"concept hit@5 train {concepts['train']['hit@5']:.1f} / test {concepts['test']['hit@5']:.1f}  "
@@ -112,6 +115,11 @@ def report(raw):
             cells += [
                 f"{split} hit@{k} {mean_std([m[f'concepts_{split}_hit@{k}'] for m in runs])}"
                 for split in ("train", "test") for k in (1, 5, 10)]
+            cells += [  # results written before the split by words have none
+                f"test hit@5 {label} {mean_std([m[f'concepts_test_{part}_hit@5'] for m in runs])}"
+                for part, label in (("seen_words", "(names of training words)"),
+                                    ("unseen_words", "(names with an unseen word)"))
+                if all(f"concepts_test_{part}_hit@5" in m for m in runs)]
             print(f"  {name:<11} " + "  ".join(cells))
     if "dive_temde" in raw:
         best = np.array([m["rsum"] for m in raw["dive_temde"]])

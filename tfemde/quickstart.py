@@ -64,6 +64,12 @@ def quickstart(out="runs/quickstart", epochs=None, fast=False, print_fn=print) -
         print_fn(f"  {name:<12} " + "   ".join(
             f"{split} concepts ({c['queries']}): hit@1 {c['hit@1']:.1f}  hit@5 {c['hit@5']:.1f}  hit@10 {c['hit@10']:.1f}"
             for split, c in concepts.items() if split != "val"))
+        test = concepts.get("test", {})
+        if "seen_words" in test and "unseen_words" in test:
+            print_fn(f"  {'':<12} test concepts whose names use only words of training captions "
+                     f"({test['seen_words']['queries']}): hit@5 {test['seen_words']['hit@5']:.1f}; with a word no "
+                     f"training caption holds ({test['unseen_words']['queries']}): hit@5 "
+                     f"{test['unseen_words']['hit@5']:.1f}")
     picture = retrieval_examples(runs[MODELS[0]], dataset.split("test"), out / "retrieval_examples.png")
     print_fn(f"\nretrieval examples: {picture}")
     print_fn(f"training curves: {', '.join(str(runs[m].path / 'curves.png') for m in MODELS)}")

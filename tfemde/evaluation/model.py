@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -158,6 +159,22 @@ def concept_names(dataset) -> Tuple[List[str], np.ndarray, np.ndarray]:
     return names, np.asarray(groups, dtype=np.int64), np.asarray(splits, dtype=str)
 
 
+def caption_words(text: str) -> List[str]:
+    """The words of a caption: its lower-cased runs of letters and digits (`"Flag: Japan"` -> `["flag", "japan"]`)."""
+    return re.findall(r"[^\W_]+", text.lower())
+
+
+def names_with_unseen_words(names, dataset) -> np.ndarray:
+    """`[Q]` bool: whether each name holds a word that no training-split caption of `dataset` contains.
+
+    A text tower that learns from the captions alone has never seen such a word, so a concept query with one
+    measures what the model can guess, not what it learnt (`concept_queries` reports the two kinds apart).
+    """
+    training = dataset.item_split[dataset.caption_item] == "train"
+    seen = {word for caption in np.asarray(dataset.captions, dtype=object)[training] for word in caption_words(caption)}
+    return np.array([any(word not in seen for word in caption_words(name)) for name in names], dtype=bool)
+
+
 def concept_queries(model, dataset, tokenizer=None, max_length=None, batch_size=256, progress=False) -> dict:
     """Search every concept's name over the whole gallery (all splits): hit@1/5/10 per split of the concept.
 
@@ -170,7 +187,10 @@ def concept_queries(model, dataset, tokenizer=None, max_length=None, batch_size=
         tokenizer, max_length, batch_size, progress: as in `evaluate`.
 
     Returns:
-        `{split: {"hit@1", "hit@5", "hit@10" (percent), "queries"}}` for each split that has concepts.
+        `{split: {"hit@1", "hit@5", "hit@10" (percent), "queries", "seen_words", "unseen_words"}}` for each split
+        that has concepts, where `seen_words` / `unseen_words` hold the same figures for the names whose words
+        all occur in training captions / that hold a word no training caption contains (`names_with_unseen_words`;
+        a part without queries is left out).
     """
     from tfemde.data import Dataset
 
@@ -183,10 +203,17 @@ def concept_queries(model, dataset, tokenizer=None, max_length=None, batch_size=
     items, texts = encode_dataset(model, queries, tokenizer, max_length, batch_size, progress)
     scores = set_similarity(texts, items, **_similarity_kwargs(model.config))
     ranks = concept_ranks(scores, groups, dataset.item_group)
+    unseen = names_with_unseen_words(names, dataset)
     out = {}
     for split in ("train", "val", "test"):
-        chosen = ranks[splits == split]
-        if len(chosen):
-            out[split] = {**{f"hit@{k}": float(100.0 * (chosen < k).mean()) for k in CONCEPT_HITS_AT},
-                          "queries": int(len(chosen))}
+        in_split = splits == split
+        if in_split.any():
+            out[split] = _hits(ranks[in_split])
+            for part, chosen in (("seen_words", in_split & ~unseen), ("unseen_words", in_split & unseen)):
+                if chosen.any():
+                    out[split][part] = _hits(ranks[chosen])
     return out
+
+
+def _hits(ranks) -> dict:
+    return {**{f"hit@{k}": float(100.0 * (ranks < k).mean()) for k in CONCEPT_HITS_AT}, "queries": int(len(ranks))}
