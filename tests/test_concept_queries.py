@@ -83,3 +83,31 @@ def test_concept_queries_against_a_rederivation(small_emoji, tmp_path):
     # names of train concepts use training words only; the small test split has both kinds
     assert "unseen_words" not in got["train"]
     assert got["test"]["seen_words"]["queries"] > 0 and got["test"]["unseen_words"]["queries"] > 0
+
+
+def test_encoding_with_many_models_stays_quiet(small_emoji, tmp_path):
+    """Each new encoder traces its inference function once; TensorFlow counts the traces of every function made
+    at one line of code together, and warned about "retracing" in the quickstart (two runs, their best
+    checkpoints and the concept queries)."""
+    import logging
+
+    from tfemde.evaluation import encode_dataset
+
+    class Keep(logging.Handler):
+        messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    keep = Keep(logging.WARNING)
+    tf_logger = logging.getLogger("tensorflow")  # TensorFlow's own; it does not propagate to the root logger
+    tf_logger.addHandler(keep)
+    try:
+        for preset in ("vse", "dive", "dive_temde", "temde"):
+            model, tokenizer = tiny_run(tmp_path / preset, preset)
+            for batch_size in (128, 100):  # a smaller last batch as well
+                items, texts = encode_dataset(model, small_emoji, tokenizer, max_length=12, batch_size=batch_size)
+                assert len(items) == small_emoji.num_items and len(texts) == small_emoji.num_captions
+    finally:
+        tf_logger.removeHandler(keep)
+    assert not [m for m in keep.messages if "retracing" in m]

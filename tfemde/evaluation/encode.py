@@ -20,12 +20,18 @@ def embeddings_from_outputs(outputs, config) -> Embeddings:
 
 
 def _compiled(encoder):
-    """One `tf.function` per encoder, kept on it, tolerant of the smaller last batch (no retracing per call)."""
+    """One `tf.function` per encoder, kept on it, traced once for any batch size (the encoder's input shapes).
+
+    One trace per encoder also keeps TensorFlow quiet: it counts the traces of every function made here together
+    and warned about "frequent retracing" when a run, its best checkpoint and another run were encoded in a row.
+    """
     compiled = getattr(encoder, "_tfemde_inference_fn", None)
     if compiled is None:
         import tensorflow as tf
 
-        compiled = tf.function(lambda inputs: encoder(inputs, training=False), reduce_retracing=True)
+        signature = {tensor.name: tf.TensorSpec((None,) + tuple(tensor.shape[1:]), tensor.dtype, name=tensor.name)
+                     for tensor in encoder.inputs}
+        compiled = tf.function(lambda inputs: encoder(inputs, training=False), input_signature=[signature])
         object.__setattr__(encoder, "_tfemde_inference_fn", compiled)
     return compiled
 
