@@ -20,11 +20,7 @@ def embeddings_from_outputs(outputs, config) -> Embeddings:
 
 
 def _compiled(encoder):
-    """One `tf.function` per encoder, kept on it, traced once for any batch size (the encoder's input shapes).
-
-    One trace per encoder also keeps TensorFlow quiet: it counts the traces of every function made here together
-    and warned about "frequent retracing" when a run, its best checkpoint and another run were encoded in a row.
-    """
+    """One `tf.function` per encoder, kept on it, traced once for any batch size (the encoder's input shapes)."""
     compiled = getattr(encoder, "_tfemde_inference_fn", None)
     if compiled is None:
         import tensorflow as tf
@@ -32,6 +28,10 @@ def _compiled(encoder):
         signature = {tensor.name: tf.TensorSpec((None,) + tuple(tensor.shape[1:]), tensor.dtype, name=tensor.name)
                      for tensor in encoder.inputs}
         compiled = tf.function(lambda inputs: encoder(inputs, training=False), input_signature=[signature])
+        # TensorFlow counts the traces of every function made at this line together and warns of "frequent
+        # retracing" when a few new encoders are used in a row (a run's validation, its best checkpoint, the next
+        # run), though each is traced once. tf.function offers no public switch for its warning.
+        compiled._omit_frequent_tracing_warning = True
         object.__setattr__(encoder, "_tfemde_inference_fn", compiled)
     return compiled
 
