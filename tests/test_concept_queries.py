@@ -94,12 +94,14 @@ def test_encoding_with_many_models_stays_quiet(small_emoji, tmp_path):
     from tfemde.evaluation import encode_dataset
 
     class Keep(logging.Handler):
-        messages = []
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
 
         def emit(self, record):
             self.messages.append(record.getMessage())
 
-    keep = Keep(logging.WARNING)
+    keep = Keep()
     tf_logger = logging.getLogger("tensorflow")  # TensorFlow's own; it does not propagate to the root logger
     tf_logger.addHandler(keep)
     try:
