@@ -1,8 +1,8 @@
 """The exact stage of an `AnnSetIndex` search: refining FAISS's keys from the stored sets, and re-ranking the
-candidate items with the training similarity, a block of rows at a time.
+candidate items with the training similarity.
 
-Both read only the candidates' rows of `StoredSets` (memory-mapped after a load), so RAM holds no float32 copy of
-the keys: a product-quantised FAISS index ranks `refine · neighbours` keys by their codes, `refine_keys` re-scores
+Both read only the candidates' rows of `StoredSets` (memory-mapped after a load), in place (FAISS's
+`fvec_inner_products_by_idx` on every core: no gathered copy), so RAM holds no float32 copy of the keys: a product-quantised FAISS index ranks `refine · neighbours` keys by their codes, `refine_keys` re-scores
 them by exact inner products from the stored elements (or sketches) and keeps the best `neighbours`, as FAISS's
 `IndexRefineFlat` would from its own float32 copy.
 """
@@ -15,11 +15,7 @@ import numpy as np
 
 from tfemde.serving.ann_store import StoredSets
 from tfemde.serving.embeddings import Embeddings
-from tfemde.serving.similarity import sketch_similarity, smooth_chamfer_checked
-
-# Candidates scored per block: their sets and sketches (4 KiB each at K = 4, D = 256) are gathered and scored while
-# they are in the core's cache, instead of gathering all of them and reading them back.
-RERANK_BLOCK = 1024
+from tfemde.serving.similarity import smooth_chamfer_of_logits
 
 
 def check_refine(refine, key: str) -> int:
@@ -46,36 +42,32 @@ def refine_keys(stored: StoredSets, key: str, vectors: np.ndarray, labels: np.nd
         `[M, min(L, neighbours)]` int64 ids, -1 where a row had fewer valid labels.
     """
     width = min(labels.shape[1], neighbours)
-    out = np.full((len(labels), width), -1, np.int64)
-    bound = stored.num_keys(key)
-    for m, row in enumerate(labels):
-        ids = np.sort(row[(row >= 0) & (row < bound)])  # FAISS returns a key once a query
-        if len(ids) > width:
-            scores = stored.take_keys(ids, key) @ vectors[m]
-            ids = ids[np.argpartition(-scores, width - 1)[:width]]
-        out[m, :len(ids)] = ids
-    return out
+    labels = np.where((labels >= 0) & (labels < stored.num_keys(key)), labels, -1)
+    if width == labels.shape[1]:
+        return labels
+    scores = stored.inner_products(vectors, labels, key)  # -inf at -1: kept last
+    best = np.argpartition(-scores, width - 1, axis=1)[:, :width]
+    return np.where(np.isfinite(np.take_along_axis(scores, best, axis=1)),
+                    np.take_along_axis(labels, best, axis=1), -1)
 
 
 def rerank(stored: StoredSets, query: Embeddings, rows: np.ndarray, k: int, alpha: float, sketch_weight: float,
            stored_norm: float) -> Tuple[np.ndarray, np.ndarray]:
     """`(rows [k], scores [k])`: the best `k` of the candidate `rows` (sorted) by the exact score, best first.
 
-    `stored_norm` bounds the norms of every stored element (`StoredSets.max_norm`): the similarity's logit bound
-    without reading the candidates twice.
+    The inner products of every query element with every element of every candidate (and of the sketches) are
+    read from the stored rows in place (`StoredSets.inner_products`); `stored_norm` bounds the norms of every
+    stored element (`StoredSets.max_norm`): the similarity's logit bound without reading the candidates twice.
     """
-    use_sketch = sketch_weight != 0.0
-    scores = np.zeros((1, len(rows)), np.float32)
-    for start in range(0, len(rows), RERANK_BLOCK):
-        block = rows[start:start + RERANK_BLOCK]
-        out = scores[:, start:start + len(block)]
-        if use_sketch:
-            sketch_similarity(query.sketches, stored.take(block, "sketches"), query.sketch_depth,
-                              weight=sketch_weight, out=out)
-        smooth_chamfer_checked(query.sets, stored.take(block, "sets"), alpha, query.set_mask,
-                               stored.take(block, "masks"), query.max_norm, stored_norm, None, None, out,
-                               use_sketch)
-    scores = scores[0]
+    (k_a, _), k_b = query.sets.shape[1:], stored.sets[0].shape[1]
+    elements = np.broadcast_to((rows[:, None] * k_b + np.arange(k_b)).reshape(1, -1), (k_a, len(rows) * k_b))
+    logits = stored.inner_products(query.sets[0] * np.float32(alpha), elements, "elements")
+    logits = np.ascontiguousarray(logits.reshape(k_a, 1, len(rows), k_b).transpose(0, 1, 3, 2))
+    scores = smooth_chamfer_of_logits(logits, alpha, query.set_mask, stored.take(rows, "masks"),
+                                      alpha * query.max_norm * stored_norm)[0]
+    if sketch_weight != 0.0:
+        scores += stored.inner_products(query.sketches * np.float32(sketch_weight / query.sketch_depth),
+                                        rows[None], "sketch")[0]
     top = np.argpartition(-scores, k - 1)[:k] if len(rows) > k else np.arange(len(rows))
     order = top[np.lexsort((rows[top], -scores[top]))]
     return rows[order], scores[order]

@@ -33,11 +33,15 @@ class StoredSets:
 
     def append(self, sets, mask, sketches, max_norm: float) -> None:
         self.norms.append(float(max_norm))
-        self.sets.append(sets if sets.dtype == self.dtype else sets.astype(self.dtype))
+        self.sets.append(self._contiguous(sets))
         self.masks.append(mask)
-        self.sketches.append(None if sketches is None else
-                             (sketches if sketches.dtype == self.dtype else sketches.astype(self.dtype)))
+        self.sketches.append(None if sketches is None else self._contiguous(sketches))
         self.offsets.append(self.offsets[-1] + len(sets))
+
+    def _contiguous(self, array: np.ndarray) -> np.ndarray:
+        """`array` (a memory map stays one) as C-contiguous `dtype`: searches read its rows in place."""
+        return array if array.dtype == self.dtype and array.flags.c_contiguous else np.ascontiguousarray(
+            array, self.dtype)
 
     def snapshot(self) -> "StoredSets":
         """A copy of the part lists: rows added later do not change it."""
@@ -56,16 +60,35 @@ class StoredSets:
         """The id bound of the FAISS keys of the stored items: `N · K` for `"elements"`, `N` for `"sketch"`."""
         return len(self) * (self.sets[0].shape[1] if key == "elements" and self.sets else 1)
 
-    def take_keys(self, ids: np.ndarray, key: str) -> np.ndarray:
-        """`[M, Dk]` float32 stored keys at sorted FAISS `ids`: elements (id `item · K + k`) or sketches (id `item`)."""
-        if key == "sketch":
-            return self.take(ids, "sketches")
-        k = self.sets[0].shape[1]
-        bounds = np.searchsorted(ids, np.asarray(self.offsets) * k)
-        got = [self.sets[p].reshape(-1, self.sets[p].shape[2])[ids[bounds[p]:bounds[p + 1]] - self.offsets[p] * k]
-               for p in range(len(self.sets)) if bounds[p] < bounds[p + 1]]
-        out = got[0] if len(got) == 1 else np.concatenate(got) if got else np.zeros((0, self.sets[0].shape[2]))
-        return out.astype(np.float32, copy=False)
+    def inner_products(self, vectors: np.ndarray, ids: np.ndarray, key: str) -> np.ndarray:
+        """`[M, L]` float32 `<vectors[m], stored key ids[m, l]>`, -inf where `ids[m, l] < 0`.
+
+        Args:
+            vectors: `[M, Dk]` float32 query keys.
+            ids: `[M, L]` int64 key ids: element `item · K + k` (`key="elements"`) or `item` (`"sketch"`), each
+                below `num_keys(key)`, or -1.
+            key: `"elements"` or `"sketch"`.
+
+        float32 parts are read in place by FAISS on every core (no gathered copy of the rows); float16 parts are
+        gathered and converted once when every vector has the same ids (a re-rank), else a row of `ids` at a time.
+        """
+        out = np.full(ids.shape, -np.inf, np.float32)
+        per_key = self.sets[0].shape[1] if key == "elements" else 1
+        for p in range(len(self.sets)):
+            table = self.sketches[p] if key == "sketch" else self.sets[p].reshape(-1, self.sets[p].shape[2])
+            local = ids - self.offsets[p] * per_key
+            inside = (ids >= 0) & (local < len(table)) & (local >= 0)
+            if not inside.any():
+                continue
+            if table.dtype == np.float32:
+                got = _dot_by_id(table, vectors, np.where(inside, local, -1))
+                out[inside] = got[inside]
+            elif (local == local[:1]).all():  # one id list for every vector (a re-rank): converted once
+                out[:, inside[0]] = vectors @ table[local[0, inside[0]]].astype(np.float32).T
+            else:
+                for m in np.flatnonzero(inside.any(axis=1)):
+                    out[m, inside[m]] = table[local[m, inside[m]]].astype(np.float32) @ vectors[m]
+        return out
 
     @property
     def has_mask(self) -> bool:
@@ -109,6 +132,30 @@ class StoredSets:
             out.flush()
             del out
         return names
+
+
+def _dot_by_id(table: np.ndarray, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """`[M, L]` float32 `<vectors[m], table[ids[m, l]]>` (-inf at -1) by FAISS's `fvec_inner_products_by_idx`.
+
+    FAISS runs one OpenMP thread per row of `ids`; fewer rows than threads are cut into column pieces (the vector
+    repeated) so that every core reads its share of the rows.
+    """
+    import faiss  # loaded already: only an AnnSetIndex, which needs FAISS, stores sets
+
+    m, width = ids.shape
+    pieces = max(1, min(width, -(-faiss.omp_get_max_threads() // m)))
+    if pieces > 1:
+        step = -(-width // pieces)
+        split = np.full((m, pieces * step), -1, np.int64)
+        split[:, :width] = ids
+        ids, vectors = split.reshape(m * pieces, step), np.repeat(vectors, pieces, axis=0)
+    ids = np.ascontiguousarray(ids, np.int64)
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    table = np.ascontiguousarray(table)
+    out = np.empty(ids.shape, np.float32)
+    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(vectors), faiss.swig_ptr(table),
+                                     faiss.swig_ptr(ids), table.shape[1], len(vectors), ids.shape[1])
+    return out.reshape(m, -1)[:, :width]
 
 
 def stored_max_norm(sets: np.ndarray, mask: Optional[np.ndarray], block: int = 65536) -> float:

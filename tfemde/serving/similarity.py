@@ -255,6 +255,52 @@ def smooth_chamfer(
     return smooth_chamfer_checked(a, b, alpha, a_mask, b_mask, None, None, chunk_size, progress, out, accumulate)
 
 
+def _logit_range(bound: float, k_a: int, k_b: int) -> Tuple[bool, int, int, np.float32]:
+    """`(fast, group_row, group_col, big)` for logits α·c within [-bound, bound] (see the module docstring)."""
+    fast = bound + math.log(max(k_a, k_b)) <= _LOG_RANGE
+    # Factors per log: a block sum lies in [exp(-B), K·exp(B)], so `g` of them multiply inside float32's range.
+    group_row = max(1, int(_LOG_RANGE // (bound + math.log(k_b)))) if bound + math.log(k_b) > 0 else k_a
+    group_col = max(1, int(_LOG_RANGE // (bound + math.log(k_a)))) if bound + math.log(k_a) > 0 else k_b
+    # Padded elements: their logits are overwritten with -big after the matrix multiply, so exp gives exactly 0
+    # and they never hold a maximum (whatever values, even NaN, the padded elements held).
+    return fast, group_row, group_col, np.float32(2.0 * bound + 300.0)
+
+
+def _set_weights(mask: Optional[np.ndarray], n: int, k: int, alpha: float) -> Tuple[np.ndarray, np.ndarray]:
+    """`([n] float32 1/(2α|X|), [n] bool True for a set without a valid element)`."""
+    count = np.full(n, k, np.int64) if mask is None else mask.sum(axis=1)
+    return (0.5 / alpha / np.maximum(count, 1)).astype(np.float32), count == 0
+
+
+def smooth_chamfer_of_logits(logits: np.ndarray, alpha: float, a_mask: Optional[np.ndarray],
+                             b_mask: Optional[np.ndarray], bound: float) -> np.ndarray:
+    """Smooth-Chamfer scores from the logits of every element pair, computed elsewhere (e.g. by FAISS).
+
+    Args:
+        logits: `[K_a, n_a, K_b, n_b]` float32 α·c(x_k of a-set i, y_l of b-set j); overwritten.
+        alpha: the temperature α the logits were scaled by.
+        a_mask, b_mask: `[n_a, K_a]`, `[n_b, K_b]` bool, False at padded elements, or None.
+        bound: a bound of |logit| over the valid pairs (α·max‖x‖·max‖y‖).
+
+    Returns:
+        `[n_a, n_b]` float32, as `smooth_chamfer` gives for the sets these logits came from.
+    """
+    k_a, n_a, k_b, n_b = logits.shape
+    fast, group_row, group_col, big = _logit_range(bound, k_a, k_b)
+    a_weight, a_empty = _set_weights(a_mask, n_a, k_a, alpha)
+    b_weight, b_empty = _set_weights(b_mask, n_b, k_b, alpha)
+    a_pad = None if a_mask is None else ~a_mask.T
+    b_pad = None if b_mask is None else ~b_mask.T
+    if a_pad is not None:
+        logits[a_pad] = -big
+    if b_pad is not None:
+        logits[:, :, b_pad] = -big
+    masked = a_mask is not None or b_mask is not None
+    with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
+        return _chamfer_rows(logits, fast, group_row, group_col, a_pad, b_pad, a_weight, b_weight,
+                             a_empty if masked else None, b_empty if masked else None)
+
+
 def smooth_chamfer_checked(a, b, alpha, a_mask, b_mask, a_norm, b_norm, chunk_size, progress, out, accumulate):
     """`smooth_chamfer` on checked arrays; `a_norm`/`b_norm` are the max valid element norms (None: compute)."""
     (n_a, k_a, d), (n_b, k_b, _) = a.shape, b.shape
@@ -264,21 +310,10 @@ def smooth_chamfer_checked(a, b, alpha, a_mask, b_mask, a_norm, b_norm, chunk_si
 
     a_norm = _max_norm(a, a_mask, "a_sets") if a_norm is None else a_norm
     b_norm = _max_norm(b, b_mask, "b_sets") if b_norm is None else b_norm
-    bound = alpha * a_norm * b_norm
-    fast = bound + math.log(max(k_a, k_b)) <= _LOG_RANGE
-    # Factors per log: a block sum lies in [exp(-B), K·exp(B)], so `g` of them multiply inside float32's range.
-    group_row = max(1, int(_LOG_RANGE // (bound + math.log(k_b)))) if bound + math.log(k_b) > 0 else k_a
-    group_col = max(1, int(_LOG_RANGE // (bound + math.log(k_a)))) if bound + math.log(k_a) > 0 else k_b
-
-    # Padded elements: their logits are overwritten with -big after the matrix multiply, so exp gives exactly 0
-    # and they never hold a maximum (whatever values, even NaN, the padded elements held).
-    big = np.float32(2.0 * bound + 300.0)
-    a_count = np.full(n_a, k_a, np.int64) if a_mask is None else a_mask.sum(axis=1)
-    b_count = np.full(n_b, k_b, np.int64) if b_mask is None else b_mask.sum(axis=1)
-    a_weight = (0.5 / alpha / np.maximum(a_count, 1)).astype(np.float32)
-    b_weight = (0.5 / alpha / np.maximum(b_count, 1)).astype(np.float32)
+    fast, group_row, group_col, big = _logit_range(alpha * a_norm * b_norm, k_a, k_b)
+    a_weight, a_empty = _set_weights(a_mask, n_a, k_a, alpha)
+    b_weight, b_empty = _set_weights(b_mask, n_b, k_b, alpha)
     masked = a_mask is not None or b_mask is not None
-    a_empty, b_empty = a_count == 0, b_count == 0
 
     a_ranges = [(i, min(i + rows, n_a)) for i in range(0, n_a, rows)]
     b_ranges = [(j, min(j + cols, n_b)) for j in range(0, n_b, cols)]
