@@ -60,14 +60,14 @@ def rerank(stored: StoredSets, query: Embeddings, rows: np.ndarray, k: int, alph
     stored element (`StoredSets.max_norm`): the similarity's logit bound without reading the candidates twice.
     """
     (k_a, _), k_b = query.sets.shape[1:], stored.sets[0].shape[1]
-    elements = np.broadcast_to((rows[:, None] * k_b + np.arange(k_b)).reshape(1, -1), (k_a, len(rows) * k_b))
+    elements = (rows[:, None] * k_b + np.arange(k_b)).reshape(-1)
     logits = stored.inner_products(query.sets[0] * np.float32(alpha), elements, "elements")
     logits = np.ascontiguousarray(logits.reshape(k_a, 1, len(rows), k_b).transpose(0, 1, 3, 2))
     scores = smooth_chamfer_of_logits(logits, alpha, query.set_mask, stored.take(rows, "masks"),
                                       alpha * query.max_norm * stored_norm)[0]
     if sketch_weight != 0.0:
         scores += stored.inner_products(query.sketches * np.float32(sketch_weight / query.sketch_depth),
-                                        rows[None], "sketch")[0]
+                                        rows, "sketch")[0]
     top = np.argpartition(-scores, k - 1)[:k] if len(rows) > k else np.arange(len(rows))
     order = top[np.lexsort((rows[top], -scores[top]))]
     return rows[order], scores[order]
