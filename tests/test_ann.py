@@ -37,7 +37,7 @@ def recall(a, b):
     return np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a, b)])
 
 
-@pytest.mark.parametrize("key", ["elements", "sketch", "fde"])
+@pytest.mark.parametrize("key", ["elements", "elements+sketch", "sketch", "fde"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_with_every_key_as_candidate_it_is_the_exact_ranking(rng, key, masked):
     """Flat keys and neighbours >= all keys: the re-rank sees every item, so ids and scores are the exact ones."""
@@ -51,11 +51,12 @@ def test_with_every_key_as_candidate_it_is_the_exact_ranking(rng, key, masked):
     want_ids, want_scores = brute_top_k(brute_scores(queries, items, 8.0, 0.5, depth=2), ids, 9)
     np.testing.assert_array_equal(got_ids, want_ids)
     np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)
-    assert len(index) == 60 and index.num_keys == (60 if key != "elements" else
+    assert len(index) == 60 and index.num_keys == (60 if key not in ("elements", "elements+sketch") else
                                                     (items.set_mask.sum() if masked else 180))
 
 
 @pytest.mark.parametrize("key, factory", [("elements", "HNSW32"), ("elements", "IVF16,Flat"),
+                                          ("elements+sketch", "IVF16,PQ8"),
                                           ("elements", "IVF16,PQ8"), ("sketch", "HNSW32"), ("fde", "HNSW32")])
 def test_approximate_candidates_recall_the_exact_top_10(rng, key, factory):
     items = clustered(rng, 3000)
@@ -158,6 +159,50 @@ def test_refine_keeps_the_exact_best_keys_of_faiss_codes_from_the_stored_arrays(
     exact.add(items)
     want = exact.search(queries, k=10)[0]
     assert recall(want, got_ids) > recall(want, index.search(queries, k=10, refine=1)[0])
+
+
+def copies(rng, prototypes, n, noise=0.3):
+    """`n` noisy copies of the `prototypes` (sets and sketches each with their own noise, cosine about 0.96 to
+    the original, as `benchmarks/ann.py` replicates the emoji gallery): the sketch decides among copies as much as
+    the elements do."""
+    src = np.arange(n) % len(prototypes)
+    x = prototypes.sets[src] + noise / np.sqrt(prototypes.dim) * rng.normal(size=(n, *prototypes.sets.shape[1:]))
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    depth = prototypes.sketch_depth
+    s = prototypes.sketches[src].reshape(n, depth, -1)
+    s = np.abs(s + noise / np.sqrt(s.shape[-1]) * rng.normal(size=s.shape))
+    s /= np.linalg.norm(s, axis=-1, keepdims=True)
+    return Embeddings(x.astype(np.float32), sketches=s.reshape(n, -1).astype(np.float32), sketch_depth=depth)
+
+
+def test_element_keys_with_the_sketch_score_its_part_and_find_the_best_copies(rng):
+    """`key="elements+sketch"`: a key's inner product is the element's cosine plus λ/depth · the sketch product
+    (a NumPy re-derivation), and among noisy copies of a few sets, where the sketch decides as much as the
+    elements, its k′ best keys hold more of the exact top 10 than the element keys' (exact keys: a flat index)."""
+    prototypes = clustered(rng, 40, d=32, depth=4, width=16)
+    items = copies(rng, prototypes, 4000)
+    queries = noisy(rng, prototypes[rng.choice(40, 20, replace=False)], scale=0.8)
+    index = AnnSetIndex(alpha=16.0, sketch_weight=0.5, key="elements+sketch", factory="Flat", neighbours=10)
+    index.add(items)
+    vectors = np.concatenate([queries.sets[0], np.repeat(queries.sketches[:1], 4, axis=0) * np.sqrt(0.5 / 4)],
+                             axis=1).astype(np.float32)
+    scores, labels = index._faiss_index.search(vectors, 5)
+    for j in range(4):
+        item, element = labels[j] // 4, labels[j] % 4
+        want = (np.einsum("d,nd->n", queries.sets[0, j], items.sets[item, element]) +
+                0.5 / 4 * items.sketches[item] @ queries.sketches[0])
+        np.testing.assert_allclose(scores[j], want, rtol=1e-5, atol=1e-5)
+    exact = SetIndex(alpha=16.0, sketch_weight=0.5)
+    exact.add(items)
+    want = exact.search(queries, k=10)[0]
+    plain = AnnSetIndex(alpha=16.0, sketch_weight=0.5, key="elements", factory="Flat", neighbours=10)
+    plain.add(items)
+    with_sketch, without = recall(want, index.search(queries, k=10)[0]), recall(want, plain.search(queries, k=10)[0])
+    assert with_sketch >= without + 0.05, (with_sketch, without)
+    with pytest.raises(ValueError, match="key='elements\\+sketch' needs sketch_weight > 0.*got 0"):
+        AnnSetIndex(alpha=16.0, sketch_weight=0, key="elements+sketch")
+    with pytest.raises(ValueError, match="so embeddings need sketches; got none"):
+        AnnSetIndex(alpha=16.0, sketch_weight=0.5, key="elements+sketch").add(Embeddings(items.sets))
 
 
 def test_refine_needs_stored_keys_and_an_int(rng):

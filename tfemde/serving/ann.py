@@ -42,7 +42,9 @@ from tfemde.serving.index import check_addable, extend_ids
 from tfemde.serving.manifest import file_records
 from tfemde.serving.similarity import check_alpha
 
-KEYS = ("elements", "sketch", "fde")
+KEYS = ("elements", "elements+sketch", "sketch", "fde")
+# Keys with one FAISS vector per set element (id `item · K + k`); the others have one per item (id `item`).
+ELEMENT_KEYS = ("elements", "elements+sketch")
 # MUVERA encodings when key="fde" (tfemde.serving.fde.encode): 2 × 4 × 4 × 32 = 1,024 dimensions per item.
 DEFAULT_FDE = {"repetitions": 4, "simhash_bits": 2, "projection": 32, "seed": 0}
 STORE_DTYPES = ("float32", "float16")
@@ -103,8 +105,11 @@ class AnnSetIndex:
     Args:
         alpha: Smooth-Chamfer temperature α (the model's, e.g. `Encoder.similarity_kwargs`).
         sketch_weight: λ of the sketch similarity in the re-rank; 0 ignores sketches.
-        key: the candidate keys: `"elements"` (every set element; id `item · K + k`), `"sketch"` (one T-EMDE
-            sketch per item; needs sketches) or `"fde"` (one MUVERA encoding per item).
+        key: the candidate keys: `"elements"` (every set element; id `item · K + k`), `"elements+sketch"` (every
+            set element with its item's sketch appended, both sides scaled by √(sketch_weight / depth): a key's
+            inner product is the element's cosine plus the item's whole sketch term of the score; needs sketches
+            and sketch_weight > 0), `"sketch"` (one T-EMDE sketch per item; needs sketches) or `"fde"` (one MUVERA
+            encoding per item).
         factory: a FAISS `index_factory` string (`"Flat"`, `"HNSW32"`, `"IVF4096,PQ64"`, `"OPQ64,IVF4096,PQ64"`,
             ...), a kind of `default_factory` (`"flat"`, `"hnsw"`, `"ivfpq"`, sized at the first `add`), or None
             for `"auto"` (chosen from the number of keys at the first `add`). IVF and PQ
@@ -148,6 +153,9 @@ class AnnSetIndex:
             raise ValueError(f"factory must be a FAISS index_factory string (e.g. 'HNSW32') or None; got {factory!r}")
         if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or neighbours < 1:
             raise ValueError(f"neighbours must be an int >= 1; got {neighbours!r}")
+        if key == "elements+sketch" and not self.sketch_weight > 0:
+            raise ValueError(f"key='elements+sketch' needs sketch_weight > 0 (the weight of the sketch part of its "
+                             f"keys); got {sketch_weight!r}")
         self.refine = check_refine(refine, key)
         if search_params is not None and not (isinstance(search_params, dict) and all(
                 isinstance(name, str) and isinstance(v, (int, float, np.integer, np.floating)) and
@@ -198,18 +206,28 @@ class AnnSetIndex:
     # -- building ------------------------------------------------------------------------------------------------
     def _keys(self, embeddings: Embeddings, first_item: int):
         """`(vectors [M', Dk] float32, ids [M'] int64)`: the candidate keys of items numbered from `first_item`."""
-        if self.key != "elements":
+        if self.key not in ELEMENT_KEYS:
             n = len(embeddings)
             vectors = embeddings.sketches if self.key == "sketch" else fde.encode(
                 embeddings.sets, embeddings.set_mask, "item", **self.fde_options)
             return vectors, np.arange(first_item, first_item + n, dtype=np.int64)
         n, k, d = embeddings.sets.shape
         ids = (np.arange(first_item, first_item + n, dtype=np.int64)[:, None] * k + np.arange(k)).reshape(-1)
-        vectors = embeddings.sets.reshape(-1, d)
-        if embeddings.set_mask is not None:
-            valid = embeddings.set_mask.reshape(-1)
-            vectors, ids = vectors[valid], ids[valid]
-        return np.ascontiguousarray(vectors), ids
+        vectors, owner = self._element_keys(embeddings)
+        return vectors, ids[owner]
+
+    def _element_keys(self, embeddings: Embeddings) -> Tuple[np.ndarray, np.ndarray]:
+        """`(vectors [M', Dk] float32, index [M'])`: the valid elements (`index` into the flattened `[N·K]`), with
+        their item's sketch times √(sketch_weight / depth) appended for `key="elements+sketch"`."""
+        n, k, d = embeddings.sets.shape
+        index = np.arange(n * k) if embeddings.set_mask is None else np.flatnonzero(embeddings.set_mask.reshape(-1))
+        if self.key == "elements":
+            return np.ascontiguousarray(embeddings.sets.reshape(-1, d)[index]), index
+        scale = np.float32(np.sqrt(self.sketch_weight / embeddings.sketch_depth))
+        vectors = np.empty((len(index), d + embeddings.sketch_dim), np.float32)
+        vectors[:, :d] = embeddings.sets.reshape(-1, d)[index]
+        np.multiply(embeddings.sketches[index // k], scale, out=vectors[:, d:])
+        return vectors, index
 
     def _new_faiss_index(self, vectors: np.ndarray):
         faiss = _faiss()
@@ -248,8 +266,8 @@ class AnnSetIndex:
         """
         with self._lock:
             check_addable(embeddings, self._first, self.sketch_weight, "AnnSetIndex")
-            if self.key == "sketch" and embeddings.sketches is None:
-                raise ValueError("this AnnSetIndex has key='sketch', so embeddings need sketches; got none")
+            if self.key in ("sketch", "elements+sketch") and embeddings.sketches is None:
+                raise ValueError(f"this AnnSetIndex has key={self.key!r}, so embeddings need sketches; got none")
             n_old, m = len(self), len(embeddings)
             all_ids = extend_ids(self._ids, ids, n_old, m)
             if m == 0:
@@ -306,25 +324,21 @@ class AnnSetIndex:
 
     def _candidates(self, queries: Embeddings, neighbours: int, refine: int, params: dict, stored: StoredSets):
         """`[Q]` sorted item rows per query from FAISS (items added after the `stored` snapshot left out)."""
-        if self.key != "elements":
+        if self.key not in ELEMENT_KEYS:
             vectors = queries.sketches if self.key == "sketch" else fde.encode(
                 queries.sets, queries.set_mask, "query", **self.fde_options)
             owner = np.arange(len(queries))
         else:
-            q, k, d = queries.sets.shape
-            vectors = queries.sets.reshape(-1, d)
-            owner = np.repeat(np.arange(q), k)
-            if queries.set_mask is not None:
-                valid = queries.set_mask.reshape(-1)
-                vectors, owner = vectors[valid], owner[valid]
+            vectors, owner = self._element_keys(queries)
+            owner = owner // queries.num_elements
         with self._lock:
             self._set_params(params)
             _, labels = self._faiss_index.search(np.ascontiguousarray(vectors, np.float32),
                                                  min(neighbours * refine, self.num_keys))
         if refine > 1:
             labels = refine_keys(stored, self.key, vectors, labels, neighbours)
-        return candidate_rows(labels, owner, len(queries), self._first.num_elements if self.key == "elements" else None,
-                              len(stored))
+        per_item = self._first.num_elements if self.key in ELEMENT_KEYS else None
+        return candidate_rows(labels, owner, len(queries), per_item, len(stored))
 
     def search(self, queries: Embeddings, k: int = 10, neighbours: Optional[int] = None,
                search_params: Optional[dict] = None, refine: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -459,7 +473,8 @@ class AnnSetIndex:
             if name in ("sets", "sketches") and array.dtype != np.dtype(manifest["store_dtype"]):
                 raise ValueError(f"AnnSetIndex {str(path)!r}: {name}.npy holds {array.dtype}, the manifest says "
                                  f"{manifest['store_dtype']}")
-        key_dim = {"elements": d, "sketch": manifest["sketch_dim"]}.get(manifest["key"]) or fde.fde_dim(
+        key_dim = {"elements": d, "sketch": manifest["sketch_dim"], "elements+sketch": d + (
+            manifest["sketch_dim"] or 0)}.get(manifest["key"]) or fde.fde_dim(
             d, **{name: manifest["fde_options"][name] for name in ("repetitions", "simhash_bits", "projection")})
         if faiss_index.ntotal != manifest["keys"] or faiss_index.d != key_dim:
             raise ValueError(f"AnnSetIndex {str(path)!r}: {FAISS_FILE} holds {faiss_index.ntotal} keys of dimension "

@@ -2,9 +2,10 @@
 candidate items with the training similarity.
 
 Both read only the candidates' rows of `StoredSets` (memory-mapped after a load), in place (FAISS's
-`fvec_inner_products_by_idx` on every core: no gathered copy), so RAM holds no float32 copy of the keys: a product-quantised FAISS index ranks `refine · neighbours` keys by their codes, `refine_keys` re-scores
-them by exact inner products from the stored elements (or sketches) and keeps the best `neighbours`, as FAISS's
-`IndexRefineFlat` would from its own float32 copy.
+`fvec_inner_products_by_idx` on every core: no gathered copy), so RAM holds no float32 copy of the keys: a
+product-quantised FAISS index ranks `refine · neighbours` keys by their codes, `refine_keys` re-scores them by exact
+inner products from the stored elements (or sketches) and keeps the best `neighbours`, as FAISS's `IndexRefineFlat`
+would from its own float32 copy.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def refine_keys(stored: StoredSets, key: str, vectors: np.ndarray, labels: np.nd
 
     Args:
         stored: the index's items.
-        key: `"elements"` (label `item · K + k`) or `"sketch"` (label `item`).
+        key: `"elements"`, `"elements+sketch"` (label `item · K + k`) or `"sketch"` (label `item`).
         vectors: `[M, Dk]` float32 query keys.
         labels: `[M, L]` int64 FAISS ids (-1: none); ids of items beyond `stored` are dropped.
         neighbours: keys kept per row.

@@ -57,8 +57,8 @@ class StoredSets:
         return max(self.norms, default=0.0)
 
     def num_keys(self, key: str) -> int:
-        """The id bound of the FAISS keys of the stored items: `N · K` for `"elements"`, `N` for `"sketch"`."""
-        return len(self) * (self.sets[0].shape[1] if key == "elements" and self.sets else 1)
+        """The id bound of the FAISS keys of the stored items: `N · K` for element keys, `N` for `"sketch"`."""
+        return len(self) * (self.sets[0].shape[1] if key in ("elements", "elements+sketch") and self.sets else 1)
 
     def inner_products(self, vectors: np.ndarray, ids: np.ndarray, key: str) -> np.ndarray:
         """`[M, L]` float32 `<vectors[m], stored key ids[m, l]>` (`ids[l]` for 1-D ids), -inf where an id is < 0.
@@ -66,12 +66,18 @@ class StoredSets:
         Args:
             vectors: `[M, Dk]` float32 query keys.
             ids: `[M, L]` int64 key ids per vector, or `[L]` the same for every vector (a re-rank): element
-                `item · K + k` (`key="elements"`) or `item` (`"sketch"`), each below `num_keys(key)`, or -1.
-            key: `"elements"` or `"sketch"`.
+                `item · K + k` (`key="elements"`, `"elements+sketch"`) or `item` (`"sketch"`), each below
+                `num_keys(key)`, or -1.
+            key: `"elements"`, `"sketch"`, or `"elements+sketch"` (vectors `[M, D + S]`: the element's and the
+                item's sketch's inner products added).
 
         float32 parts are read in place by FAISS on every core (no gathered copy of the rows); float16 parts are
         gathered and converted, once for 1-D ids, else a row of `ids` at a time.
         """
+        if key == "elements+sketch":
+            k, d = self.sets[0].shape[1:]
+            return (self.inner_products(vectors[:, :d], ids, "elements") +
+                    self.inner_products(vectors[:, d:], np.where(ids >= 0, ids // k, -1), "sketch"))
         out = np.full((len(vectors), ids.shape[-1]), -np.inf, np.float32)
         per_key = self.sets[0].shape[1] if key == "elements" else 1
         for p in range(len(self.sets)):
