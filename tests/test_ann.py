@@ -262,6 +262,28 @@ def test_float16_storage_ranks_as_float32(rng):
     np.testing.assert_allclose(ranks["float32"][1], ranks["float16"][1], atol=2e-3)
 
 
+def test_a_float32_index_saved_as_float16_is_the_float16_index(rng, tmp_path):
+    """`save(path, store_dtype="float16")` writes half-size arrays without building FAISS again: loaded, it is the
+    index built with float16 storage (the same ids and scores), and the float32 index in memory is unchanged."""
+    items = clustered(rng, 1500)
+    queries = noisy(rng, items[:20])
+    built = {}
+    for dtype in ("float32", "float16"):
+        built[dtype] = AnnSetIndex(alpha=16.0, sketch_weight=0.5, factory="IVF8,Flat", neighbours=32,
+                                   search_params={"nprobe": 4}, store_dtype=dtype)
+        built[dtype].add(items)
+    before = built["float32"].search(queries, k=10)
+    loaded = AnnSetIndex.load(built["float32"].save(tmp_path / "half", store_dtype="float16"))
+    assert loaded.store_dtype == "float16" and loaded._rows.sets[0].dtype == np.float16
+    assert (tmp_path / "half" / "sets.npy").stat().st_size < items.sets.nbytes * 0.51
+    for got, want in zip(loaded.search(queries, k=10), built["float16"].search(queries, k=10)):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(built["float32"].search(queries, k=10), before):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="store_dtype must be one of .*got 'int8'"):
+        built["float32"].save(tmp_path / "bad", store_dtype="int8")
+
+
 @pytest.mark.parametrize("mmap", [True, False])
 def test_save_load_add_save_round_trip(rng, tmp_path, mmap):
     items = clustered(rng, 1200)

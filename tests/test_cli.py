@@ -291,9 +291,11 @@ BAD_INPUTS = [
     ("embed out is a folder", ["embed", "{run}", "--texts", "{file}", "--out", "{folder}"], "is a folder"),
     ("index out is a folder", ["index", "{run}", "--data", "{data}", "--out", "{folder}"], "is a folder"),
     ("index float16 without ann", ["index", "{run}", "--data", "{data}", "--out", "{out}", "--float16"],
-     "--neighbours, --refine and --float16 are options of an approximate index"),
+     "--key, --neighbours, --refine and --float16 are options of an approximate index"),
+    ("index key without ann", ["index", "{run}", "--data", "{data}", "--out", "{out}", "--key", "elements+sketch"],
+     "--key, --neighbours, --refine and --float16 are options of an approximate index"),
     ("index refine without ann", ["index", "{run}", "--data", "{data}", "--out", "{out}", "--refine", "2"],
-     "--neighbours, --refine and --float16 are options of an approximate index"),
+     "--key, --neighbours, --refine and --float16 are options of an approximate index"),
     ("index refine 0", ["index", "{run}", "--data", "{data}", "--out", "{folder}/new.ann", "--ann", "flat",
                         "--refine", "0"], "--refine must be an int >= 1; got 0"),
 ]

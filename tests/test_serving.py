@@ -632,6 +632,13 @@ def test_cli_embed_index_search(setup, tmp_path, capsys):
     ids, scores = search_out(str(tmp_path / "emoji.ann"))
     np.testing.assert_array_equal(ids, exact_ids)
     np.testing.assert_allclose(scores, exact_scores, atol=1e-4)
+    # element keys with the item's sketch appended: with more neighbours than keys, the exact ranking again
+    assert main(["index", export, "--data", "emoji", "--split", "test", "--ann", "flat", "--key", "elements+sketch",
+                 "--neighbours", "100000", "--out", str(tmp_path / "emoji_sk.ann")]) == 0
+    assert json.loads((tmp_path / "emoji_sk.ann" / "manifest.json").read_text())["key"] == "elements+sketch"
+    ids, scores = search_out(str(tmp_path / "emoji_sk.ann"))
+    np.testing.assert_array_equal(ids, exact_ids)
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-4)
     # float16 storage: the same best scores within float16's rounding (near ties may swap places)
     # refined candidates from a PQ index: FAISS's 4 x 200 keys by their codes, the best 200 by the stored sets
     assert main(["index", export, "--data", "emoji", "--split", "test", "--ann", "ivfpq",

@@ -31,7 +31,7 @@ from tfemde.training.runs import (DEFAULT_AUGMENT, DEFAULT_BALANCE_GROUPS, DEFAU
 def parser() -> argparse.ArgumentParser:
     # Choices come from the library (both modules are TensorFlow-free, so the parser stays quick to build).
     from tfemde.evaluation import PROTOCOLS
-    from tfemde.serving.ann import DEFAULT_NEIGHBOURS, FACTORY_KINDS
+    from tfemde.serving.ann import DEFAULT_NEIGHBOURS, FACTORY_KINDS, KEYS
     from tfemde.serving.encoder import PRECISIONS, TEXT_ROUTES
 
     top = argparse.ArgumentParser(prog="tfemde", description=__doc__.splitlines()[0])
@@ -127,6 +127,10 @@ def parser() -> argparse.ArgumentParser:
     ix.add_argument("--ann", choices=FACTORY_KINDS, default=None,
                     help="an approximate index for large galleries (needs faiss-cpu, the `ann` extra): FAISS "
                          "candidates re-ranked exactly; 'auto' chooses by size (see tfemde.serving.ann)")
+    ix.add_argument("--key", choices=KEYS, default="elements",
+                    help="with --ann: FAISS's keys: every set element, or every element with its item's sketch "
+                         "appended ('elements+sketch', for models with a sketch: finds items that the sketch tells "
+                         "apart, e.g. near-duplicates), one sketch or one MUVERA encoding per item")
     ix.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
                     help="with --ann: FAISS neighbours per query element")
     ix.add_argument("--refine", type=int, default=1,

@@ -143,15 +143,15 @@ def cmd_index(args):
     else:
         from tfemde.serving.ann import DEFAULT_NEIGHBOURS
 
-        if args.float16 or args.neighbours != DEFAULT_NEIGHBOURS or args.refine != 1:
-            raise UserError("--neighbours, --refine and --float16 are options of an approximate index; add --ann "
-                            "auto (or flat, hnsw, ivfpq)")
+        if args.float16 or args.neighbours != DEFAULT_NEIGHBOURS or args.refine != 1 or args.key != "elements":
+            raise UserError("--key, --neighbours, --refine and --float16 are options of an approximate index; add "
+                            "--ann auto (or flat, hnsw, ivfpq)")
         out = out_file(args.out)
     encoder = _serving_encoder(args)
     if args.ann:  # built before the encoding, which is the long part, so that a bad argument stops at once
-        index = ann.AnnSetIndex(**encoder.similarity_kwargs, factory=args.ann, neighbours=args.neighbours,
-                                refine=args.refine, store_dtype="float16" if args.float16 else "float32",
-                                export_digest=encoder.export_digest)
+        index = ann.AnnSetIndex(**encoder.similarity_kwargs, key=args.key, factory=args.ann,
+                                neighbours=args.neighbours, refine=args.refine,
+                                store_dtype="float16" if args.float16 else "float32", export_digest=encoder.export_digest)
     else:
         index = SetIndex(**encoder.similarity_kwargs, export_digest=encoder.export_digest)
     if args.images:

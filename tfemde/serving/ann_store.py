@@ -118,19 +118,20 @@ class StoredSets:
         out = got[0] if len(got) == 1 else np.concatenate(got)
         return out if column == "masks" else out.astype(np.float32, copy=False)
 
-    def write(self, folder: Path) -> list:
+    def write(self, folder: Path, dtype: Optional[np.dtype] = None) -> list:
         """Write `sets.npy`, `set_mask.npy` (when any part has one) and `sketches.npy` (when sketched) a part at a
-        time; returns the names written."""
+        time, sets and sketches as `dtype` (default: the stored one); returns the names written."""
+        dtype = self.dtype if dtype is None else np.dtype(dtype)
         names = ["sets.npy"]
         n, (k, d) = len(self), self.sets[0].shape[1:]
-        columns = [("sets.npy", self.sets, (n, k, d), self.dtype)]
+        columns = [("sets.npy", self.sets, (n, k, d), dtype)]
         if self.has_mask:
             names.append("set_mask.npy")
             columns.append(("set_mask.npy", [m if m is not None else np.ones(s.shape[:2], bool)
                                              for m, s in zip(self.masks, self.sets)], (n, k), np.dtype(bool)))
         if self.sketches[0] is not None:
             names.append("sketches.npy")
-            columns.append(("sketches.npy", self.sketches, (n, self.sketches[0].shape[1]), self.dtype))
+            columns.append(("sketches.npy", self.sketches, (n, self.sketches[0].shape[1]), dtype))
         for name, parts, shape, dtype in columns:
             out = np.lib.format.open_memmap(folder / name, mode="w+", dtype=dtype, shape=shape)
             for p, part in enumerate(parts):
