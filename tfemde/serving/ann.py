@@ -4,10 +4,10 @@ No vector engine computes Smooth-Chamfer, but it stays within ln(K)/α of the sy
 inner product of each element), so the items whose elements are nearest to a query's elements by inner product are
 the candidates worth scoring. The index keeps:
 
-- a FAISS inner-product index (`IndexIDMap2` over any `index_factory` string) of candidate keys: every valid set
-  element with id `item · K + k` (`key="elements"`), one T-EMDE sketch per item with id `item` (`key="sketch"`,
-  EMDE's own use of sketches as retrieval keys), or one MUVERA fixed-dimensional encoding per item (`key="fde"`,
-  `tfemde.serving.fde`);
+- a FAISS inner-product index (`IndexIDMap2` over any `index_factory` string) of candidate keys (`ann_keys`):
+  every valid set element with id `item · K + k` (`key="elements"`; `"elements+sketch"` appends the item's sketch),
+  one T-EMDE sketch per item with id `item` (`key="sketch"`, EMDE's own use of sketches as retrieval keys), or one
+  MUVERA fixed-dimensional encoding per item (`key="fde"`, `tfemde.serving.fde`);
 - the items' sets, masks and sketches as arrays (memory-mapped after `load`, float16 optional), read only at the
   candidates' rows when a query is re-ranked with `tfemde.serving.similarity`'s code.
 
@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from tfemde.files import make_folder_beside, move_folder_into_place
-from tfemde.serving import fde
+from tfemde.serving.ann_keys import ELEMENT_KEYS, KEYS, item_keys, key_dim, query_keys
 from tfemde.serving.ann_rerank import candidate_rows, check_refine, refine_keys, rerank
 from tfemde.serving.ann_store import (FAISS_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, StoredSets,
                                       check_files, check_replaceable, read_manifest, stored_max_norm)
@@ -42,9 +42,6 @@ from tfemde.serving.index import check_addable, extend_ids
 from tfemde.serving.manifest import file_records
 from tfemde.serving.similarity import check_alpha
 
-KEYS = ("elements", "elements+sketch", "sketch", "fde")
-# Keys with one FAISS vector per set element (id `item · K + k`); the others have one per item (id `item`).
-ELEMENT_KEYS = ("elements", "elements+sketch")
 # MUVERA encodings when key="fde" (tfemde.serving.fde.encode): 2 × 4 × 4 × 32 = 1,024 dimensions per item.
 DEFAULT_FDE = {"repetitions": 4, "simhash_bits": 2, "projection": 32, "seed": 0}
 STORE_DTYPES = ("float32", "float16")
@@ -204,31 +201,6 @@ class AnnSetIndex:
         return 0 if self._faiss_index is None else int(self._faiss_index.ntotal)
 
     # -- building ------------------------------------------------------------------------------------------------
-    def _keys(self, embeddings: Embeddings, first_item: int):
-        """`(vectors [M', Dk] float32, ids [M'] int64)`: the candidate keys of items numbered from `first_item`."""
-        if self.key not in ELEMENT_KEYS:
-            n = len(embeddings)
-            vectors = embeddings.sketches if self.key == "sketch" else fde.encode(
-                embeddings.sets, embeddings.set_mask, "item", **self.fde_options)
-            return vectors, np.arange(first_item, first_item + n, dtype=np.int64)
-        n, k, d = embeddings.sets.shape
-        ids = (np.arange(first_item, first_item + n, dtype=np.int64)[:, None] * k + np.arange(k)).reshape(-1)
-        vectors, owner = self._element_keys(embeddings)
-        return vectors, ids[owner]
-
-    def _element_keys(self, embeddings: Embeddings) -> Tuple[np.ndarray, np.ndarray]:
-        """`(vectors [M', Dk] float32, index [M'])`: the valid elements (`index` into the flattened `[N·K]`), with
-        their item's sketch times √(sketch_weight / depth) appended for `key="elements+sketch"`."""
-        n, k, d = embeddings.sets.shape
-        index = np.arange(n * k) if embeddings.set_mask is None else np.flatnonzero(embeddings.set_mask.reshape(-1))
-        if self.key == "elements":
-            return np.ascontiguousarray(embeddings.sets.reshape(-1, d)[index]), index
-        scale = np.float32(np.sqrt(self.sketch_weight / embeddings.sketch_depth))
-        vectors = np.empty((len(index), d + embeddings.sketch_dim), np.float32)
-        vectors[:, :d] = embeddings.sets.reshape(-1, d)[index]
-        np.multiply(embeddings.sketches[index // k], scale, out=vectors[:, d:])
-        return vectors, index
-
     def _new_faiss_index(self, vectors: np.ndarray):
         faiss = _faiss()
         factory = self.factory or "auto"
@@ -272,7 +244,7 @@ class AnnSetIndex:
             all_ids = extend_ids(self._ids, ids, n_old, m)
             if m == 0:
                 return
-            vectors, key_ids = self._keys(embeddings, n_old)
+            vectors, key_ids = item_keys(embeddings, self.key, n_old, self.sketch_weight, self.fde_options)
             index = self._faiss_index if self._faiss_index is not None else self._new_faiss_index(vectors)
             index.add_with_ids(vectors, key_ids)
             self._faiss_index = index
@@ -324,13 +296,7 @@ class AnnSetIndex:
 
     def _candidates(self, queries: Embeddings, neighbours: int, refine: int, params: dict, stored: StoredSets):
         """`[Q]` sorted item rows per query from FAISS (items added after the `stored` snapshot left out)."""
-        if self.key not in ELEMENT_KEYS:
-            vectors = queries.sketches if self.key == "sketch" else fde.encode(
-                queries.sets, queries.set_mask, "query", **self.fde_options)
-            owner = np.arange(len(queries))
-        else:
-            vectors, owner = self._element_keys(queries)
-            owner = owner // queries.num_elements
+        vectors, owner = query_keys(queries, self.key, self.sketch_weight, self.fde_options)
         with self._lock:
             self._set_params(params)
             _, labels = self._faiss_index.search(np.ascontiguousarray(vectors, np.float32),
@@ -481,10 +447,8 @@ class AnnSetIndex:
             if name in ("sets", "sketches") and array.dtype != np.dtype(manifest["store_dtype"]):
                 raise ValueError(f"AnnSetIndex {str(path)!r}: {name}.npy holds {array.dtype}, the manifest says "
                                  f"{manifest['store_dtype']}")
-        key_dim = {"elements": d, "sketch": manifest["sketch_dim"], "elements+sketch": d + (
-            manifest["sketch_dim"] or 0)}.get(manifest["key"]) or fde.fde_dim(
-            d, **{name: manifest["fde_options"][name] for name in ("repetitions", "simhash_bits", "projection")})
-        if faiss_index.ntotal != manifest["keys"] or faiss_index.d != key_dim:
+        if faiss_index.ntotal != manifest["keys"] or faiss_index.d != key_dim(
+                manifest["key"], d, manifest["sketch_dim"] or 0, manifest["fde_options"]):
             raise ValueError(f"AnnSetIndex {str(path)!r}: {FAISS_FILE} holds {faiss_index.ntotal} keys of dimension "
                              f"{faiss_index.d}, which do not match the manifest")
         index = cls(alpha=manifest["alpha"], sketch_weight=manifest["sketch_weight"], key=manifest["key"],
