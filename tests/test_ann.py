@@ -238,6 +238,47 @@ def test_an_index_saved_without_its_norm_bound_computes_it(rng, tmp_path):
     assert loaded._rows.max_norm == pytest.approx(np.linalg.norm(items.sets, axis=-1).max(), rel=1e-6)
 
 
+def test_large_adds_go_to_faiss_in_blocks_trained_on_a_sample(rng, monkeypatch):
+    """A first add larger than `TRAINING_ITEMS` trains FAISS on a sample of its items, and every add goes to FAISS
+    `ADD_BLOCK_ITEMS` items at a time (so keys never take more memory than a block's): the index holds every valid
+    key once and, with every key a candidate, ranks exactly. An add that fails half-way leaves the index as it was."""
+    import tfemde.serving.ann as ann_module
+
+    monkeypatch.setattr(ann_module, "TRAINING_ITEMS", 120)
+    monkeypatch.setattr(ann_module, "ADD_BLOCK_ITEMS", 7)
+    items = make_items(rng, 400, masked=True)
+    queries = make_items(rng, 5, masked=True)
+    index = AnnSetIndex(alpha=8.0, sketch_weight=0.5, factory="IVF4,Flat", neighbours=3 * 400,
+                        search_params={"nprobe": 4})
+    trained_on = []
+    train = ann_module.item_keys
+
+    def spy(embeddings, *args):
+        trained_on.append(len(embeddings))
+        return train(embeddings, *args)
+
+    monkeypatch.setattr(ann_module, "item_keys", spy)
+    index.add(items[:300])
+    assert trained_on[0] == 120 and max(trained_on[1:]) == 7 and sum(trained_on[1:]) == 300
+    index.add(items[300:])
+    assert index.num_keys == items.set_mask.sum()
+    got_ids, got_scores = index.search(queries, k=9)
+    want_ids, want_scores = brute_top_k(brute_scores(queries, items, 8.0, 0.5, depth=2), np.arange(400), 9)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+
+    def fail_on_third_block(embeddings, key, first_item, *args):
+        if first_item >= 400 + 14:
+            raise MemoryError("no room")
+        return train(embeddings, key, first_item, *args)
+
+    monkeypatch.setattr(ann_module, "item_keys", fail_on_third_block)
+    with pytest.raises(MemoryError):
+        index.add(make_items(rng, 30, masked=True))
+    assert len(index) == 400 and index.num_keys == items.set_mask.sum()
+    np.testing.assert_array_equal(index.search(queries, k=9)[0], want_ids)
+
+
 def test_few_neighbours_still_fill_k(rng):
     items = clustered(rng, 500)
     index = AnnSetIndex(alpha=16.0, factory="HNSW32", neighbours=1)
@@ -445,7 +486,7 @@ def test_bad_arguments_get_one_clear_error(rng):
         index.add(items)
     assert len(index) == 0
     index = AnnSetIndex(factory="IVF1024,PQ4")
-    with pytest.raises(ValueError, match="could not be trained on the first add's 60 keys"):
+    with pytest.raises(ValueError, match="could not be trained on 60 keys of the first add"):
         index.add(items)
     index = AnnSetIndex(factory="HNSW32", search_params={"nprobe": 4})
     index.add(items)

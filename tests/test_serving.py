@@ -614,10 +614,14 @@ def test_cli_embed_index_search(setup, tmp_path, capsys):
     assert main(["index", export, "--data", "emoji", "--split", "test", "--out", str(tmp_path / "emoji.idx")]) == 0
     emoji = SetIndex.load(tmp_path / "emoji.idx")
     assert len(emoji) > 100 and emoji.ids.dtype.kind == "U"
-    # the approximate index: a folder, searched by the same command. With more neighbours than keys every item is a
-    # candidate, so it ranks exactly as the exact index (a fixed check: HNSW's build order varies between runs)
+    # the approximate index: a folder, searched by the same command. HNSW may leave a few keys unreachable (its
+    # graph is built by several threads, in a different order each run), so its results are checked as exact
+    # scores of the items it found, most of them the exact top 5; a flat index with more neighbours than keys
+    # makes every item a candidate and must rank exactly as the exact index.
     queries = ["a red heart", "car", "smiling face", "flag"]
     exact_ids, exact_scores = emoji.search(encoder.encode_texts(queries), k=5)
+    all_ids, all_scores = emoji.search(encoder.encode_texts(queries), k=len(emoji))
+    score_of = [dict(zip(i.tolist(), s.tolist())) for i, s in zip(all_ids, all_scores)]
 
     def search_out(index_path):
         capsys.readouterr()
@@ -630,8 +634,8 @@ def test_cli_embed_index_search(setup, tmp_path, capsys):
                  "--out", str(tmp_path / "emoji.ann")]) == 0
     assert "FAISS HNSW32 over" in capsys.readouterr().out
     ids, scores = search_out(str(tmp_path / "emoji.ann"))
-    np.testing.assert_array_equal(ids, exact_ids)
-    np.testing.assert_allclose(scores, exact_scores, atol=1e-4)
+    np.testing.assert_allclose(scores, [[score_of[q][i] for i in row] for q, row in enumerate(ids)], atol=1e-4)
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids.tolist(), exact_ids.tolist())]) >= 0.75
     # element keys with the item's sketch appended: with more neighbours than keys, the exact ranking again
     assert main(["index", export, "--data", "emoji", "--split", "test", "--ann", "flat", "--key", "elements+sketch",
                  "--neighbours", "100000", "--out", str(tmp_path / "emoji_sk.ann")]) == 0

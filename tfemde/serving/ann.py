@@ -51,6 +51,10 @@ DEFAULT_NEIGHBOURS = 256
 # IVF coarse quantisers are trained on at most this many keys per list (FAISS warns below 39; its own default,
 # 256, makes k-means on millions of keys take most of an hour on two cores).
 IVF_TRAINING_PER_LIST = 40
+# Items whose keys train a new FAISS index (a random sample of a larger first add: 1M element keys at K = 4, more
+# than IVF's 40 a list up to 26,000 lists), and items whose keys go to FAISS in one call.
+TRAINING_ITEMS = 262_144
+ADD_BLOCK_ITEMS = 65_536
 
 
 def _faiss():
@@ -201,11 +205,18 @@ class AnnSetIndex:
         return 0 if self._faiss_index is None else int(self._faiss_index.ntotal)
 
     # -- building ------------------------------------------------------------------------------------------------
-    def _new_faiss_index(self, vectors: np.ndarray):
+    def _new_faiss_index(self, embeddings: Embeddings):
+        """The FAISS index for the first add's `embeddings`, trained on (a sample of) their keys."""
         faiss = _faiss()
         factory = self.factory or "auto"
+        sample = embeddings if len(embeddings) <= TRAINING_ITEMS else embeddings[np.sort(
+            np.random.default_rng(0).choice(len(embeddings), TRAINING_ITEMS, replace=False))]
+        vectors, _ = item_keys(sample, self.key, 0, self.sketch_weight, self.fde_options)
         if factory in FACTORY_KINDS:
-            factory = default_factory(len(vectors), vectors.shape[1], factory)
+            num_keys = len(embeddings) if self.key not in ELEMENT_KEYS else (
+                embeddings.sets.shape[0] * embeddings.num_elements if embeddings.set_mask is None
+                else int(embeddings.set_mask.sum()))
+            factory = default_factory(num_keys, vectors.shape[1], factory)
         try:
             inner = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as error:
@@ -220,7 +231,7 @@ class AnnSetIndex:
             try:
                 index.train(vectors)
             except RuntimeError as error:
-                raise ValueError(f"factory {factory!r} could not be trained on the first add's {len(vectors)} keys "
+                raise ValueError(f"factory {factory!r} could not be trained on {len(vectors)} keys of the first add "
                                  f"({str(error).strip().splitlines()[-1]}); add more items at once, or choose a "
                                  "smaller IVF/PQ") from None
         self.factory = factory
@@ -244,9 +255,19 @@ class AnnSetIndex:
             all_ids = extend_ids(self._ids, ids, n_old, m)
             if m == 0:
                 return
-            vectors, key_ids = item_keys(embeddings, self.key, n_old, self.sketch_weight, self.fde_options)
-            index = self._faiss_index if self._faiss_index is not None else self._new_faiss_index(vectors)
-            index.add_with_ids(vectors, key_ids)
+            index = self._faiss_index if self._faiss_index is not None else self._new_faiss_index(embeddings)
+            try:  # a block of items at a time: their keys may be several times the size of the sets
+                for start in range(0, m, ADD_BLOCK_ITEMS):
+                    index.add_with_ids(*item_keys(embeddings[start:start + ADD_BLOCK_ITEMS], self.key,
+                                                  n_old + start, self.sketch_weight, self.fde_options))
+            except BaseException:
+                if index is self._faiss_index:  # searches leave out keys beyond the stored items in any case
+                    per_item = embeddings.num_elements if self.key in ELEMENT_KEYS else 1
+                    try:
+                        index.remove_ids(_faiss().IDSelectorRange(n_old * per_item, (n_old + m) * per_item))
+                    except RuntimeError:  # (HNSW cannot remove)
+                        pass
+                raise
             self._faiss_index = index
             self._rows.append(embeddings.sets, embeddings.set_mask, embeddings.sketches, embeddings.max_norm)
             if self._first is None:
