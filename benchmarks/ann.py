@@ -2,8 +2,9 @@
 
 For N items of K = 4 elements of D = 256 (float32 sets: 4 KiB an item) it prints, for every candidate key
 (`elements`, `elements+sketch`, `sketch`, `fde`) and FAISS index, the build time, the bytes per item of the FAISS
-index and of the stored sets, and over the main search parameter (nprobe / efSearch, then k′): recall@10 of the exact ranking and the
-latency per query at batch 1 and 64, next to the exact index's latency measured in the same run. Two galleries:
+index and of the stored sets, and over the main search parameter (nprobe / efSearch, then k′): recall@10 of the
+exact ranking and the latency per query at batch 1 and 64, next to the exact index's latency measured in the same
+run. Two galleries:
 
 - `clustered`: synthetic sets in clusters of 20 (as images of one concept are): each set is its cluster's prototype
   set plus Gaussian noise (cosine to the prototype about 0.9); queries are fresh noisy draws of random prototypes
@@ -282,6 +283,11 @@ def plot(results, path):
     plt.close(fig)
 
 
+def _times(ratio: float) -> str:
+    """A speed-up as the table shows it: one decimal below 100 (so that 19.7 never reads as 20)."""
+    return f"{ratio:.1f}×" if ratio < 100 else f"{ratio:.0f}×"
+
+
 def markdown(paths) -> str:
     """README rows from result JSONs: per gallery and size, the exact index and each index's fastest point at
     recall@10 >= 0.98 (else its best recall)."""
@@ -298,8 +304,8 @@ def markdown(paths) -> str:
                 rows.append(f"| {where} | {entry['key']} · `{label(entry)}` | {entry['build_s']:.0f} s | "
                             f"{entry['faiss_bytes_per_item']:.0f} | {entry['parameter']} "
                             f"{point[entry['parameter']]}, {point['neighbours']} | {point['recall@10']:.3f} | "
-                            f"{point['ms_batch1']:.2f} ({point['speedup_batch1']:.0f}×) | {point['ms_batch64']:.2f} "
-                            f"({point['speedup_batch64']:.0f}×) |")
+                            f"{point['ms_batch1']:.2f} ({_times(point['speedup_batch1'])}) | {point['ms_batch64']:.2f} "
+                            f"({_times(point['speedup_batch64'])}) |")
     return "\n".join(rows)
 
 
