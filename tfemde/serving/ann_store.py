@@ -132,8 +132,8 @@ class StoredSets:
         if self.sketches[0] is not None:
             names.append("sketches.npy")
             columns.append(("sketches.npy", self.sketches, (n, self.sketches[0].shape[1]), dtype))
-        for name, parts, shape, dtype in columns:
-            out = np.lib.format.open_memmap(folder / name, mode="w+", dtype=dtype, shape=shape)
+        for name, parts, shape, column_dtype in columns:
+            out = np.lib.format.open_memmap(folder / name, mode="w+", dtype=column_dtype, shape=shape)
             for p, part in enumerate(parts):
                 out[self.offsets[p]:self.offsets[p + 1]] = part
             out.flush()
