@@ -126,7 +126,8 @@ def test_a_refined_index_takes_k_factor_rf_per_call(rng):
         flat.search(queries[:1], search_params={"k_factor_rf": 2})
 
 
-@pytest.mark.parametrize("key, mmap", [("elements", False), ("elements", True), ("sketch", True)])
+@pytest.mark.parametrize("key, mmap", [("elements", False), ("elements", True), ("sketch", True),
+                                       ("elements+sketch", True)])
 def test_refine_keeps_the_exact_best_keys_of_faiss_codes_from_the_stored_arrays(rng, tmp_path, key, mmap):
     """`refine=r`: FAISS's r·k′ keys by PQ codes, the best k′ of them by exact inner products with the stored keys
     (over two adds, memory-mapped or not), then the exact re-rank of their items: a NumPy re-derivation from FAISS's
@@ -141,15 +142,22 @@ def test_refine_keeps_the_exact_best_keys_of_faiss_codes_from_the_stored_arrays(
         index = AnnSetIndex.load(index.save(tmp_path / "index"))
     assert index.refine == 4
     got_ids, got_scores = index.search(queries, k=10)
-    vectors = queries.sets.reshape(-1, items.dim) if key == "elements" else queries.sketches
-    stored = items.sets.reshape(-1, items.dim) if key == "elements" else items.sketches
-    _, labels = index._faiss_index.search(np.ascontiguousarray(vectors), 48)
-    per = items.num_elements if key == "elements" else 1
+    def element_keys(e):  # each element, with its set's sketch times sqrt(λ / depth) appended for elements+sketch
+        keys = e.sets.reshape(-1, items.dim)
+        if key == "elements":
+            return keys
+        return np.concatenate([keys, np.repeat(e.sketches, e.num_elements, axis=0) * np.sqrt(0.5 / 2)], axis=1)
+
+    per_element = key != "sketch"
+    vectors = element_keys(queries) if per_element else queries.sketches
+    stored = element_keys(items) if per_element else items.sketches
+    _, labels = index._faiss_index.search(np.ascontiguousarray(vectors, np.float32), 48)
+    per = items.num_elements if per_element else 1
     for q in range(len(queries)):
         rows = set()
-        for m in range(q * per if key == "elements" else q, (q + 1) * per if key == "elements" else q + 1):
+        for m in range(q * per, (q + 1) * per):
             best = sorted(labels[m], key=lambda i: -float(stored[i] @ vectors[m]))[:12]
-            rows |= {i // per if key == "elements" else i for i in best}
+            rows |= {i // per for i in best}
         rows = np.array(sorted(rows))
         scores = brute_scores(queries[q:q + 1], items[rows], 16.0, 0.5, depth=2)
         want_ids, want_scores = brute_top_k(scores, rows, 10)

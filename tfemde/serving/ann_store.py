@@ -10,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 
+from tfemde.serving.ann_keys import ELEMENT_KEYS
 from tfemde.serving.embeddings import max_element_norm
 from tfemde.serving.manifest import sha256_file
 
@@ -58,7 +59,7 @@ class StoredSets:
 
     def num_keys(self, key: str) -> int:
         """The id bound of the FAISS keys of the stored items: `N · K` for element keys, `N` for `"sketch"`."""
-        return len(self) * (self.sets[0].shape[1] if key in ("elements", "elements+sketch") and self.sets else 1)
+        return len(self) * (self.sets[0].shape[1] if key in ELEMENT_KEYS and self.sets else 1)
 
     def inner_products(self, vectors: np.ndarray, ids: np.ndarray, key: str) -> np.ndarray:
         """`[M, L]` float32 `<vectors[m], stored key ids[m, l]>` (`ids[l]` for 1-D ids), -inf where an id is < 0.
