@@ -479,6 +479,48 @@ def test_searches_while_another_thread_adds_see_whole_adds(rng):
     assert index.search(queries, k=5)[0].tolist() == exact[-1]
 
 
+def test_a_batch_is_reranked_on_worker_threads_as_each_query_alone(rng, monkeypatch):
+    """Several queries are re-ranked by one worker thread per FAISS thread, each running FAISS on one thread (the
+    caller's FAISS thread count unchanged); the results are each query's searched alone, and a worker's error
+    reaches the caller."""
+    import faiss
+
+    from tfemde.serving import ann as ann_module
+
+    items = clustered(rng, 2000)
+    queries = noisy(rng, items[::100])
+    index = AnnSetIndex(alpha=16.0, sketch_weight=0.5, key="elements+sketch", factory="IVF16,PQ8x4fs", neighbours=64,
+                        search_params={"nprobe": 4})
+    index.add(items)
+    seen, rerank = [], ann_module.rerank
+
+    def spy(*args, **kwargs):
+        seen.append((threading.current_thread().name, faiss.omp_get_max_threads()))
+        return rerank(*args, **kwargs)
+
+    monkeypatch.setattr(ann_module, "rerank", spy)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        ids, scores = index.search(queries, k=10)
+        assert faiss.omp_get_max_threads() == 2
+        batch, seen[:] = seen[:], []
+        alone = [index.search(queries[i:i + 1], k=10) for i in range(len(queries))]
+        np.testing.assert_array_equal(ids, np.concatenate([a[0] for a in alone]))
+        np.testing.assert_array_equal(scores, np.concatenate([a[1] for a in alone]))
+        assert len(batch) == len(queries) and all(name.startswith("tfemde-ann") and n == 1 for name, n in batch)
+        assert seen == [(threading.current_thread().name, 2)] * len(queries)
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("re-rank failed")
+
+        monkeypatch.setattr(ann_module, "rerank", broken)
+        with pytest.raises(RuntimeError, match="re-rank failed"):
+            index.search(queries, k=10)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
 def test_bad_arguments_get_one_clear_error(rng):
     items = make_items(rng, 20)
     with pytest.raises(ValueError, match="key must be one of"):

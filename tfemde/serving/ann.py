@@ -34,7 +34,7 @@ import numpy as np
 
 from tfemde.files import make_folder_beside, move_folder_into_place
 from tfemde.serving.ann_keys import ELEMENT_KEYS, KEYS, item_keys, key_dim, query_keys
-from tfemde.serving.ann_rerank import candidate_rows, check_refine, refine_keys, rerank
+from tfemde.serving.ann_rerank import candidate_rows, check_refine, map_queries, refine_keys, rerank
 from tfemde.serving.ann_store import (FAISS_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, StoredSets,
                                       check_files, check_replaceable, read_manifest, stored_max_norm)
 from tfemde.serving.embeddings import Embeddings
@@ -368,19 +368,19 @@ class AnnSetIndex:
         refine, params = self.refine if refine is None else check_refine(refine, self.key), search_params or {}
         candidates = self._candidates(queries, int(neighbours), refine, params, rows_now)
         stored_norm = rows_now.max_norm
-        out_rows = np.empty((len(queries), k), np.int64)
-        out_scores = np.empty((len(queries), k), np.float32)
-        for i, rows in enumerate(candidates):
-            wider = int(neighbours)
+
+        def best(i):
+            rows, wider = candidates[i], int(neighbours)
             while len(rows) < k:  # too few distinct items among the keys: ask for more, up to all of them
                 wider = min(wider * 4, self.num_keys)
                 rows = self._candidates(queries[i], wider, refine, params, rows_now)[0]
                 if wider >= self.num_keys:
                     rows = np.arange(n) if len(rows) < k else rows
                     break
-            out_rows[i], out_scores[i] = rerank(rows_now, queries[i], rows, k, self.alpha, self.sketch_weight,
-                                                stored_norm)
-        return item_ids[out_rows], out_scores
+            return rerank(rows_now, queries[i], rows, k, self.alpha, self.sketch_weight, stored_norm)
+
+        out_rows, out_scores = (np.stack(column) for column in zip(*map_queries(best, len(queries))))
+        return item_ids[out_rows], out_scores.astype(np.float32, copy=False)
 
     # -- persistence ---------------------------------------------------------------------------------------------
     def save(self, path, store_dtype: Optional[str] = None) -> str:

@@ -10,7 +10,10 @@ would from its own float32 copy.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -87,3 +90,44 @@ def candidate_rows(labels: np.ndarray, owner: np.ndarray, num_queries: int, num_
         rows = rows[(rows >= 0) & (rows < n)]
         out.append(rows[np.concatenate(([True], rows[1:] != rows[:-1]))] if len(rows) else rows)
     return out
+
+
+_pool: Optional[Tuple[int, ThreadPoolExecutor]] = None  # (workers, pool)
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:  # a forked child has none of its parent's threads
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _faiss_on_one_thread() -> None:
+    import faiss  # loaded already: only an AnnSetIndex searches
+
+    faiss.omp_set_num_threads(1)  # OpenMP's thread count is per calling thread: this worker's only
+
+
+def map_queries(work: Callable[[int], object], count: int) -> list:
+    """`[work(i) for i in range(count)]`, the queries spread over one worker thread a core (as many as FAISS's
+    OpenMP threads), each running FAISS on its own thread.
+
+    One query at a time, its FAISS calls take every core but its NumPy steps (the Smooth-Chamfer of the logits, the
+    top k, the candidate union) one; a worker a query keeps every core busy (1M emoji gallery, batch 64, 2 cores:
+    3.1 against 3.45 ms a query). One query, or one OpenMP thread, runs in the calling thread.
+    """
+    global _pool
+    import faiss
+
+    workers = faiss.omp_get_max_threads()
+    if count < 2 or workers < 2:
+        return [work(i) for i in range(count)]
+    with _pool_lock:
+        if _pool is None or _pool[0] != workers:
+            _pool = (workers, ThreadPoolExecutor(workers, thread_name_prefix="tfemde-ann",
+                                                 initializer=_faiss_on_one_thread))
+        pool = _pool[1]
+    return list(pool.map(work, range(count)))
