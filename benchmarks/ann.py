@@ -216,7 +216,7 @@ def run_gallery(name, items, queries, alpha, sketch_weight, k, n_exact_single, o
         for value in sweep:
             measure(value, neighbours)
         best = chosen(entry["points"], param)
-        for nb in (neighbours // 4, neighbours // 2, neighbours * 2, neighbours * 3, neighbours * 4):
+        for nb in (neighbours // 4, neighbours // 2, neighbours * 2, neighbours * 5 // 2, neighbours * 3, neighbours * 4):
             measure(best[param], nb)
         result["indexes"].append(entry)
         best = chosen(entry["points"], param)
@@ -253,32 +253,35 @@ def out_of_core(index, queries, k, folder):
 
 
 def plot(results, path):
+    """Recall@10 against ms per query, at batch 1 (top row) and batch 64 (bottom row), one column per gallery."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
-    for ax, (name, result) in zip(axes[0], results.items()):
-        for entry in result["indexes"]:
-            points = [p for p in entry["points"] if p["neighbours"] == entry["neighbours"]]
-            line, = ax.plot([p["ms_batch1"] for p in points], [p["recall@10"] for p in points], marker="o",
-                            label=f"{entry['key']} · {label(entry)} (k′={entry['neighbours']}; dashed: k′)")
-            best = chosen(points, entry["parameter"])
-            over_k = sorted([p for p in entry["points"] if p[entry["parameter"]] == best[entry["parameter"]]],
-                            key=lambda p: p["neighbours"])
-            ax.plot([p["ms_batch1"] for p in over_k], [p["recall@10"] for p in over_k], ls="--", marker=".",
-                    color=line.get_color(), alpha=0.7)
-        ax.axvline(result["exact_ms_batch1"] / 20, color="grey", ls=":", label="exact / 20")
-        ax.axhline(0.98, color="grey", ls="--", lw=0.8)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("ms per query, batch 1 (log)")
-        ax.set_ylabel("recall@10 of the exact ranking")
-        ax.set_title(f"{name}: {result['items']:,} items, exact {result['exact_ms_batch1']:.0f} ms/query")
-        ax.legend(fontsize=7, loc="lower right")
+    fig, axes = plt.subplots(2, len(results), figsize=(6.5 * len(results), 9.6), squeeze=False)
+    for row, batch in enumerate((1, 64)):
+        ms, exact_ms = f"ms_batch{batch}", f"exact_ms_batch{batch}"
+        for ax, (name, result) in zip(axes[row], results.items()):
+            for entry in result["indexes"]:
+                points = [p for p in entry["points"] if p["neighbours"] == entry["neighbours"]]
+                line, = ax.plot([p[ms] for p in points], [p["recall@10"] for p in points], marker="o",
+                                label=f"{entry['key']} · {label(entry)} (k′={entry['neighbours']}; dashed: k′)")
+                best = chosen(points, entry["parameter"])
+                over_k = sorted([p for p in entry["points"] if p[entry["parameter"]] == best[entry["parameter"]]],
+                                key=lambda p: p["neighbours"])
+                ax.plot([p[ms] for p in over_k], [p["recall@10"] for p in over_k], ls="--", marker=".",
+                        color=line.get_color(), alpha=0.7)
+            ax.axvline(result[exact_ms] / 20, color="grey", ls=":", label="exact / 20")
+            ax.axhline(0.98, color="grey", ls="--", lw=0.8)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(f"ms per query, batch {batch} (log)")
+            ax.set_ylabel("recall@10 of the exact ranking")
+            ax.set_title(f"{name}: {result['items']:,} items, batch {batch}, exact {result[exact_ms]:.0f} ms/query")
+            ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
