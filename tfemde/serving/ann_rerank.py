@@ -116,8 +116,8 @@ def map_queries(work: Callable[[int], object], count: int) -> list:
     OpenMP threads), each running FAISS on its own thread.
 
     One query at a time, its FAISS calls take every core but its NumPy steps (the Smooth-Chamfer of the logits, the
-    top k, the candidate union) one; a worker a query keeps every core busy (1M emoji gallery, batch 64, 2 cores:
-    3.1 against 3.45 ms a query). One query, or one OpenMP thread, runs in the calling thread.
+    top k) one; a worker a query keeps every core busy (1M emoji gallery, batch 64, 2 cores: 3.15 against 3.57 ms a
+    query). One query, or one OpenMP thread, runs in the calling thread.
     """
     global _pool
     import faiss
@@ -127,6 +127,8 @@ def map_queries(work: Callable[[int], object], count: int) -> list:
         return [work(i) for i in range(count)]
     with _pool_lock:
         if _pool is None or _pool[0] != workers:
+            if _pool is not None:
+                _pool[1].shutdown(wait=False)  # its queued work still runs
             _pool = (workers, ThreadPoolExecutor(workers, thread_name_prefix="tfemde-ann",
                                                  initializer=_faiss_on_one_thread))
         pool = _pool[1]
