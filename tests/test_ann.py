@@ -480,18 +480,23 @@ def test_searches_while_another_thread_adds_see_whole_adds(rng):
 
 
 def test_a_batch_is_reranked_on_worker_threads_as_each_query_alone(rng, monkeypatch):
-    """Several queries are re-ranked by one worker thread per FAISS thread, each running FAISS on one thread (the
-    caller's FAISS thread count unchanged); the results are each query's searched alone, and a worker's error
-    reaches the caller."""
+    """A batch with many candidates a query is re-ranked by one worker thread per FAISS thread, each running FAISS on
+    one thread (the caller's FAISS thread count unchanged); the results are each query's searched alone, and a
+    worker's error reaches the caller. A batch with few candidates a query stays in the caller's thread."""
     import faiss
 
     from tfemde.serving import ann as ann_module
+    from tfemde.serving.ann_rerank import WORKER_CANDIDATES
 
     items = clustered(rng, 2000)
     queries = noisy(rng, items[::100])
-    index = AnnSetIndex(alpha=16.0, sketch_weight=0.5, key="elements+sketch", factory="IVF16,PQ8x4fs", neighbours=64,
+    index = AnnSetIndex(alpha=16.0, sketch_weight=0.5, key="elements+sketch", factory="IVF16,PQ8x4fs", neighbours=512,
                         search_params={"nprobe": 4})
     index.add(items)
+    stored = index._rows.snapshot()
+    for neighbours, many in ((512, True), (8, False)):
+        assert (np.mean([len(c) for c in index._candidates(queries, neighbours, 1, {}, stored)]) >=
+                WORKER_CANDIDATES) == many
     seen, rerank = [], ann_module.rerank
 
     def spy(*args, **kwargs):
@@ -499,6 +504,7 @@ def test_a_batch_is_reranked_on_worker_threads_as_each_query_alone(rng, monkeypa
         return rerank(*args, **kwargs)
 
     monkeypatch.setattr(ann_module, "rerank", spy)
+    caller = threading.current_thread().name
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(2)
     try:
@@ -509,7 +515,10 @@ def test_a_batch_is_reranked_on_worker_threads_as_each_query_alone(rng, monkeypa
         np.testing.assert_array_equal(ids, np.concatenate([a[0] for a in alone]))
         np.testing.assert_array_equal(scores, np.concatenate([a[1] for a in alone]))
         assert len(batch) == len(queries) and all(name.startswith("tfemde-ann") and n == 1 for name, n in batch)
-        assert seen == [(threading.current_thread().name, 2)] * len(queries)
+        assert seen == [(caller, 2)] * len(queries)
+        seen[:] = []
+        index.search(queries, k=10, neighbours=8)
+        assert seen == [(caller, 2)] * len(queries)
 
         def broken(*args, **kwargs):
             raise RuntimeError("re-rank failed")

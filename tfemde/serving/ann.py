@@ -379,7 +379,8 @@ class AnnSetIndex:
                     break
             return rerank(rows_now, queries[i], rows, k, self.alpha, self.sketch_weight, stored_norm)
 
-        out_rows, out_scores = (np.stack(column) for column in zip(*map_queries(best, len(queries))))
+        per_query = sum(len(rows) for rows in candidates) / len(queries)
+        out_rows, out_scores = (np.stack(column) for column in zip(*map_queries(best, len(queries), per_query)))
         return item_ids[out_rows], out_scores.astype(np.float32, copy=False)
 
     # -- persistence ---------------------------------------------------------------------------------------------
