@@ -216,7 +216,8 @@ def run_gallery(name, items, queries, alpha, sketch_weight, k, n_exact_single, o
         for value in sweep:
             measure(value, neighbours)
         best = chosen(entry["points"], param)
-        for nb in (neighbours // 4, neighbours // 2, neighbours * 2, neighbours * 5 // 2, neighbours * 3, neighbours * 4):
+        for nb in (neighbours // 4, neighbours // 2, neighbours * 2, neighbours * 5 // 2, neighbours * 3,
+                   neighbours * 4):
             measure(best[param], nb)
         result["indexes"].append(entry)
         best = chosen(entry["points"], param)

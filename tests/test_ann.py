@@ -296,6 +296,10 @@ def test_few_neighbours_still_fill_k(rng):
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
     ids, _ = index.search(items[:2], k=10_000)
     assert ids.shape == (2, 500)
+    exact = SetIndex(alpha=16.0)
+    exact.add(items)
+    for got, want in zip(index.search(items[:0], k=5), exact.search(items[:0], k=5)):  # no queries: no rows
+        assert got.shape == want.shape == (0, 5) and got.dtype == want.dtype
 
 
 def test_float16_storage_ranks_as_float32(rng):

@@ -367,7 +367,6 @@ class AnnSetIndex:
             raise ValueError(f"neighbours must be an int >= 1; got {neighbours!r}")
         refine, params = self.refine if refine is None else check_refine(refine, self.key), search_params or {}
         candidates = self._candidates(queries, int(neighbours), refine, params, rows_now)
-        stored_norm = rows_now.max_norm
 
         def best(i):
             rows, wider = candidates[i], int(neighbours)
@@ -377,11 +376,10 @@ class AnnSetIndex:
                 if wider >= self.num_keys:
                     rows = np.arange(n) if len(rows) < k else rows
                     break
-            return rerank(rows_now, queries[i], rows, k, self.alpha, self.sketch_weight, stored_norm)
+            return rerank(rows_now, queries[i], rows, k, self.alpha, self.sketch_weight, rows_now.max_norm)
 
-        per_query = sum(len(rows) for rows in candidates) / len(queries)
-        out_rows, out_scores = (np.stack(column) for column in zip(*map_queries(best, len(queries), per_query)))
-        return item_ids[out_rows], out_scores.astype(np.float32, copy=False)
+        rows, scores = zip(*map_queries(best, candidates)) if len(queries) else ((), ())
+        return item_ids[np.array(rows, np.int64).reshape(-1, k)], np.array(scores, np.float32).reshape(-1, k)
 
     # -- persistence ---------------------------------------------------------------------------------------------
     def save(self, path, store_dtype: Optional[str] = None) -> str:

@@ -117,10 +117,10 @@ def _faiss_on_one_thread() -> None:
 WORKER_CANDIDATES = 512
 
 
-def map_queries(work: Callable[[int], object], count: int, candidates: float) -> list:
-    """`[work(i) for i in range(count)]`, the queries spread over one worker thread a core (as many as FAISS's
-    OpenMP threads), each running FAISS on its own thread, when they have `candidates` >= `WORKER_CANDIDATES` on
-    average.
+def map_queries(work: Callable[[int], object], candidates: list) -> list:
+    """`[work(i) for i in range(len(candidates))]` for queries with `candidates[i]` candidate rows each, spread over
+    one worker thread a core (as many as FAISS's OpenMP threads), each running FAISS on its own thread, when they
+    have `WORKER_CANDIDATES` or more on average.
 
     One query at a time, its FAISS calls take every core but its NumPy steps (the Smooth-Chamfer of the logits, the
     top k) one; a worker a query keeps every core busy (1M emoji gallery, batch 64, 2 cores, ~2,450 candidates a
@@ -129,8 +129,8 @@ def map_queries(work: Callable[[int], object], count: int, candidates: float) ->
     global _pool
     import faiss
 
-    workers = faiss.omp_get_max_threads()
-    if count < 2 or workers < 2 or candidates < WORKER_CANDIDATES:
+    workers, count = faiss.omp_get_max_threads(), len(candidates)
+    if count < 2 or workers < 2 or sum(map(len, candidates)) < WORKER_CANDIDATES * count:
         return [work(i) for i in range(count)]
     with _pool_lock:
         if _pool is None or _pool[0] != workers:
