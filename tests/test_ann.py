@@ -142,6 +142,7 @@ def test_refine_keeps_the_exact_best_keys_of_faiss_codes_from_the_stored_arrays(
         index = AnnSetIndex.load(index.save(tmp_path / "index"))
     assert index.refine == 4
     got_ids, got_scores = index.search(queries, k=10)
+
     def element_keys(e):  # each element, with its set's sketch times sqrt(λ / depth) appended for elements+sketch
         keys = e.sets.reshape(-1, items.dim)
         if key == "elements":

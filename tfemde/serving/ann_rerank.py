@@ -2,10 +2,10 @@
 candidate items with the training similarity.
 
 Both read only the candidates' rows of `StoredSets` (memory-mapped after a load), in place (FAISS's
-`fvec_inner_products_by_idx` on every core: no gathered copy), so RAM holds no float32 copy of the keys: a
-product-quantised FAISS index ranks `refine · neighbours` keys by their codes, `refine_keys` re-scores them by exact
-inner products from the stored elements (or sketches) and keeps the best `neighbours`, as FAISS's `IndexRefineFlat`
-would from its own float32 copy.
+`fvec_inner_products_by_idx`: no gathered copy), so RAM holds no float32 copy of the keys: a product-quantised
+FAISS index ranks `refine · neighbours` keys by their codes, `refine_keys` re-scores them by exact inner products from
+the stored elements (or sketches) and keeps the best `neighbours`, as FAISS's `IndexRefineFlat` would from its own
+float32 copy. One query's re-rank runs FAISS on every core; a batch's are spread one query a core (`map_queries`).
 """
 
 from __future__ import annotations
