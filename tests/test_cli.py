@@ -70,6 +70,37 @@ def test_train_writes_a_complete_run_and_evaluate_reads_it(jsonl_data, tmp_path,
     assert evaluated["rsum"] == pytest.approx(metrics["rsum"], abs=1e-6)
 
 
+def test_caption_parts_train_on_every_listed_part_of_a_training_caption(tmp_path, monkeypatch):
+    import keras
+
+    folder = tmp_path / "keywords"
+    folder.mkdir()
+    lines = []
+    for i, (colour, shape) in enumerate((c, s) for c in COLOURS for s in SHAPES):
+        Image.fromarray(draw(colour, shape)).save(folder / f"{i}.png")
+        split = ("train", "train", "val", "test")[i % 4]
+        lines.append(json.dumps({"image": f"{i}.png", "captions": [f"{colour}, {shape}, {colour} {shape}"],
+                                 "split": split}))
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    train_items = sum(("train", "train", "val", "test")[i % 4] == "train" for i in range(len(lines)))
+
+    class CountBatches(keras.callbacks.Callback):
+        batches = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            CountBatches.batches += 1
+
+    run = train(data=str(folder / "pairs.jsonl"), preset="vse", epochs=1, batch_size=4, vocab_size=30,
+                out=tmp_path / "run", verbose=0, caption_parts=True, callbacks=[CountBatches()], **TINY_KWARGS)
+    assert CountBatches.batches == 4 * train_items // 4, "each training caption and its three parts, one epoch"
+    assert json.loads((run.path / "run.json").read_text())["caption_parts"] is True
+
+    seen = {}
+    monkeypatch.setattr("tfemde.training.runs.train", lambda **kwargs: seen.update(kwargs))
+    main(["train", "--data", str(folder / "pairs.jsonl"), "--out", str(tmp_path / "cli"), "--caption-parts"])
+    assert seen["caption_parts"] is True
+
+
 class KillAfter:
     """Raises in the middle of a run, as a kill would."""
 

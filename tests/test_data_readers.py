@@ -391,3 +391,27 @@ def test_load_dispatch_errors(tmp_path):
         load(tmp_path / "data.csv")
     with pytest.raises(ValueError, match="split must be None or one of 'train', 'val', 'test'; got 'everything'"):
         load("emoji", split="everything")
+
+
+# ------------------------------------------------------------------------------------------------ caption parts
+def test_caption_parts_add_each_listed_part_once_to_its_own_item_in_one_split():
+    from tfemde.data import Dataset
+
+    data = Dataset(name="kw", captions=["cat", "bone, meat, meat on bone", "red, blue", "meat on bone", " , dog,dog"],
+                   caption_item=[2, 0, 1, 0, 0], item_split=["train", "val", "train"], item_group=[0, 1, 2],
+                   images=np.zeros((3, 4, 4, 3), np.uint8), item_names=["a", "b", "c"])
+    parts = data.with_caption_parts()
+    assert [(int(i), c) for i, c in zip(parts.caption_item, parts.captions)] == [
+        (0, "bone, meat, meat on bone"), (0, "meat on bone"), (0, " , dog,dog"), (0, "bone"), (0, "meat"), (0, "dog"),
+        (1, "red, blue"),  # a val item: unchanged
+        (2, "cat")]
+    assert list(parts.item_names) == ["a", "b", "c"] and parts.images is data.images
+    assert data.num_captions == 5, "the data set it came from is unchanged"
+    val_parts = data.with_caption_parts("val")
+    assert val_parts.item_captions(1) == ["red, blue", "red", "blue"] and val_parts.item_captions(0) == data.item_captions(0)
+    plain = data.split("train").subset([1])  # "cat": nothing to add
+    assert plain.with_caption_parts() is plain
+    with pytest.raises(ValueError, match="split must be one of .*'dev'"):
+        data.with_caption_parts("dev")
+    with pytest.raises(ValueError, match="separator must be a non-blank string; got ' '"):
+        data.with_caption_parts(separator=" ")

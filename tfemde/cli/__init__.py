@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--styles", help="--data emoji: the art styles to train on, e.g. noto,twemoji (default noto)")
     tr.add_argument("--instances-per-group", type=int, default=0, metavar="M",
                     help="batches of --batch-size/M groups x M of their images (for --set centroid_weight=...)")
+    tr.add_argument("--caption-parts", action="store_true",
+                    help="also train on each comma-separated part of a training caption as a caption of its own "
+                         "(keyword lists such as the emoji data's)")
     tr.add_argument("--distribute", choices=DISTRIBUTE_CHOICES, default="none",
                     help="none: one device; mirrored: every GPU of this machine; multi_worker: the cluster in "
                          "TF_CONFIG (run the same command on every worker; the chief writes --out). --batch-size is "

@@ -28,7 +28,8 @@ def _overrides(pairs):
 TRAIN_OPTIONS = {"data": "--data", "preset": "--preset", "epochs": "--epochs", "batch_size": "--batch-size",
                  "vocab_size": "--vocab-size", "seed": "--seed", "out": "--out", "overwrite": "--overwrite",
                  "bucket_width": "--bucket-width", "balance_groups": "--balance-groups", "augment": "--augment",
-                 "strategy": "--distribute", "instances_per_group": "--instances-per-group"}
+                 "strategy": "--distribute", "instances_per_group": "--instances-per-group",
+                 "caption_parts": "--caption-parts"}
 TRAIN_ONLY = ("verbose", "validate_every", "callbacks")
 
 
@@ -58,7 +59,7 @@ def cmd_train(args):
     run = train(data=data, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size, out=args.out,
                 vocab_size=args.vocab_size, seed=args.seed, overwrite=args.overwrite, bucket_width=args.bucket_width,
                 balance_groups=args.balance_groups, augment=args.augment, strategy=strategy,
-                instances_per_group=args.instances_per_group, **overrides)
+                instances_per_group=args.instances_per_group, caption_parts=args.caption_parts, **overrides)
     if run is None:
         print("worker done: the chief wrote the run folder")
         return

@@ -128,6 +128,42 @@ class Dataset:
             fields.update(regions=self.regions, region_rows=rows)
         return Dataset(**fields)
 
+    def with_caption_parts(self, split: str = "train", separator: str = ",") -> "Dataset":
+        """The data set where each caption of `split` that lists parts (`"bone, meat, meat on bone"`) also gives
+        every part as a caption of its own item (`"bone"`, `"meat"`, `"meat on bone"`).
+
+        A part the item already has as a caption, or an empty one, is not added again; other splits are unchanged.
+        Each item keeps its captions first, then its new parts, in the order they were listed. Meant for keyword
+        lists (the emoji data's CLDR keywords): single words paired with every image they describe teach the text
+        tower what each word looks like.
+
+        Returns:
+            a new `Dataset` with the same items and more captions (this one when nothing is added).
+        """
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+        if not isinstance(separator, str) or not separator.strip():
+            raise ValueError(f"separator must be a non-blank string; got {separator!r}")
+        order = np.argsort(self.caption_item, kind="stable")
+        starts = np.searchsorted(self.caption_item[order], np.arange(self.num_items + 1))
+        captions, caption_item = [], []
+        for item in range(self.num_items):
+            own = [self.captions[c] for c in order[starts[item]:starts[item + 1]]]
+            parts = []
+            if self.item_split[item] == split:
+                have = set(own)
+                for caption in own:
+                    pieces = [piece.strip() for piece in caption.split(separator)]
+                    for piece in pieces if len(pieces) > 1 else ():
+                        if piece and piece not in have:
+                            have.add(piece)
+                            parts.append(piece)
+            captions += own + parts
+            caption_item += [item] * (len(own) + len(parts))
+        if len(captions) == self.num_captions:
+            return self
+        return dataclasses.replace(self, captions=captions, caption_item=np.asarray(caption_item, dtype=np.int64))
+
     def item_captions(self, item: int) -> list:
         """The captions of one item."""
         return [self.captions[c] for c in np.flatnonzero(self.caption_item == item)]
@@ -149,3 +185,4 @@ class Dataset:
         if print_fn is not None:
             print_fn(text)
         return text
+

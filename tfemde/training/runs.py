@@ -139,7 +139,7 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
           vocab_size=DEFAULT_VOCAB_SIZE,
           max_length=DEFAULT_MAX_LENGTH, seed=0, verbose=1, validate_every=1, callbacks=(), overwrite=False,
           bucket_width=DEFAULT_BUCKET_WIDTH, balance_groups=DEFAULT_BALANCE_GROUPS, augment=DEFAULT_AUGMENT,
-          instances_per_group=0, strategy=None, **overrides) -> Run | None:
+          instances_per_group=0, caption_parts=False, strategy=None, **overrides) -> Run | None:
     """Train a dual encoder with `model.fit` and write a complete run folder.
 
     Args:
@@ -165,6 +165,8 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
             False trains on the pairs as they are.
         instances_per_group: `M > 0` samples each batch as `batch_size / M` groups times `M` of their images
             (`tfemde.data.train_dataset`), what the centroid loss (`--set centroid_weight=...`) learns from.
+        caption_parts: also train on every part of a training caption that lists parts separated by commas, as a
+            caption of its own (`Dataset.with_caption_parts`; the emoji data's CLDR keyword lists).
         strategy: `None`/`"none"` (one device), `"mirrored"` (every GPU of this machine), `"multi_worker"` (the
             cluster in `TF_CONFIG`), or a `tf.distribute.Strategy` (`tfemde.training.distribute.make_strategy`).
             The model is built under its scope. Under a cluster only the chief writes `out`, validates and keeps
@@ -194,7 +196,8 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
                                  ("instances_per_group", instances_per_group, 0)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    for name, value in (("overwrite", overwrite), ("balance_groups", balance_groups), ("augment", augment)):
+    for name, value in (("overwrite", overwrite), ("balance_groups", balance_groups), ("augment", augment),
+                        ("caption_parts", caption_parts)):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False; got {value!r}")
     if verbose not in (0, 1, 2):
@@ -204,6 +207,8 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
                          f"gets the same share of the global batch; got {batch_size}")
     dataset = resolve_dataset(data)
     splits = {name: dataset.split(name) for name in ("train", "val", "test")}
+    if caption_parts:
+        splits["train"] = splits["train"].with_caption_parts()
     for name in ("train", "val"):
         if splits[name].num_items == 0:
             raise ValueError(f"data set {dataset.name!r} has no {name} items; train needs train and val splits")
@@ -215,6 +220,7 @@ def train(data="emoji", preset=DEFAULT_PRESET, epochs=DEFAULT_EPOCHS, batch_size
     identity = {"preset": preset, "batch_size": batch_size, "vocab_size": vocab_size, "max_length": max_length,
                 "bucket_width": bucket_width, "balance_groups": balance_groups, "augment": augment, "seed": seed,
                 **({"instances_per_group": instances_per_group} if instances_per_group else {}),
+                **({"caption_parts": True} if caption_parts else {}),
                 "overrides": json.loads(json.dumps(overrides, sort_keys=True, default=repr)),
                 "data": data_digest(dataset)}
     state = _out_state(out, identity, overwrite) if chief else _worker_state(out, identity)
