@@ -92,7 +92,8 @@ def test_caption_parts_train_on_every_listed_part_of_a_training_caption(tmp_path
 
     run = train(data=str(folder / "pairs.jsonl"), preset="vse", epochs=1, batch_size=4, vocab_size=30,
                 out=tmp_path / "run", verbose=0, caption_parts=True, callbacks=[CountBatches()], **TINY_KWARGS)
-    assert CountBatches.batches == 4 * train_items // 4, "each training caption and its three parts, one epoch"
+    captions = 4 * train_items  # each training caption and its three parts
+    assert CountBatches.batches == captions // 4, "one epoch of batches of 4 over the captions and their parts"
     assert json.loads((run.path / "run.json").read_text())["caption_parts"] is True
 
     seen = {}

@@ -408,7 +408,8 @@ def test_caption_parts_add_each_listed_part_once_to_its_own_item_in_one_split():
     assert list(parts.item_names) == ["a", "b", "c"] and parts.images is data.images
     assert data.num_captions == 5, "the data set it came from is unchanged"
     val_parts = data.with_caption_parts("val")
-    assert val_parts.item_captions(1) == ["red, blue", "red", "blue"] and val_parts.item_captions(0) == data.item_captions(0)
+    assert val_parts.item_captions(1) == ["red, blue", "red", "blue"]
+    assert val_parts.item_captions(0) == data.item_captions(0)
     plain = data.split("train").subset([1])  # "cat": nothing to add
     assert plain.with_caption_parts() is plain
     with pytest.raises(ValueError, match="split must be one of .*'dev'"):
