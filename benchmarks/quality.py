@@ -41,6 +41,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--caption-parts", action="store_true",
+                        help="also train on the parts of comma-separated training captions (train(caption_parts=True))")
     parser.add_argument("--threads", type=int, default=None, help="TensorFlow intra-op threads (default: all)")
     parser.add_argument("--merge", nargs="*", default=None, help="print one table from these --json files")
     args = parser.parse_args(argv)
@@ -63,7 +65,7 @@ def main(argv=None):
         tf.config.threading.set_inter_op_parallelism_threads(1)
     if args.quick:
         args.presets, args.seeds, args.epochs = ["vse", "dive_temde"], [0], 1
-    budget = {**BUDGET, "epochs": args.epochs}
+    budget = {**BUDGET, "epochs": args.epochs, **({"caption_parts": True} if args.caption_parts else {})}
     out = Path(args.out or tempfile.mkdtemp(prefix="tfemde-quality-"))
 
     print(f"tfemde quality benchmark; machine: {describe()}")
