@@ -185,4 +185,3 @@ class Dataset:
         if print_fn is not None:
             print_fn(text)
         return text
-
