@@ -81,6 +81,48 @@ def test_a_dense_layer_on_sets_converts_to_one_matmul_with_the_same_numbers():
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_attention_heads_convert_without_shape_arithmetic():
+    """Two tensordots in one name scope (tf2onnx names their MatMuls `heads/Tensordot/MatMul` and
+    `heads/Tensordot_1/MatMul`, as in the set prediction's attention) and a head split and merge whose targets come
+    from `tf.shape`: the converted graph runs no Shape node (plain MatMuls, constant Reshape targets with 0 for
+    "keep this axis") and computes what TensorFlow computes for any batch and set size, a reshape whose target
+    takes an axis from another position included."""
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from tfemde.export import convert_function
+
+    rng = np.random.default_rng(0)
+    w_keys, w_values = (tf.Variable(rng.normal(size=(4, 8)).astype(np.float32)) for _ in range(2))
+
+    def heads(sets):
+        def split(x):  # [B, N, 8] -> [B, 2, N, 4]
+            shape = tf.shape(x)
+            return tf.transpose(tf.reshape(x, [shape[0], shape[1], 2, 4]), [0, 2, 1, 3])
+        with tf.name_scope("heads"):
+            k = split(tf.tensordot(sets, w_keys, [[2], [0]]))
+            v = split(tf.tensordot(sets, w_values, [[2], [0]]))
+        attention = tf.nn.softmax(tf.matmul(k, v, transpose_b=True), axis=-1)
+        merged = tf.transpose(tf.matmul(attention, v), [0, 2, 1, 3])
+        shape = tf.shape(merged)
+        out = tf.reshape(merged, [shape[0], shape[1], 8])
+        return {"out": out, "columns": tf.reshape(out, [tf.shape(out)[2], -1])}
+
+    spec = tf.TensorSpec([None, None, 4], tf.float32, name="sets")
+    fn = tf.function(heads, input_signature=[spec])
+    proto = convert_function(fn, [spec])
+    ops = [n.op_type for n in proto.graph.node]
+    assert {n.name for n in proto.graph.node} >= {"heads/Tensordot/MatMul", "heads/Tensordot_1/MatMul"}
+    assert ops.count("MatMul") == 4 and ops.count("Reshape") == 4 and ops.count("Shape") == 0, ops
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch, size in ((1, 3), (3, 5), (2, 1)):
+        x = rng.normal(size=(batch, size, 4)).astype(np.float32)
+        want = fn(tf.constant(x))
+        got = session.run(["out", "columns"], {"sets": x})
+        for name, value in zip(("out", "columns"), got):
+            np.testing.assert_allclose(value, want[name].numpy(), rtol=1e-5, atol=1e-6)
+
+
 def _reshape_matmul_model(second_shape):
     """`x [2, 3, 4] -> Reshape [6, 4] -> MatMul W [4, 5] -> Reshape second_shape`, with constant shapes, plus a
     dead Neg node and its initializer."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from tfemde.export.onnx_graph import collapse_tensordots, fuse_layer_norms
+from tfemde.export.onnx_graph import collapse_tensordots, fuse_layer_norms, static_reshapes
 
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = tuple(range(13, 19))  # tf2onnx 1.17 stops at 18
@@ -112,6 +112,7 @@ def convert_function(fn, input_signature, opset: int = DEFAULT_OPSET, dims=None,
     if foreign:
         raise ExportError(f"the converted {what} contains non-ONNX ops: {', '.join(foreign)}")
     collapse_tensordots(proto)
+    static_reshapes(proto)
     fuse_layer_norms(proto)
     return checked(proto, dims, f"converted {what}")
 

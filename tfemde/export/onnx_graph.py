@@ -9,11 +9,17 @@ Shape / Gather / ReduceProd / Concat / Cast nodes computing a `[B·K, D]` Reshap
 `[B, K, E]` Reshape after it) into the one MatMul ONNX broadcasts over the leading axes; `prune` then drops what
 nothing reads. The set-prediction heads hold dozens of these: a DivE-size graph loses 126-141 of its ~600 nodes.
 
+`static_reshapes` gives the Reshapes whose targets tf2onnx computes from the Shape of their own input (the
+attention heads' splits and merges) constant targets, with 0 for "keep this axis", so that no Shape / Slice / Concat
+/ Cast chain runs per call.
+
 `fuse_layer_norms` turns tf2onnx's 12 or 13 nodes for a Keras `LayerNormalization` over the last axis (the moments,
 then `x · γ/σ + (β - μ · γ/σ)`) into ONNX's `LayerNormalization` (opset 17), one kernel instead of a dozen passes.
 """
 
 from __future__ import annotations
+
+import re
 
 
 def _subgraphs(node):
@@ -67,6 +73,8 @@ def sort_nodes(graph):
     graph.node.extend(nodes[i] for i in order)
 
 
+# tf2onnx names a tensordot's MatMul `.../Tensordot/MatMul`, `.../Tensordot_3/MatMul`, ... (one per call site).
+_TENSORDOT = re.compile(r"/Tensordot(_\d+)?/")
 # What computes a tensordot's Reshape targets from the Shape of its input (tf2onnx 1.17's output).
 _SHAPE_ARITHMETIC = {"Cast", "Gather", "ReduceProd", "Unsqueeze", "Concat", "Squeeze", "Slice", "Identity"}
 
@@ -95,7 +103,7 @@ def _index(model):
 
 def collapse_tensordots(model) -> int:
     """Replace every `tf.tensordot` over the last axis, `Reshape(x) -> MatMul(·, W) -> Reshape` (tf2onnx names the
-    MatMul `.../Tensordot/MatMul`) whose two shapes are computed from `Shape(x)` alone, by `MatMul(x, W)` (in place;
+    MatMul `.../Tensordot/MatMul` or `.../Tensordot_<n>/MatMul`) whose two shapes are computed from `Shape(x)` alone, by `MatMul(x, W)` (in place;
     `W` a 2-D initializer, `x` of rank >= 3, the result of `x`'s rank); then `prune`.
 
     Returns the number of MatMuls rewired. The values the graph computes are unchanged.
@@ -123,7 +131,7 @@ def collapse_tensordots(model) -> int:
 
     rewired = 0
     for matmul in list(graph.node):
-        if matmul.op_type != "MatMul" or "/Tensordot/" not in matmul.name:
+        if matmul.op_type != "MatMul" or not _TENSORDOT.search(matmul.name):
             continue
         weight, before = initializers.get(matmul.input[1]), producer.get(matmul.input[0])
         after = readers.get(matmul.output[0], [])
@@ -140,6 +148,80 @@ def collapse_tensordots(model) -> int:
         rewired += 1
     prune(graph)
     return rewired
+
+
+def _shape_entries(name, data, constant, producer, ranks):
+    """The entries of the 1-D int tensor `name` as ints and `("axis", i)` (axis `i` of `data`'s shape), when it is
+    computed only from constants and `Shape(data)` by Cast, Slice (axis 0, step 1), Concat, Squeeze and Unsqueeze;
+    else None."""
+    value = constant(name)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)] if value.dtype.kind in "iu" else None
+    node = producer.get(name)
+    if node is None:
+        return None
+    recurse = lambda value_name: _shape_entries(value_name, data, constant, producer, ranks)  # noqa: E731
+    if node.op_type in ("Cast", "Squeeze", "Unsqueeze"):  # a shape's small ints are exact in every int type
+        return recurse(node.input[0])
+    if node.op_type == "Shape":
+        return ([("axis", i) for i in range(ranks[data])]
+                if node.input[0] == data and not node.attribute and ranks.get(data) else None)
+    if node.op_type == "Concat":
+        parts = [recurse(value_name) for value_name in node.input]
+        return None if any(p is None for p in parts) else [entry for part in parts for entry in part]
+    if node.op_type == "Slice":
+        source = recurse(node.input[0])
+        bounds = [constant(value_name) if value_name else None for value_name in (list(node.input) + [""] * 5)[1:5]]
+        starts, ends, axes, steps = (None if b is None else [int(v) for v in b.reshape(-1)] for b in bounds)
+        if source is None or starts is None or ends is None or axes not in (None, [0], [-1]) \
+                or steps not in (None, [1]) or len(starts) != 1 or len(ends) != 1:
+            return None
+        return source[starts[0]:ends[0]]  # Python's slice clamps as ONNX's Slice does
+    return None
+
+
+def static_reshapes(model) -> int:
+    """Give every `Reshape` whose target tf2onnx computes at run time from the `Shape` of the Reshape's own input
+    (Shape -> Cast -> Slice -> Concat with constants -> Cast: a head split `[B, N, H·d] -> [B, N, H, d]`) a constant
+    target (in place), with 0 ("keep this axis") where the target takes an axis of the input at the same position
+    and -1 for at most one other unknown axis; then `prune`. Returns the number of Reshapes made static.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+
+    def constant(name):
+        return numpy_helper.to_array(initializers[name]) if name in initializers else None
+    producer, _, _, shapes = _index(model)
+    ranks = {name: len(shape) for name, shape in shapes.items()}
+    made = 0
+    for node in graph.node:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Reshape" or node.input[1] in initializers or attributes.get("allowzero", 0):
+            continue
+        data = node.input[0]
+        entries = _shape_entries(node.input[1], data, constant, producer, ranks)
+        if entries is None:
+            continue
+        target = []
+        for position, entry in enumerate(entries):
+            if not isinstance(entry, tuple):
+                target.append(entry)
+            elif entry[1] == position:
+                target.append(0)
+            else:
+                size = shapes[data][entry[1]]
+                target.append(size if size else -1)
+        if target.count(-1) > 1:
+            continue
+        name = f"{node.name or node.output[0]}/static_shape"
+        graph.initializer.append(numpy_helper.from_array(np.array(target, np.int64), name))
+        node.input[1] = name
+        made += 1
+    prune(graph)
+    return made
 
 
 def _last_axis_mean(node, x, ranks) -> bool:
