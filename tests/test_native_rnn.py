@@ -78,14 +78,15 @@ def _convert(model, recurrence="gru"):
     return convert_encoder(fn, specs, model, opset=17, what="test model", recurrence=recurrence)
 
 
-@pytest.mark.parametrize("form", ["gru", "loop"])
-def test_bigru_as_onnx_gru_or_lean_loop_matches_keras_and_numpy(bigru_model, form):
-    from tfemde.export.native_rnn import LEAN_LOOP, NATIVE
+@pytest.mark.parametrize("form", ["gru", "scan"])
+def test_bigru_as_onnx_gru_or_lean_scan_matches_keras_and_numpy(bigru_model, form):
+    from tfemde.export.native_rnn import LEAN_SCAN, NATIVE
 
     model, layer = bigru_model
     proto, recurrence = _convert(model, form)
-    assert recurrence == {"gru": NATIVE, "loop": LEAN_LOOP}[form]
-    assert ("GRU" in _op_types(proto)) == (form == "gru") and ("Loop" in _op_types(proto)) == (form == "loop")
+    assert recurrence == {"gru": NATIVE, "scan": LEAN_SCAN}[form]
+    assert ("GRU" in _op_types(proto)) == (form == "gru") and ("Scan" in _op_types(proto)) == (form == "scan")
+    assert "Loop" not in _op_types(proto)
     assert [v.name for v in proto.graph.input] == ["x", "mask"]
     assert sorted(v.name for v in proto.graph.output) == ["backward", "forward", "sequence"]
     session = _session(proto)
@@ -119,7 +120,7 @@ def test_unsupported_layer_keeps_the_loop(bigru_model, monkeypatch):
 
 
 def test_unknown_recurrence_is_refused(bigru_model):
-    with pytest.raises(ValueError, match="recurrence must be one of 'gru', 'loop', 'tf2onnx'; got 'lstm'"):
+    with pytest.raises(ValueError, match="recurrence must be one of 'gru', 'scan', 'tf2onnx'; got 'lstm'"):
         _convert(bigru_model[0], "lstm")
 
 
@@ -136,13 +137,13 @@ def test_native_and_loop_exports_agree_with_keras(tmp_path):
     loop = export_run(model, tmp_path / "loop", tokenizer=tokenizer, native_rnn=False)
     recurrence = json.loads((native / "manifest.json").read_text(encoding="utf-8"))["recurrence"]
     assert recurrence == {"image.onnx": "onnx GRU", "text.onnx": "onnx GRU", "text_e2e.onnx": "onnx GRU",
-                          "image.int8.onnx": "onnx Loop (tfemde)", "text.int8.onnx": "onnx Loop (tfemde)",
-                          "image.int8.vnni.onnx": "onnx Loop (tfemde)", "text.int8.vnni.onnx": "onnx Loop (tfemde)"}
-    assert not (native / ".loop.text.onnx").exists()
+                          "image.int8.onnx": "onnx Scan (tfemde)", "text.int8.onnx": "onnx Scan (tfemde)",
+                          "image.int8.vnni.onnx": "onnx Scan (tfemde)", "text.int8.vnni.onnx": "onnx Scan (tfemde)"}
+    assert not (native / ".scan.text.onnx").exists()
     for name in ("image.onnx", "text.onnx"):
         assert "GRU" in _op_types(onnx.load(str(native / name))) and "Loop" not in _op_types(onnx.load(str(native / name)))
         assert "Loop" in _op_types(onnx.load(str(loop / name))) and "GRU" not in _op_types(onnx.load(str(loop / name)))
-        assert "Loop" in _op_types(onnx.load(str(native / name.replace(".onnx", ".int8.onnx"))))
+        assert "Scan" in _op_types(onnx.load(str(native / name.replace(".onnx", ".int8.onnx"))))
     rng = np.random.default_rng(3)
     image = {"image": rng.random((3, 64, 64, 3), dtype=np.float32)}
     mask = _masks(rng, 5, 9)

@@ -32,8 +32,8 @@ def quantized(tmp_path_factory):
     return {"model": model, "tokenizer": tokenizer, "dir": tmp / "export", "tmp": tmp}
 
 
-def _loop_bodies(model):
-    return [attr.g for node in model.graph.node if node.op_type == "Loop" for attr in node.attribute
+def _loop_bodies(model, op_type="Loop"):
+    return [attr.g for node in model.graph.node if node.op_type == op_type for attr in node.attribute
             if attr.name == "body"]
 
 
@@ -108,13 +108,14 @@ def test_inlining_loop_weights_keeps_the_outputs_and_drops_the_carried_weight(tm
 
 
 def test_exported_text_graphs_recurrence(quantized):
-    """float32: the BiGRU as one ONNX GRU op; int8: quantized from the lean Loops (no int8 GRU kernel), one body
+    """float32: the BiGRU as one ONNX GRU op; int8: quantized from the lean Scans (no int8 GRU kernel), one body
     per direction, each multiplying by one int8 constant only, in an order onnx.checker accepts."""
     exact = onnx.load(str(quantized["dir"] / mf.TEXT_ONNX))
-    assert "GRU" in {n.op_type for n in exact.graph.node} and not _loop_bodies(exact)
+    assert "GRU" in {n.op_type for n in exact.graph.node} and not _loop_bodies(exact, "Scan")
     fast = onnx.load(str(quantized["dir"] / int8_name(mf.TEXT_ONNX)))
     onnx.checker.check_model(fast)
-    bodies = _loop_bodies(fast)
+    assert not _loop_bodies(fast)
+    bodies = _loop_bodies(fast, "Scan")
     assert len(bodies) == 2
     for body in bodies:
         ops = [n.op_type for n in body.node]

@@ -154,17 +154,17 @@ def export_run(run_dir_or_model, out_dir, opset: int = DEFAULT_OPSET, tokenizer=
                 float_graph = tmp / name
                 if recurrence[name] == NATIVE:
                     # onnxruntime has no int8 GRU kernel: a float GRU reads 4x the bytes of int8 recurrent
-                    # weights, so the int8 graph is quantized from the lean Loop form of the same recurrence.
-                    loop, recurrence[int8_name(name)] = convert_encoder(fn, specs, encoder, opset, dims, what=what,
-                                                                        recurrence="loop")
-                    float_graph = tmp / f".loop.{name}"
-                    onnx.save_model(loop, str(float_graph))
+                    # weights, so the int8 graph is quantized from the lean Scan form of the same recurrence.
+                    scan, recurrence[int8_name(name)] = convert_encoder(fn, specs, encoder, opset, dims, what=what,
+                                                                        recurrence="scan")
+                    float_graph = tmp / f".scan.{name}"
+                    onnx.save_model(scan, str(float_graph))
                 else:
                     recurrence[int8_name(name)] = recurrence[name]
                 quantize_int8(float_graph, tmp / int8_name(name))
                 write_vnni_copy(tmp / int8_name(name), tmp / vnni_name(name))
                 recurrence[vnni_name(name)] = recurrence[int8_name(name)]
-                if float_graph.name.startswith(".loop."):
+                if float_graph.name.startswith(".scan."):
                     float_graph.unlink()
         verification = _verify(tmp, image_fn, text_fn, config, tokenizer, quantized=quantize)
         manifest = _manifest(config, tokenizer, opset, verification, source)
