@@ -7,10 +7,13 @@ untrained weights, which cost the same as trained ones) is exported with `tfemde
   onnxruntime (the `Encoder`'s sessions) and of the SavedModel's `encode_image` / `encode_text` signatures (inputs
   already tensors), at batch 1, 8 and 128, timed in alternating rounds in one process so that a shared machine's
   background load hits both alike;
-* the text graph with its BiGRU as onnxruntime's `GRU` kernel (float32) and tfemde's lean `Loop` (int8), the
+* the text graph with its BiGRU as onnxruntime's `GRU` kernel (float32) and tfemde's lean `Scan` (int8), the
   default export, beside the same model exported with `native_rnn=False` (tf2onnx's `Loop`s), in the same rounds;
 * single-caption latency of the whole text path in a TensorFlow-free process: `Encoder.encode_texts`
   (sentencepiece + text.onnx) and `text_e2e.onnx` on a string;
+* the memory-traffic floor of one item (`benchmarks/weight_traffic.py`): the weights each graph reads per call and
+  the rate batch-1 products stream weights here, so the fastest any graph of this model could be, and the most
+  any could gain on the reference;
 * the time to score 5,000 image sets against 25,000 caption sets with `tfemde.serving.similarity`, next to the
   bare matrix multiply it needs (benchmarks/scoring.py measures this in more detail).
 
@@ -329,7 +332,7 @@ def main(argv=None):
     cells = [f"batch {b} {1000 * times[f'loop/text/{b}']:.2f} ms (GRU kernel "
              f"{times[f'loop/text/{b}'] / times[f'ort/text/{b}']:.2f}x faster)" for b in BATCHES]
     print("text float32 with tf2onnx's Loops (native_rnn=False): " + ", ".join(cells))
-    cells = [f"batch {b} {1000 * times[f'loop_int8/text/{b}']:.2f} ms (lean Loop "
+    cells = [f"batch {b} {1000 * times[f'loop_int8/text/{b}']:.2f} ms (lean Scan "
              f"{times[f'loop_int8/text/{b}'] / times[f'int8/text/{b}']:.2f}x faster)" for b in BATCHES]
     print("text int8 quantized from tf2onnx's Loops (native_rnn=False): " + ", ".join(cells))
     print(f"batch 1 with one onnxruntime thread: image {1000 * times['ort1/image/1']:.2f} ms, text "
