@@ -97,7 +97,8 @@ def _product_chain(dtype: str, matrices: int, products: int, rows: int, cols: in
         x = f"s{i}"
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], weights + constants)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     bytes_per_call = products * rows * cols * (1 if dtype == "int8" else 4)
     return model.SerializeToString(), bytes_per_call
 

@@ -103,8 +103,9 @@ def _index(model):
 
 def collapse_tensordots(model) -> int:
     """Replace every `tf.tensordot` over the last axis, `Reshape(x) -> MatMul(·, W) -> Reshape` (tf2onnx names the
-    MatMul `.../Tensordot/MatMul` or `.../Tensordot_<n>/MatMul`) whose two shapes are computed from `Shape(x)` alone, by `MatMul(x, W)` (in place;
-    `W` a 2-D initializer, `x` of rank >= 3, the result of `x`'s rank); then `prune`.
+    MatMul `.../Tensordot/MatMul` or `.../Tensordot_<n>/MatMul`) whose two shapes are computed from `Shape(x)`
+    alone, by `MatMul(x, W)` (in place; `W` a 2-D initializer, `x` of rank >= 3, the result of `x`'s rank); then
+    `prune`.
 
     Returns the number of MatMuls rewired. The values the graph computes are unchanged.
     """
