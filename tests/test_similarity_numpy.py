@@ -4,6 +4,7 @@ import importlib
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 
 import numpy as np
@@ -161,6 +162,47 @@ def test_threads_and_cache_steps_give_the_same_result(rng, monkeypatch, alpha):
         got = smooth_chamfer(a, b, alpha=alpha, a_mask=a_mask, chunk_size=(5, 6))
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(got, brute_smooth_chamfer(a, b, alpha, a_mask=a_mask), atol=2e-6)
+
+
+@pytest.mark.parametrize("alpha", [16.0, 300.0])
+def test_one_worker_per_core_scores_as_the_serial_path(rng, monkeypatch, alpha):
+    """Large scorings run one worker per core over its own rows of `a`, each with one BLAS thread: the same scores
+    (masks, accumulate, progress up to the total), BLAS's thread count restored after, a worker's error raised."""
+    from threadpoolctl import threadpool_info
+
+    a, b = unit(rng, 23, 3, 8), unit(rng, 17, 2, 8)
+    a_mask, b_mask = rng.random((23, 3)) > 0.3, rng.random((17, 2)) > 0.2
+    a_mask[5] = False
+    want = smooth_chamfer(a, b, alpha=alpha, a_mask=a_mask, b_mask=b_mask, chunk_size=(6, 5))
+    monkeypatch.setattr(sim_module, "_THREADS", 3)
+    monkeypatch.setattr(sim_module, "_PER_CORE_MIN_COSINES", 1)
+    blas_threads = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    calls, workers = [], set()
+    real_rows = sim_module._chamfer_rows
+
+    def spy(*args):
+        workers.add(threading.current_thread().name)
+        return real_rows(*args)
+
+    monkeypatch.setattr(sim_module, "_chamfer_rows", spy)
+    out = np.ones((23, 17), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        smooth_chamfer(a, b, alpha=alpha, a_mask=a_mask, b_mask=b_mask, chunk_size=(6, 5), out=out, accumulate=True,
+                       progress=lambda done, total: calls.append((done, total)))
+    np.testing.assert_allclose(out, 1.0 + want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out - 1.0, brute_smooth_chamfer(a, b, alpha, a_mask, b_mask), atol=2e-6)
+    assert all(name.startswith("tfemde-similarity") for name in workers) and len(workers) > 1, workers
+    assert calls[-1] == (12 * 4, 12 * 4) and [d for d, _ in calls] == sorted(d for d, _ in calls)  # rows 6 // 3
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == blas_threads
+
+    def broken(*args):
+        raise RuntimeError("worker failed")
+
+    monkeypatch.setattr(sim_module, "_chamfer_rows", broken)
+    with pytest.raises(RuntimeError, match="worker failed"):
+        smooth_chamfer(a, b, alpha=alpha, chunk_size=(6, 5))
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == blas_threads
 
 
 def test_progress_and_out(rng):
