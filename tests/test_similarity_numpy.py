@@ -205,6 +205,27 @@ def test_one_worker_per_core_scores_as_the_serial_path(rng, monkeypatch, alpha):
     assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == blas_threads
 
 
+def test_overlapping_scorings_share_one_blas_limit_lifted_by_the_last():
+    """Scorings running at once in several threads each enter the one-BLAS-thread limit: the first to end must not
+    lift it under the other, and the last restores the count from before."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        assert before and all(n == 2 for n in before), before  # NumPy's BLAS, on two threads
+        first, second = sim_module._one_blas_thread(), sim_module._one_blas_thread()
+        first.__enter__()
+        second.__enter__()
+        assert all(n == 1 for n in blas_threads())
+        first.__exit__(None, None, None)  # the first scoring ends while the second runs
+        assert all(n == 1 for n in blas_threads())
+        second.__exit__(None, None, None)
+        assert blas_threads() == before
+
+
 def test_progress_and_out(rng):
     a, b = unit(rng, 5, 2, 4), unit(rng, 7, 2, 4)
     calls = []

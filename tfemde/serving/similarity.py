@@ -34,6 +34,7 @@ import concurrent.futures
 import contextlib
 import math
 import os
+import threading
 from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
@@ -62,6 +63,9 @@ ChunkSize = Union[None, int, Tuple[int, int]]
 _pool = None
 _pool_pid = None
 _controller = None
+_blas_lock = threading.Lock()
+_blas_limit = None
+_blas_users = 0
 
 
 def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -79,15 +83,26 @@ def _one_blas_thread():
     With BLAS on every core and the element-wise part in a thread per core, BLAS's threads spin-wait after each
     product and take a core from the element-wise threads (which then ran no faster on two threads than on one);
     one BLAS thread per worker keeps every core on its own rows from product to scores. `threadpoolctl` sets the
-    process's BLAS thread count for the duration (other threads' BLAS calls meanwhile run on one thread too).
+    process's BLAS thread count; scorings running at once in several threads share one limit, lifted when the
+    last of them ends (other BLAS calls of the process meanwhile run on one thread too).
     """
-    global _controller
+    global _controller, _blas_limit, _blas_users
     from threadpoolctl import ThreadpoolController
 
-    if _controller is None:
-        _controller = ThreadpoolController()
-    with _controller.limit(limits=1, user_api="blas"):
+    with _blas_lock:
+        if _blas_users == 0:
+            if _controller is None:
+                _controller = ThreadpoolController()
+            _blas_limit = _controller.limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
         yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limit.restore_original_limits()
+                _blas_limit = None
 
 
 def _parallel_rows(fn, n_rows: int, work: int) -> None:
