@@ -13,6 +13,7 @@ import pytest
 from tfemde.serving import Embeddings, similarity, sketch_similarity, smooth_chamfer
 
 sim_module = importlib.import_module("tfemde.serving.similarity")
+workers = importlib.import_module("tfemde.serving.workers")
 
 
 # -- independent reference ------------------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def test_overlapping_scorings_share_one_blas_limit_lifted_by_the_last():
     with threadpool_limits(limits=2, user_api="blas"):
         before = blas_threads()
         assert before and all(n == 2 for n in before), before  # NumPy's BLAS, on two threads
-        first, second = sim_module._one_blas_thread(), sim_module._one_blas_thread()
+        first, second = workers.one_blas_thread(), workers.one_blas_thread()
         first.__enter__()
         second.__enter__()
         assert all(n == 1 for n in blas_threads())

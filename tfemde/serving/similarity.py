@@ -31,14 +31,13 @@ never hold a maximum, whatever the padded elements held; a set with no valid ele
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import math
 import os
-import threading
 from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 
+from tfemde.serving import workers
 from tfemde.serving.embeddings import Embeddings, max_element_norm as _max_norm
 
 # |log| of every intermediate kept below this: float32 is normal between exp(-87.3) and exp(88.7).
@@ -59,68 +58,6 @@ _CACHE_COSINES = 1 << 18
 _PER_CORE_MIN_COSINES = 2 * _CHUNK_ROW_ELEMENTS * _CHUNK_COL_ELEMENTS
 
 ChunkSize = Union[None, int, Tuple[int, int]]
-
-_pool = None
-_pool_pid = None
-_controller = None
-_blas_lock = threading.Lock()
-_blas_limit = None
-_blas_users = 0
-
-
-def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _pool, _pool_pid
-    if _pool is None or _pool_pid != os.getpid():  # a forked child cannot use its parent's threads
-        _pool = concurrent.futures.ThreadPoolExecutor(_THREADS, thread_name_prefix="tfemde-similarity")
-        _pool_pid = os.getpid()
-    return _pool
-
-
-@contextlib.contextmanager
-def _one_blas_thread():
-    """Limit the BLAS library to one thread while the workers (one per core) each run their own products.
-
-    With BLAS on every core and the element-wise part in a thread per core, BLAS's threads spin-wait after each
-    product and take a core from the element-wise threads (which then ran no faster on two threads than on one);
-    one BLAS thread per worker keeps every core on its own rows from product to scores. `threadpoolctl` sets the
-    process's BLAS thread count; scorings running at once in several threads share one limit, lifted when the
-    last of them ends (other BLAS calls of the process meanwhile run on one thread too).
-    """
-    global _controller, _blas_limit, _blas_users
-    from threadpoolctl import ThreadpoolController
-
-    with _blas_lock:
-        if _blas_users == 0:
-            if _controller is None:
-                _controller = ThreadpoolController()
-            _blas_limit = _controller.limit(limits=1, user_api="blas")
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0:
-                _blas_limit.restore_original_limits()
-                _blas_limit = None
-
-
-def _parallel_rows(fn, n_rows: int, work: int) -> None:
-    """Run `fn(r0, r1)` over `[0, n_rows)` cut into one range per core (one call when `work` is small).
-
-    NumPy's element-wise functions use one core and release the GIL, while the matrix multiply already uses
-    every core: running the exp and reductions of a chunk's row ranges in threads keeps all cores busy.
-    """
-    parts = min(_THREADS, n_rows, max(1, work // _MIN_WORK_PER_THREAD))
-    if parts <= 1:
-        fn(0, n_rows)
-        return
-    pool = _thread_pool()
-    bounds = np.linspace(0, n_rows, parts + 1).astype(int)
-    futures = [pool.submit(fn, int(r0), int(r1)) for r0, r1 in zip(bounds[:-1], bounds[1:])]
-    for f in futures:
-        f.result()
-
 
 def _check_sets(x, name: str) -> np.ndarray:
     x = np.asarray(x)
@@ -401,10 +338,9 @@ def smooth_chamfer_checked(a, b, alpha, a_mask, b_mask, a_norm, b_norm, chunk_si
                     else:
                         out[i0 + s0:i0 + s1, j0:j1] = part
 
-        if rows_in_threads:
-            _parallel_rows(rows_part, na, c.size)
-        else:
-            rows_part(0, na)
+        # NumPy's element-wise functions use one core and release the GIL: a chunk's row ranges run on every core.
+        parts = min(_THREADS, na, max(1, c.size // _MIN_WORK_PER_THREAD)) if rows_in_threads else 1
+        workers.run_in_parts(rows_part, na, parts, _THREADS)
 
     def score_rows(i0, i1, rows_in_threads, after_each_chunk=None):
         buf = np.empty(buffer_size, dtype=np.float32)
@@ -424,8 +360,8 @@ def smooth_chamfer_checked(a, b, alpha, a_mask, b_mask, a_norm, b_norm, chunk_si
 
     with np.errstate(divide="ignore", over="ignore", under="ignore", invalid="ignore"):
         if per_core:
-            with _one_blas_thread():
-                futures = [_thread_pool().submit(score_rows, i0, i1, False) for i0, i1 in a_ranges]
+            with workers.one_blas_thread():
+                futures = [workers.thread_pool(_THREADS).submit(score_rows, i0, i1, False) for i0, i1 in a_ranges]
                 try:
                     for future in futures:
                         future.result()
