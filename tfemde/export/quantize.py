@@ -2,7 +2,7 @@
 
 The weights of every MatMul become 8-bit integers (one scale per output channel) and the activations are quantized per call,
 so a single-item call reads a quarter of the float32 weight bytes, which is what bounds its latency on a CPU.
-onnxruntime has no int8 `GRU` kernel, so an int8 graph is quantized from a `Loop` form of the encoder's BiGRUs
+onnxruntime has no int8 `GRU` kernel, so an int8 graph is quantized from a `Scan` form of the encoder's BiGRUs
 (`tfemde.export.native_rnn`'s lean Scan; the float32 graphs use the ONNX `GRU` op): a float GRU would read four times
 the bytes of the quantized recurrent weights at every step. The lean Scan's body multiplies by its own initializer;
 tf2onnx's Loops (`export_run(..., native_rnn=False)`) carry their recurrent weights as loop-carried values, and the
