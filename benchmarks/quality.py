@@ -84,7 +84,7 @@ def main(argv=None):
                                                 for k in ("hit@1", "hit@5", "hit@10")},
                                              **{f"concepts_{split}_{part}_hit@5": c[part]["hit@5"]
                                                 for split, c in concepts.items()
-                                                for part in ("seen_words", "unseen_words") if part in c}})
+                                                for part in ("seen_words", "unseen_words", "new_images") if part in c}})
             print(f"  {name:<11} seed {seed}: RSUM {run.metrics['rsum']:6.1f}, validation RSUM {val_rsum:6.1f}, "
                   f"train-split RSUM {train_rsum:6.1f}, "
                   f"concept hit@5 train {concepts['train']['hit@5']:.1f} / test {concepts['test']['hit@5']:.1f}  "
@@ -120,7 +120,8 @@ def report(raw):
             cells += [  # results written before the split by words have none
                 f"test hit@5 {label} {mean_std([m[f'concepts_test_{part}_hit@5'] for m in runs])}"
                 for part, label in (("seen_words", "(names of training words)"),
-                                    ("unseen_words", "(names with an unseen word)"))
+                                    ("unseen_words", "(names with an unseen word)"),
+                                    ("new_images", "(over the non-training images only)"))
                 if all(f"concepts_test_{part}_hit@5" in m for m in runs)]
             print(f"  {name:<11} " + "  ".join(cells))
     if "dive_temde" in raw:

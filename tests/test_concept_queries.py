@@ -80,6 +80,20 @@ def test_concept_queries_against_a_rederivation(small_emoji, tmp_path):
                     hits += int((scores[q][~own] >= best).sum() < k)
                 assert figures[f"hit@{k}"] == pytest.approx(100.0 * hits / len(chosen)), (split, part, k)
             assert figures["queries"] == len(chosen)
+        # the same queries over the items the model never trained on, for the splits of unseen concepts
+        if split == "train":
+            assert "new_images" not in got[split]
+            continue
+        new = data.item_split != "train"
+        for k in (1, 5, 10):
+            hits = 0
+            for q in rows:
+                own = data.item_group == groups[q]
+                best = scores[q][own].max()
+                hits += int((scores[q][~own & new] >= best).sum() < k)
+            assert got[split]["new_images"][f"hit@{k}"] == pytest.approx(100.0 * hits / len(rows)), (split, k)
+        assert got[split]["new_images"]["queries"] == len(rows)
+        assert got[split]["new_images"]["hit@5"] >= got[split]["hit@5"]  # fewer items ahead of each match
     # names of train concepts use training words only; the small test split has both kinds
     assert "unseen_words" not in got["train"]
     assert got["test"]["seen_words"]["queries"] > 0 and got["test"]["unseen_words"]["queries"] > 0

@@ -22,5 +22,6 @@ def test_quickstart_trains_both_models_draws_examples_and_queries_the_export(tmp
     output = "\n".join(lines)
     assert "rsum" in output and "'rocket' (train concept) ->" in output
     assert "train concepts (1530): hit@1" in output and "test concepts (198)" in output
+    assert "test concepts searched over the 748 images outside the training split only: hit@5" in output
     for name in MODELS:
         assert set(results[name]["concepts"]) == {"train", "val", "test"}

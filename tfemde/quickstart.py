@@ -70,6 +70,9 @@ def quickstart(out="runs/quickstart", epochs=None, fast=False, print_fn=print) -
                      f"({test['seen_words']['queries']}): hit@5 {test['seen_words']['hit@5']:.1f}; with a word no "
                      f"training caption holds ({test['unseen_words']['queries']}): hit@5 "
                      f"{test['unseen_words']['hit@5']:.1f}")
+        if "new_images" in test:
+            print_fn(f"  {'':<12} test concepts searched over the {int((gallery.item_split != 'train').sum())} images "
+                     f"outside the training split only: hit@5 {test['new_images']['hit@5']:.1f}")
     picture = retrieval_examples(runs[MODELS[0]], dataset.split("test"), out / "retrieval_examples.png")
     print_fn(f"\nretrieval examples: {picture}")
     print_fn(f"training curves: {', '.join(str(runs[m].path / 'curves.png') for m in MODELS)}")

@@ -190,7 +190,9 @@ def concept_queries(model, dataset, tokenizer=None, max_length=None, batch_size=
         `{split: {"hit@1", "hit@5", "hit@10" (percent), "queries", "seen_words", "unseen_words"}}` for each split
         that has concepts, where `seen_words` / `unseen_words` hold the same figures for the names whose words
         all occur in training captions / that hold a word no training caption contains (`names_with_unseen_words`;
-        a part without queries is left out).
+        a part without queries is left out), and, for the splits other than `"train"`, `new_images` the same
+        queries searched over the items outside the training split only: how well the model places images it never
+        trained on among each other, without the training images (fitted to their own captions) ahead of them.
     """
     from tfemde.data import Dataset
 
@@ -204,6 +206,7 @@ def concept_queries(model, dataset, tokenizer=None, max_length=None, batch_size=
     scores = set_similarity(texts, items, **_similarity_kwargs(model.config))
     ranks = concept_ranks(scores, groups, dataset.item_group)
     unseen = names_with_unseen_words(names, dataset)
+    new_items = dataset.item_split != "train"
     out = {}
     for split in ("train", "val", "test"):
         in_split = splits == split
@@ -212,6 +215,10 @@ def concept_queries(model, dataset, tokenizer=None, max_length=None, batch_size=
             for part, chosen in (("seen_words", in_split & ~unseen), ("unseen_words", in_split & unseen)):
                 if chosen.any():
                     out[split][part] = _hits(ranks[chosen])
+            if split != "train":
+                scores_new = np.asarray(scores)[np.ix_(in_split, new_items)]
+                out[split]["new_images"] = _hits(concept_ranks(scores_new, groups[in_split],
+                                                               dataset.item_group[new_items]))
     return out
 
 
