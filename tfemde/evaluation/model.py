@@ -188,11 +188,12 @@ def concept_queries(model, dataset, tokenizer=None, max_length=None, batch_size=
 
     Returns:
         `{split: {"hit@1", "hit@5", "hit@10" (percent), "queries", "seen_words", "unseen_words", "new_images"}}`
-        for each split that has concepts, where `seen_words` / `unseen_words` hold the same figures for the names whose words
-        all occur in training captions / that hold a word no training caption contains (`names_with_unseen_words`;
-        a part without queries is left out), and, for the splits other than `"train"`, `new_images` the same
-        queries searched over the items outside the training split only: how well the model places images it never
-        trained on among each other, without the training images (fitted to their own captions) ahead of them.
+        for each split that has concepts, where `seen_words` / `unseen_words` hold the same figures for the names
+        whose words all occur in training captions / that hold a word no training caption contains
+        (`names_with_unseen_words`; a part without queries is left out), and, for the splits other than `"train"`,
+        `new_images` the same queries searched over the items outside the training split only: how well the model
+        places images it never trained on among each other, without the training images (fitted to their own
+        captions) ahead of them.
     """
     from tfemde.data import Dataset
 
